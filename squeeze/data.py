@@ -1,0 +1,387 @@
+"""Data modules, one per task kind: sequence classification, token classification, language modelling.
+
+Each loads its splits with `datasets` — from the hub (`source: imdb`), from local files through a
+generic builder (`source: csv|json|text` + `data_files`), or from a CoNLL file (`source: conll`) —
+tokenizes with the model's tokenizer and batches. Data modules know tokenizers, never models: the
+run hands them a model only to check that inputs fit its context.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from squeeze import assets
+from squeeze.errors import SqueezeError
+from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, perplexity_windows
+from squeeze.models import max_positions
+
+SPLITS = ("train", "validation", "test")
+LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "conll")
+
+
+def resolve_data_files(data_files: Any, asset: str | None) -> dict[str, list[str]] | None:
+    """Normalise `data_files` to {split: [absolute paths]}; relative paths are taken inside the
+    offline asset's directory when the task names one. Every file must exist."""
+    if data_files is None:
+        return None
+    if isinstance(data_files, (str, Path)) or _is_list(data_files):
+        data_files = {"train": data_files}
+    base = assets.locate(asset) if asset else Path.cwd()
+    resolved = {}
+    for split, files in dict(data_files).items():
+        files = [files] if isinstance(files, (str, Path)) else list(files)
+        paths = []
+        for f in files:
+            path = Path(str(f)).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.exists():
+                raise SqueezeError(
+                    f"data file {path} (split {split!r}) does not exist; fix task.data.data_files"
+                )
+            paths.append(str(path))
+        resolved[str(split)] = paths
+    return resolved
+
+
+def _is_list(x: Any) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes)) or type(x).__name__ == "ListConfig"
+
+
+def read_conll(paths: Sequence[str]) -> dict[str, list[list[str]]]:
+    """Two-or-more-column CoNLL (token first, tag last), blank line between sentences."""
+    tokens, tags = [], []
+    for path in paths:
+        sentence: list[tuple[str, str]] = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(itertools.chain(f, [""]), start=1):
+                line = line.strip()
+                if not line or line.startswith("-DOCSTART-"):
+                    if sentence:
+                        tokens.append([t for t, _ in sentence])
+                        tags.append([g for _, g in sentence])
+                        sentence = []
+                    continue
+                parts = line.split()
+                if len(parts) < 2:
+                    raise SqueezeError(f"{path}:{line_no}: expected 'token tag', got {line!r}")
+                sentence.append((parts[0], parts[-1]))
+    return {"tokens": tokens, "tags": tags}
+
+
+def load_splits(
+    source: str,
+    name: str | None = None,
+    data_files: Mapping[str, list[str]] | None = None,
+    splits: Mapping[str, str | None] | None = None,
+    carve: Mapping[str, float] | None = None,
+    seed: int = 0,
+    hub_files: Mapping[str, Any] | None = None,
+) -> datasets.DatasetDict:
+    """Load train/validation/test. A split the source lacks (`splits.<name>: null`) is carved out of
+    train by fraction (`carve`), with a fixed seed so every run of a sweep sees the same split."""
+    splits = dict(splits or {s: s for s in SPLITS})
+    carve = dict(carve or {})
+    if source in LOCAL_BUILDERS and not data_files:
+        raise SqueezeError(f"source {source!r} reads local files: set task.data.data_files")
+    try:
+        if source == "conll":
+            raw = datasets.DatasetDict(
+                {split: datasets.Dataset.from_dict(read_conll(files)) for split, files in data_files.items()}
+            )
+        else:
+            files = data_files or hub_files  # hub_files: paths inside the hub repository
+            kwargs = {"data_files": {k: v for k, v in dict(files).items()}} if files else {}
+            raw = datasets.load_dataset(source, name, **kwargs)
+    except SqueezeError:
+        raise
+    except Exception as e:  # the hub client raises many types; all mean "could not load"
+        where = "the local files" if data_files else "the hub"
+        raise SqueezeError(
+            f"could not load dataset {source!r}{f' ({name})' if name else ''} from {where}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; without network "
+            "use an offline task (task=rotten_tomatoes, wnut16, austen) or task.data.data_files=..."
+        ) from e
+    out = {}
+    train_name = splits.get("train") or "train"
+    if train_name not in raw:
+        raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
+    pool = raw[train_name]
+    for split in ("test", "validation"):
+        src = splits.get(split)
+        if src and src in raw:
+            out[split] = raw[src]
+        elif src:
+            raise SqueezeError(f"dataset {source!r} has no split {src!r} (has {list(raw)}); fix task.data.splits")
+        else:
+            fraction = carve.get(split, 0.1)
+            parts = pool.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+            pool, out[split] = parts["train"], parts["test"]
+    out["train"] = pool
+    return datasets.DatasetDict({s: out[s] for s in SPLITS})
+
+
+class TaskData(L.LightningDataModule):
+    """Shared loading, slicing and batching; subclasses turn raw rows into model inputs."""
+
+    sample_rows = True  # max_examples draws a random sample (False: the first rows, in order)
+
+    def __init__(
+        self,
+        tokenizer,
+        source: str,
+        name: str | None = None,
+        data_files: Any = None,
+        hub_files: Mapping[str, Any] | None = None,
+        asset: str | None = None,
+        splits: Mapping[str, str | None] | None = None,
+        carve: Mapping[str, float] | None = None,
+        max_examples: Mapping[str, int | None] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.source, self.name, self.asset = source, name, asset
+        self.data_files = data_files
+        self.hub_files = hub_files
+        self.splits, self.carve = splits, carve
+        self.max_examples = dict(max_examples or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.datasets: dict[str, Any] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        files = resolve_data_files(self.data_files, self.asset)
+        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.seed, self.hub_files)
+        for split in SPLITS:
+            rows = raw[split]
+            limit = self.max_examples.get(split)
+            if limit is not None and limit < len(rows):
+                # A sample of examples; but a text stream must stay contiguous (the first rows).
+                rows = rows.shuffle(seed=self.seed) if self.sample_rows else rows
+                rows = rows.select(range(limit))
+            if len(rows) == 0:
+                raise SqueezeError(f"split {split!r} is empty; check task.data.data_files / splits")
+            self.datasets[split] = self.encode(rows, split)
+
+    def encode(self, rows: datasets.Dataset, split: str):
+        raise NotImplementedError
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def check_model(self, model) -> None:
+        """Refuse inputs longer than the model's position embeddings (they would crash mid-run)."""
+        limit = max_positions(model.config)
+        length = self.input_length
+        if limit is not None and length > limit:
+            raise SqueezeError(
+                f"task.data.{self.length_key}={length} is above the model's context of {limit} tokens; "
+                f"set task.data.{self.length_key}<={limit}"
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+
+class _Labelled(TaskData):
+    """Label names come from the config; data may hold names (local files) or indices (hub)."""
+
+    def __init__(self, tokenizer, labels: Sequence[str], max_length: int = 128, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        if not labels:
+            raise SqueezeError("task.data.labels must list the class names")
+        self.labels = [str(x) for x in labels]
+        self.label2id = {name: i for i, name in enumerate(self.labels)}
+        self.max_length = max_length
+
+    length_key = "max_length"
+
+    @property
+    def input_length(self) -> int:
+        return self.max_length
+
+    def label_id(self, value: Any) -> int:
+        if isinstance(value, str) and value in self.label2id:
+            return self.label2id[value]
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.labels):
+            return value
+        raise SqueezeError(
+            f"label set mismatch: the data has label {value!r}, which is not among "
+            f"task.data.labels={self.labels}; set task.data.labels to the data's label names"
+        )
+
+
+class ClassificationData(_Labelled):
+    """One label per text (sentiment and the like)."""
+
+    def __init__(self, tokenizer, text_column: str = "text", label_column: str = "label", **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.text_column, self.label_column = text_column, label_column
+
+    def encode(self, rows, split):
+        for column in (self.text_column, self.label_column):
+            if column not in rows.column_names:
+                raise SqueezeError(f"the data has no column {column!r} (has {rows.column_names})")
+        texts = [str(t) for t in rows[self.text_column]]
+        labels = [self.label_id(v) for v in rows[self.label_column]]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        return [
+            {**{k: enc[k][i] for k in enc.keys()}, "labels": labels[i]} for i in range(len(texts))
+        ]
+
+    def collate(self, features):
+        batch = self.tokenizer.pad(
+            [{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt"
+        )
+        batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return dict(batch)
+
+
+class TokenClassificationData(_Labelled):
+    """One tag per word (NER); words are split into sub-tokens and only the first is labelled."""
+
+    def __init__(self, tokenizer, tokens_column: str = "tokens", tags_column: str = "tags", **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.tokens_column, self.tags_column = tokens_column, tags_column
+
+    def encode(self, rows, split):
+        for column in (self.tokens_column, self.tags_column):
+            if column not in rows.column_names:
+                raise SqueezeError(f"the data has no column {column!r} (has {rows.column_names})")
+        words = rows[self.tokens_column]
+        tags = [[self.label_id(t) for t in seq] for seq in rows[self.tags_column]]
+        # GPT-2's BPE marks word starts with a leading space; pre-split words need it said.
+        extra = {"add_prefix_space": True} if _needs_prefix_space(self.tokenizer) else {}
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length, **extra)
+        out = []
+        for i in range(len(words)):
+            item = {k: enc[k][i] for k in enc.keys()}
+            item["labels"] = align_labels(enc.word_ids(i), tags[i])
+            out.append(item)
+        return out
+
+    def collate(self, features):
+        labels = [f["labels"] for f in features]
+        batch = self.tokenizer.pad(
+            [{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt"
+        )
+        width = batch["input_ids"].shape[1]
+        padded = [
+            (lab + [IGNORE_INDEX] * (width - len(lab))) if self.tokenizer.padding_side == "right"
+            else ([IGNORE_INDEX] * (width - len(lab)) + lab)
+            for lab in labels
+        ]
+        batch["labels"] = torch.tensor(padded)
+        return dict(batch)
+
+
+def _needs_prefix_space(tokenizer) -> bool:
+    return getattr(tokenizer, "add_prefix_space", None) is not None or "gpt2" in type(tokenizer).__name__.lower()
+
+
+class LanguageModelingData(TaskData):
+    """Causal LM over a token stream: training on non-overlapping blocks, evaluation by protocol.
+
+    The protocol (`blocks` or `sliding` with `stride`) decides which tokens are scored with how much
+    context, and so the perplexity; it is written into every result that reports perplexity.
+    """
+
+    length_key = "block_size"
+    sample_rows = False
+
+    def __init__(
+        self,
+        tokenizer,
+        text_column: str = "text",
+        block_size: int = 256,
+        protocol: str = "blocks",
+        stride: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(tokenizer, **kwargs)
+        if protocol not in PROTOCOLS:
+            raise SqueezeError(f"task.data.protocol={protocol!r} is not one of {list(PROTOCOLS)}")
+        if stride is not None and not 0 < stride <= block_size:
+            raise SqueezeError(f"task.data.stride={stride} must be in (0, block_size={block_size}]")
+        self.text_column = text_column
+        self.block_size = block_size
+        self.protocol = protocol
+        self.stride = stride if stride is not None else block_size // 2
+        self.scored_tokens: dict[str, int] = {}
+
+    @property
+    def input_length(self) -> int:
+        return self.block_size
+
+    @property
+    def protocol_record(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "block_size": self.block_size,
+            "stride": self.stride if self.protocol == "sliding" else None,
+            "scored_tokens": self.scored_tokens.get("test"),
+        }
+
+    def token_stream(self, rows) -> list[int]:
+        if self.text_column not in rows.column_names:
+            raise SqueezeError(f"the data has no column {self.text_column!r} (has {rows.column_names})")
+        # Line-based sources (`text` builder) drop newlines; put them back so the stream is the text.
+        texts = [t if t.endswith("\n") else t + "\n" for t in rows[self.text_column] if t is not None]
+        enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return list(itertools.chain.from_iterable(enc))
+
+    def encode(self, rows, split):
+        ids = self.token_stream(rows)
+        if split == "train":
+            n = len(ids) // self.block_size * self.block_size
+            blocks = [ids[i : i + self.block_size] for i in range(0, n, self.block_size)]
+            if not blocks:
+                raise SqueezeError(
+                    f"the train split has {len(ids)} tokens, fewer than one block of {self.block_size}"
+                )
+            return [{"input_ids": b, "labels": b} for b in blocks]
+        windows = list(perplexity_windows(ids, self.block_size, self.protocol, self.stride))
+        self.scored_tokens[split] = sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in windows)
+        return [{"input_ids": w, "labels": lab} for w, lab in windows]
+
+    def collate(self, features):
+        width = max(len(f["input_ids"]) for f in features)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(features), width), pad, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,41 @@
+"""Logger factories whose behaviour depends on the machine (W&B online vs offline)."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Sequence
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def wandb_has_key() -> bool:
+    """True when W&B could log online: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    name: str | None = None,
+    offline: bool | None = None,
+    **kwargs,
+) -> WandbLogger:
+    """W&B logger that runs offline by itself when there is no key (or WANDB_MODE=offline), so a
+    laptop without an account or network still gets a local run directory to `wandb sync` later.
+    The run directory lives inside the run's own output directory."""
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_has_key()
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project, save_dir=save_dir, group=group, tags=[str(t) for t in tags if t],
+        name=name, offline=offline, **kwargs,
+    )

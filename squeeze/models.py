@@ -1,0 +1,240 @@
+"""Build a model + tokenizer for a task head, from a hub id, a local directory, an offline asset,
+or a random-init config of a real architecture.
+
+A model config (conf/model/*.yaml) instantiates a *spec*; the run asks the spec for a tokenizer and
+for a model with the head the task needs. Keeping the head out of the model config is what lets
+every model go with every task in a sweep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from squeeze import assets
+from squeeze.errors import SqueezeError
+
+HEADS = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
+FAMILIES = ("encoder", "decoder")
+# Which heads make sense for which family. An encoder has no trained next-token head, so LM
+# perplexity on it would be meaningless; decoders carry their own classification heads in
+# transformers (last-token pooling for sequences), so they can do every task.
+HEADS_FOR_FAMILY = {
+    "encoder": ("sequence_classification", "token_classification"),
+    "decoder": ("sequence_classification", "token_classification", "causal_lm"),
+}
+
+
+def check_compatible(model_name: str, family: str, task_name: str, head: str) -> None:
+    """Fail fast, before any data or weights load, on a model × task pair that cannot work."""
+    if family not in FAMILIES:
+        raise SqueezeError(f"model.family={family!r} is not one of {list(FAMILIES)}")
+    if head not in HEADS:
+        raise SqueezeError(f"task.head={head!r} is not one of {sorted(HEADS)}")
+    if head not in HEADS_FOR_FAMILY[family]:
+        raise SqueezeError(
+            f"task={task_name} needs a {head} head, which model={model_name} ({family}) does not have; "
+            f"pick a decoder model (e.g. model=tiny_gpt2, gpt2, smollm2)"
+        )
+
+
+def max_positions(config: transformers.PretrainedConfig) -> int | None:
+    """The longest input the model's position embeddings allow, or None if unbounded."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, non-zero) parameters, counting shared (tied) tensors once."""
+    seen: set[int] = set()
+    total = nonzero = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()).item())
+    return total, nonzero
+
+
+def _head_kwargs(head: str, labels: Sequence[str] | None) -> dict[str, Any]:
+    if head == "causal_lm":
+        return {}
+    if not labels:
+        raise SqueezeError(f"a {head} head needs task.data.labels (the list of class names)")
+    labels = list(labels)
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def prepare_tokenizer(tokenizer) -> transformers.PreTrainedTokenizerBase:
+    # GPT-2 and Llama tokenizers have no pad token; batching needs one. Reusing EOS is the usual
+    # choice and is safe because padded positions are masked out of losses and attention.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def finish_model(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """Make the model agree with the tokenizer on padding (sequence heads pool the last non-pad)."""
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def check_labels(model: PreTrainedModel, head: str, labels: Sequence[str] | None, source: str) -> None:
+    """A fine-tuned head must predict the task's label set, in the same order."""
+    if head == "causal_lm" or not labels:
+        return
+    have = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if have != list(labels):
+        raise SqueezeError(
+            f"label set mismatch: {source} predicts {have} but the task has {list(labels)}; "
+            f"evaluate it on the task it was trained on, or set task.data.labels to match"
+        )
+
+
+class ModelSpec:
+    """What a model config builds: a name, a family, a tokenizer and a model for a head."""
+
+    def __init__(self, name: str, family: str):
+        self.name = name
+        self.family = family
+
+    def tokenizer(self):
+        raise NotImplementedError
+
+    def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def model_type(self) -> str | None:
+        """The transformers architecture name ("bert", "gpt2", "llama"), if knowable offline."""
+        raise NotImplementedError
+
+
+class Pretrained(ModelSpec):
+    """Pretrained weights from a hub id, a local directory, or an offline asset (by asset name)."""
+
+    def __init__(
+        self,
+        name: str,
+        family: str,
+        name_or_path: str | None = None,
+        asset: str | None = None,
+        dtype: str = "float32",
+    ):
+        super().__init__(name, family)
+        if (name_or_path is None) == (asset is None):
+            raise SqueezeError(f"model {name}: give exactly one of name_or_path or asset")
+        self.name_or_path = name_or_path
+        self.asset = asset
+        self.dtype = dtype
+
+    @property
+    def location(self) -> str:
+        return str(assets.locate(self.asset)) if self.asset else str(self.name_or_path)
+
+    def _load(self, fn, what: str, **kwargs):
+        location = self.location
+        if location.startswith((".", "/", "~")) and not Path(location).expanduser().exists():
+            raise SqueezeError(f"model directory {location} does not exist; check model.name_or_path")
+        try:
+            return fn(location, **kwargs)
+        except OSError as e:
+            raise SqueezeError(
+                f"could not load the {what} of model {self.name} from {location!r} ({_first_line(e)}); "
+                "without network use an offline model (model=minilm, smollm2, tiny_bert, tiny_gpt2, "
+                "tiny_llama) or a local directory (model.name_or_path=/path/to/model)"
+            ) from e
+
+    def tokenizer(self):
+        return prepare_tokenizer(self._load(AutoTokenizer.from_pretrained, "tokenizer"))
+
+    def model_type(self) -> str | None:
+        try:
+            return AutoConfig.from_pretrained(self.location).model_type
+        except (OSError, SqueezeError):
+            return None
+
+    def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
+        kwargs = _head_kwargs(head, labels)
+        return self._load(
+            HEADS[head].from_pretrained, "weights", dtype=getattr(torch, self.dtype), **kwargs
+        )
+
+
+class RandomInit(ModelSpec):
+    """A random-init model of a real architecture (`config` holds its sizes) with a real tokenizer.
+
+    Built without any network: the tokenizer comes from an offline asset or a directory, and the
+    vocabulary size is taken from it so the two always agree.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        family: str,
+        config: dict[str, Any],
+        tokenizer_asset: str | None = None,
+        tokenizer_path: str | None = None,
+    ):
+        super().__init__(name, family)
+        if (tokenizer_asset is None) == (tokenizer_path is None):
+            raise SqueezeError(f"model {name}: give exactly one of tokenizer_asset or tokenizer_path")
+        self.config = dict(config)
+        self.tokenizer_asset = tokenizer_asset
+        self.tokenizer_path = tokenizer_path
+
+    def model_type(self) -> str | None:
+        return self.config["model_type"]
+
+    def tokenizer(self):
+        path = assets.locate(self.tokenizer_asset) if self.tokenizer_asset else self.tokenizer_path
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+
+    def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
+        tokenizer = self.tokenizer()
+        settings = dict(self.config)
+        model_type = settings.pop("model_type")
+        settings.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token_id = getattr(tokenizer, key, None)
+            if token_id is not None:
+                settings.setdefault(key, token_id)
+        config = AutoConfig.for_model(model_type, **settings, **_head_kwargs(head, labels))
+        # from_config draws weights from torch's global RNG, which the run has seeded.
+        return HEADS[head].from_config(config)
+
+
+def load_saved(directory: str | Path, head: str, dtype: str = "float32") -> PreTrainedModel:
+    """A model squeeze saved (`<run>/model`), with the head it was trained with."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise SqueezeError(f"{directory} holds no saved model (config.json missing)")
+    return HEADS[head].from_pretrained(str(directory), dtype=getattr(torch, dtype))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

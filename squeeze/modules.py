@@ -1,0 +1,169 @@
+"""LightningModules that fine-tune a transformers model: one base that owns the optimisation loop,
+and one subclass per head that owns its metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text import Perplexity
+
+from squeeze.errors import SqueezeError
+from squeeze.metrics import IGNORE_INDEX, EntityF1
+
+STAGES = ("val", "test")
+
+
+class NonFiniteLossError(SqueezeError):
+    pass
+
+
+def linear_warmup_decay(optimizer, total_steps: int, warmup_ratio: float = 0.1):
+    """Linear warm-up to the base LR over `warmup_ratio` of training, then linear decay to zero."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FineTune(L.LightningModule):
+    """Trains `model` on its own loss (the transformers head computes it from `labels`).
+
+    `optimizer` and `scheduler` are partials (`_partial_: true` in config): the optimizer takes the
+    parameters, the scheduler the optimizer and the total number of steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
+        self.scheduler_factory = scheduler
+        self.metrics = nn.ModuleDict({stage: self.make_metrics() for stage in STAGES})
+
+    # -- what a head defines -------------------------------------------------------------------
+    def make_metrics(self) -> nn.Module:
+        return MetricCollection({})
+
+    def update_metrics(self, metrics: nn.Module, batch: dict, outputs: Any) -> None:
+        pass
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
+        return metrics.compute()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        # A NaN loss silently ruins every later step and the saved model; stop with the reason.
+        # (.item() is a device sync, paid once per step: negligible next to the backward pass.)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step}; lower optimizer.lr, "
+                "enable gradient clipping (trainer.gradient_clip_val) or use precision 32"
+            )
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        outputs = self(batch)
+        self.log(f"{stage}/loss", outputs.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.update_metrics(self.metrics[stage], batch, outputs)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        values = self.compute_metrics(self.metrics[stage])
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SequenceClassification(FineTune):
+    """Accuracy and macro-F1 over whole-text labels."""
+
+    def make_metrics(self):
+        n = self.model.config.num_labels
+        return MetricCollection(
+            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+        )
+
+    def update_metrics(self, metrics, batch, outputs):
+        metrics.update(outputs.logits.argmax(-1), batch["labels"])
+
+
+class TokenClassification(FineTune):
+    """Entity-level precision/recall/F1 (seqeval's exact-match reading) plus token accuracy,
+    both over first sub-tokens only."""
+
+    def __init__(self, model: nn.Module, labels: Sequence[str] | None = None, **kwargs):
+        self.tag_names = list(labels) if labels else [model.config.id2label[i] for i in range(model.config.num_labels)]
+        super().__init__(model, **kwargs)
+
+    def make_metrics(self):
+        n = self.model.config.num_labels
+        return nn.ModuleDict(
+            {"entity": EntityF1(), "token_accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE_INDEX)}
+        )
+
+    def update_metrics(self, metrics, batch, outputs):
+        predicted = outputs.logits.argmax(-1)
+        labels = batch["labels"]
+        metrics["token_accuracy"].update(predicted, labels)
+        keep = labels != IGNORE_INDEX
+        pred_seqs, gold_seqs = [], []
+        for p, g, k in zip(predicted.tolist(), labels.tolist(), keep.tolist()):
+            pred_seqs.append([self.tag_names[x] for x, m in zip(p, k) if m])
+            gold_seqs.append([self.tag_names[x] for x, m in zip(g, k) if m])
+        metrics["entity"].update(pred_seqs, gold_seqs)
+
+    def compute_metrics(self, metrics):
+        entity = metrics["entity"].compute()
+        return {**entity, "token_accuracy": metrics["token_accuracy"].compute()}
+
+
+class CausalLM(FineTune):
+    """Perplexity over exactly the tokens the evaluation protocol marks as scored."""
+
+    def make_metrics(self):
+        return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)})
+
+    def update_metrics(self, metrics, batch, outputs):
+        # Position t predicts token t+1: shift as the model's own loss does.
+        logits = outputs.logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        metrics.update(logits, target)

@@ -1,0 +1,128 @@
+"""The result record (`result.json`): one per run, written atomically, read by reports.
+
+Keys (schema 1; later features add keys, never change these):
+  schema, status ("ok" | "failed"), error (one line or null), run_dir, created,
+  choices      {model, task, compress, hardware}: the config options the cell was built from
+  config       the fully resolved config
+  metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...)
+  perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity
+  params, nonzero_params          parameter counts (tied tensors once)
+  checkpoint_bytes                size on disk of the saved model directory
+  train_seconds, eval_seconds     wall time of fit and of test
+  peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
+  versions     python and library versions;  seed;  git_commit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+SCHEMA = 1
+LIBRARIES = ("torch", "lightning", "transformers", "datasets", "torchmetrics", "hydra-core", "omegaconf")
+
+
+def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed: int | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "status": "running",
+        "error": None,
+        "run_dir": str(run_dir),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "choices": choices,
+        "config": config,
+        "metrics": {},
+        "perplexity": None,
+        "params": None,
+        "nonzero_params": None,
+        "checkpoint_bytes": None,
+        "train_seconds": None,
+        "eval_seconds": None,
+        "peak_memory_bytes": None,
+        "peak_memory_kind": None,
+        "versions": versions(),
+        "seed": seed,
+        "git_commit": git_commit(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the squeeze checkout that ran, with '-dirty' when it had local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename: a reader (or a crash) never
+    sees a half-written file, and an earlier complete file survives a failed write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result is for everyone to read
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # tensors and numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    return write_json_atomic(Path(run_dir) / RESULT_FILE, record)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT_FILE
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes on disk of every file below `path` (a saved model directory)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,327 @@
+"""One run, top to bottom: the function `train.py` and `evaluate.py` share.
+
+config → model spec + task compatibility → tokenizer → data module → model (head from the task)
+→ LightningModule → callbacks, loggers, Trainer → fit → test (best checkpoint) → save the model
+→ result.json (atomically) → loggers closed. A failure at any step is written into result.json
+with status "failed"; in a sweep the next cell then runs, alone it ends the program with one line.
+
+This module and the entry points are the only code that knows Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from squeeze import models
+from squeeze.errors import SqueezeError
+from squeeze.record import dir_bytes, new_record, read_record, write_record
+
+log = logging.getLogger("squeeze")
+CHOICE_GROUPS = ("model", "task", "compress", "hardware")
+MODEL_DIR = "model"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    return _guarded(cfg, _train)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    return _guarded(cfg, _evaluate)
+
+
+# -- the two paths --------------------------------------------------------------------------------
+def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    spec, tokenizer, data = _prepare(cfg)
+    model = spec.build(cfg.task.head, data_labels(data))
+    models.finish_model(model, tokenizer)
+    data.check_model(model)
+    module = _module(cfg, model)
+    trainer, loggers = _trainer(cfg, run_dir)
+    record["_loggers"] = loggers
+
+    if cfg.trainer.get("max_steps", -1) != 0:
+        start = time.perf_counter()
+        with _readable_checkpoint_errors(cfg.get("ckpt_path")):
+            trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg.get("ckpt_path")))
+        record["train_seconds"] = time.perf_counter() - start
+    else:
+        record["train_seconds"] = 0.0  # zero-shot: the pretrained weights, untouched
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    _test(trainer, module, data, record, ckpt_path=best or None)
+    if trainer.is_global_zero:
+        _save_model(model, tokenizer, run_dir, record)
+    return record
+
+
+def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    ckpt = cfg.get("ckpt")
+    spec, tokenizer, data = _prepare(cfg)
+    labels = data_labels(data)
+    if ckpt is None:
+        model = spec.build(cfg.task.head, labels)
+        size_from = None
+    else:
+        model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, Path(str(ckpt)), labels, record)
+    models.finish_model(model, tokenizer)
+    data.tokenizer = tokenizer
+    data.check_model(model)
+    module = _module(cfg, model)
+    trainer, loggers = _trainer(cfg, run_dir)
+    record["_loggers"] = loggers
+    record["train_seconds"] = 0.0
+    _test(trainer, module, data, record, ckpt_path=None)
+    total, nonzero = models.count_params(model)
+    record.update(params=total, nonzero_params=nonzero)
+    if size_from is not None:
+        record["checkpoint_bytes"] = dir_bytes(size_from)
+    return record
+
+
+# -- steps ------------------------------------------------------------------------------------------
+def _prepare(cfg: DictConfig):
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    spec = instantiate(cfg.model, _convert_="all")
+    models.check_compatible(spec.name, spec.family, cfg.task.name, cfg.task.head)
+    tokenizer = spec.tokenizer()
+    data = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    return spec, tokenizer, data
+
+
+def data_labels(data) -> list[str] | None:
+    return getattr(data, "labels", None)
+
+
+def _module(cfg: DictConfig, model) -> L.LightningModule:
+    kwargs: dict[str, Any] = {"model": model}
+    if cfg.get("optimizer") is not None:
+        kwargs["optimizer"] = instantiate(cfg.optimizer)
+    if cfg.get("scheduler") is not None:
+        kwargs["scheduler"] = instantiate(cfg.scheduler)
+    return instantiate(cfg.task.module, _convert_="all", **kwargs)
+
+
+def _trainer(cfg: DictConfig, run_dir: Path):
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    return trainer, loggers
+
+
+def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: str | None) -> None:
+    start = time.perf_counter()
+    results = trainer.test(module, datamodule=data, ckpt_path=ckpt_path, verbose=False)
+    record["eval_seconds"] = time.perf_counter() - start
+    record["metrics"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if hasattr(data, "protocol_record"):
+        record["perplexity"] = data.protocol_record
+    record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory()
+
+
+def peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    # ru_maxrss is KiB on Linux: the process's peak resident set, data loading included.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_rss"
+
+
+def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:
+    """The run's deliverable: a plain transformers directory (loadable without squeeze), written
+    beside and then renamed over any earlier one so a failed save never loses a finished model."""
+    final = run_dir / MODEL_DIR
+    tmp = run_dir / f".{MODEL_DIR}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SqueezeError(f"could not save the model to {final} ({e.strerror or e}); free disk space and "
+                           f"evaluate the checkpoint in {run_dir / 'checkpoints'}") from e
+    old = run_dir / f".{MODEL_DIR}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    total, nonzero = models.count_params(model)
+    record.update(params=total, nonzero_params=nonzero, checkpoint_bytes=dir_bytes(final))
+
+
+def _resume_path(ckpt_path: str | None) -> str | None:
+    """`last` (resume in this run directory), a checkpoint file, or an earlier run directory."""
+    if ckpt_path in (None, "last"):
+        return ckpt_path
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        raise SqueezeError(f"ckpt_path={ckpt_path}: no checkpoint at {path}; give a .ckpt file, a run directory "
+                           "with checkpoints/last.ckpt, or ckpt_path=last to resume in this run directory")
+    return str(path)
+
+
+class _readable_checkpoint_errors:
+    """A checkpoint whose tensors do not fit the model means another architecture: say so."""
+
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is RuntimeError and "state_dict" in str(error):
+            raise SqueezeError(
+                f"checkpoint {self.ckpt} is from another architecture than the configured model "
+                f"({str(error).splitlines()[0]}); use the model= and task= it was trained with"
+            ) from error
+        return False
+
+
+def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
+    """evaluate.py's `ckpt`: a squeeze run directory, a saved model directory, or a Lightning .ckpt."""
+    head = cfg.task.head
+    if ckpt.is_dir():
+        model_dir = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else ckpt
+        if (ckpt / "result.json").exists():
+            trained = read_record(ckpt)
+            record["choices"]["model"] = trained["choices"].get("model")
+            record["choices"]["compress"] = trained["choices"].get("compress")
+        if not (model_dir / "config.json").exists():
+            raise SqueezeError(f"ckpt={ckpt} is neither a squeeze run directory (with model/) nor a model directory")
+        _check_architecture(cfg, spec, model_dir)
+        model = models.load_saved(model_dir, head)
+        models.check_labels(model, head, labels, f"checkpoint {ckpt}")
+        tokenizer = models.prepare_tokenizer(type(tokenizer).from_pretrained(str(model_dir)))
+        record["ckpt"] = str(ckpt)
+        return model, tokenizer, model_dir
+    if ckpt.suffix == ".ckpt" and ckpt.exists():
+        model = spec.build(head, labels)
+        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        with _readable_checkpoint_errors(ckpt):
+            model.load_state_dict(weights)
+        record["ckpt"] = str(ckpt)
+        return model, tokenizer, ckpt
+    raise SqueezeError(f"ckpt={ckpt} does not exist; give a run directory, a model directory or a .ckpt file")
+
+
+def _check_architecture(cfg, spec, model_dir: Path) -> None:
+    """A checkpoint brings its own architecture; an explicit model= that disagrees is a mistake."""
+    explicit = _override_value("model")
+    if explicit is None:
+        return
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(str(model_dir)).model_type
+    wanted = spec.model_type()
+    if wanted is not None and wanted != saved:
+        raise SqueezeError(
+            f"checkpoint {model_dir} is a {saved} model but model={explicit} is {wanted}; "
+            "drop model= (the checkpoint brings its own) or pass the model it was trained from"
+        )
+
+
+# -- Hydra glue ------------------------------------------------------------------------------------
+def _override_value(group: str) -> str | None:
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == group:
+            return value
+    return None
+
+
+def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
+    """Run `body` with a record that is written whatever happens. In a sweep a failed cell is
+    recorded and the sweep continues; in a single run the error ends the program."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # e.g. an asset path resolver failing: record what we can
+        config = OmegaConf.to_container(cfg, resolve=False)
+        log.warning("config did not fully resolve: %s", e)
+    record = new_record(run_dir, choices, config, cfg.get("seed"))
+    is_rank_zero = True
+    try:
+        body(cfg, record, run_dir)
+        record["status"] = "ok"
+    except (Exception, KeyboardInterrupt) as e:
+        record["status"] = "failed"
+        record["error"] = _one_line(e)
+        if not isinstance(e, SqueezeError):
+            log.exception("run failed")
+        if isinstance(e, KeyboardInterrupt) or hydra_cfg.mode != RunMode.MULTIRUN:
+            _finish(record, run_dir)
+            raise
+        log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
+    else:
+        is_rank_zero = _is_global_zero()
+    if is_rank_zero:
+        _finish(record, run_dir)
+    return record
+
+
+def _finish(record: dict[str, Any], run_dir: Path) -> None:
+    loggers = record.pop("_loggers", [])
+    try:
+        if record["status"] == "ok":
+            for logger in loggers:
+                logger.log_hyperparams({"result/" + k: v for k, v in record.items()
+                                        if k in ("params", "nonzero_params", "checkpoint_bytes",
+                                                 "train_seconds", "eval_seconds", "peak_memory_bytes")})
+        write_record(run_dir, record)
+    finally:
+        for logger in loggers:
+            try:
+                logger.finalize(record["status"] if record["status"] != "ok" else "success")
+                if type(logger).__name__ == "WandbLogger":
+                    import wandb
+
+                    wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
+            except Exception as e:  # a logger failing to close must not hide the run's outcome
+                log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
+
+
+def _is_global_zero() -> bool:
+    import lightning.fabric.utilities.rank_zero as rz
+
+    return getattr(rz.rank_zero_only, "rank", 0) == 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def summary(record: dict[str, Any]) -> str:
+    """What a person wants to see at the end of a run."""
+    if record["status"] != "ok":
+        return f"run failed: {record['error']}\nrecord: {record['run_dir']}/result.json"
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
+    lines = [f"test: {metrics}"]
+    if record.get("perplexity"):
+        p = record["perplexity"]
+        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
+    lines.append(f"record: {record['run_dir']}/result.json")
+    return "\n".join(lines)
+
+
+def main_exit(error: BaseException) -> None:
+    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
