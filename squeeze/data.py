@@ -277,7 +277,7 @@ class TokenClassificationData(_Labelled):
         for column in (self.tokens_column, self.tags_column):
             if column not in rows.column_names:
                 raise SqueezeError(f"the data has no column {column!r} (has {rows.column_names})")
-        words = rows[self.tokens_column]
+        words = [list(map(str, w)) for w in rows[self.tokens_column]]
         tags = [[self.label_id(t) for t in seq] for seq in rows[self.tags_column]]
         # GPT-2's BPE marks word starts with a leading space; pre-split words need it said.
         extra = {"add_prefix_space": True} if _needs_prefix_space(self.tokenizer) else {}

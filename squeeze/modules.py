@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
 
@@ -91,7 +91,9 @@ class FineTune(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.compute_metrics(self.metrics[stage])
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.metrics[stage].reset()
+        for metric in self.metrics[stage].modules():
+            if isinstance(metric, Metric):
+                metric.reset()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)
