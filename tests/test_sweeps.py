@@ -1,0 +1,197 @@
+"""The CLI as a user runs it: sweeps (a failing cell included), the submitit launcher, DDP on two CPU
+processes, and W&B offline. Every test starts `train.py` as a subprocess in its own tmp directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import netrc
+from pathlib import Path
+
+import pytest
+
+from squeeze import loggers
+
+from conftest import fast, read_result, run_cli
+
+TEST_METRICS = {
+    "rotten_tomatoes": {"test/accuracy", "test/f1", "test/loss"},
+    "austen": {"test/perplexity", "test/loss"},
+}
+
+
+def _ok(proc) -> None:
+    """Exit code 0, or a failure message that shows what the CLI said."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _cells(sweep_dir: Path) -> dict[tuple[str, str], dict]:
+    """{(model, task): result.json} for every cell directory of a sweep."""
+    dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = {}
+    for d in dirs:
+        assert (d / "result.json").is_file(), f"cell {d.name} has no result.json (has {sorted(x.name for x in d.iterdir())})"
+        record = read_result(d)
+        key = (record["choices"]["model"], record["choices"]["task"])
+        assert key not in out, f"two cells for {key}"
+        assert Path(record["run_dir"]).resolve() == d.resolve()
+        out[key] = record
+    return out
+
+
+def _assert_ok_cell(record: dict, task: str) -> None:
+    assert record["status"] == "ok", record["error"]
+    assert record["error"] is None
+    assert set(record["metrics"]) == TEST_METRICS[task]
+    assert all(isinstance(v, float) for v in record["metrics"].values())
+    assert (Path(record["run_dir"]) / "model" / "config.json").is_file()
+
+
+# -- 1. a sweep records every cell, a failing one included ------------------------------------------
+def test_sweep_records_every_cell_and_survives_a_failing_one(tmp_path):
+    # Only overrides every cell accepts: fast("rotten_tomatoes") holds no LM-only keys (a
+    # task.data.block_size would be an unknown argument for the classification data), so the LM cell
+    # keeps austen's own block_size (256); the first 64/32/32 lines of the novels give enough tokens.
+    sweep_dir = tmp_path / "multirun" / "sweep"
+    proc = run_cli("train.py", ["-m", "model=tiny_bert,tiny_gpt2", "task=rotten_tomatoes,austen",
+                                *fast("rotten_tomatoes"), "+trainer.fast_dev_run=true",
+                                f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=300)
+    _ok(proc)
+
+    assert (sweep_dir / "multirun.yaml").is_file()
+    cells = _cells(sweep_dir)
+    assert set(cells) == {(m, t) for m in ("tiny_bert", "tiny_gpt2") for t in ("rotten_tomatoes", "austen")}
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "0_tiny_bert_rotten_tomatoes_none", "1_tiny_bert_austen_none",
+        "2_tiny_gpt2_rotten_tomatoes_none", "3_tiny_gpt2_austen_none",
+    ]
+
+    # The encoder × LM cell fails fast (before data or weights), with the reason, and is recorded.
+    failed = cells[("tiny_bert", "austen")]
+    assert failed["status"] == "failed"
+    assert "causal_lm" in failed["error"] and "encoder" in failed["error"]
+    assert failed["error"].startswith("SqueezeError: ")
+    assert failed["metrics"] == {} and failed["train_seconds"] is None
+    assert not (Path(failed["run_dir"]) / "model").exists()
+    assert "cell failed" in proc.stderr + proc.stdout
+
+    for (model, task), record in cells.items():
+        if (model, task) != ("tiny_bert", "austen"):
+            _assert_ok_cell(record, task)
+    lm = cells[("tiny_gpt2", "austen")]
+    assert lm["perplexity"]["protocol"] == "blocks" and lm["perplexity"]["scored_tokens"] > 0
+
+
+# -- 2. the same through hydra-submitit-launcher's local executor ------------------------------------
+def test_sweep_through_submitit_local_launcher(tmp_path):
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        pytest.skip("hydra-submitit-launcher is not installed")
+    sweep_dir = tmp_path / "multirun" / "submitit"
+    proc = run_cli("train.py", ["-m", "hydra/launcher=local_parallel", "model=tiny_bert,tiny_gpt2",
+                                "task=rotten_tomatoes", *fast("rotten_tomatoes"), "+trainer.fast_dev_run=true",
+                                f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=300)
+    _ok(proc)
+    assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr  # really went through submitit
+    assert (sweep_dir / ".submitit").is_dir()
+    cells = _cells(sweep_dir)
+    assert set(cells) == {("tiny_bert", "rotten_tomatoes"), ("tiny_gpt2", "rotten_tomatoes")}
+    for record in cells.values():
+        _assert_ok_cell(record, "rotten_tomatoes")
+
+
+# -- 3. DDP over two CPU processes (gloo) -------------------------------------------------------------
+def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
+    common = ["model=tiny_bert", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "trainer.max_steps=2"]
+
+    cpu_dir = tmp_path / "cpu" / "run"
+    cpu = run_cli("train.py", [*common, "hardware=cpu", f"hydra.run.dir={cpu_dir}"], cwd=tmp_path, timeout=300)
+    _ok(cpu)
+
+    # No hydra.run.dir here on purpose: Lightning re-runs train.py for rank 1 with
+    # hydra.run.dir=<rank 0's dir>, and that has to hold with conf/hydra/default.yaml's
+    # timestamped run dir and job.chdir=false. A fresh cwd makes the directory unique.
+    ddp_cwd = tmp_path / "ddp"
+    ddp_cwd.mkdir()
+    ddp = run_cli("train.py", [*common, "hardware=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
+                  cwd=ddp_cwd, timeout=300)
+    _ok(ddp)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
+
+    run_dirs = list((ddp_cwd / "outputs" / "tiny_bert" / "rotten_tomatoes").iterdir())
+    assert len(run_dirs) == 1, f"ranks wrote to different run dirs: {run_dirs}"
+    run_dir = run_dirs[0]
+    # Rank 1 ran under Hydra in rank 0's directory ...
+    assert (run_dir / "train_ddp_process_1.log").is_file()
+    # ... and only rank 0 wrote the record and the model: one of each, no leftovers of a second writer.
+    assert [p.relative_to(ddp_cwd) for p in ddp_cwd.rglob("result.json")] == [run_dir.relative_to(ddp_cwd)
+                                                                             / "result.json"]
+    assert [p.parent for p in ddp_cwd.rglob("model.safetensors")] == [run_dir / "model"]
+    assert not list(ddp_cwd.rglob(".result.json.*")) and not (run_dir / ".model.partial").exists()
+
+    ddp_record, cpu_record = read_result(run_dir), read_result(cpu_dir)
+    assert ddp_record["status"] == cpu_record["status"] == "ok"
+    assert ddp_record["choices"]["hardware"] == "ddp"
+    # Sizes come from saving the model, which only rank 0 does: a record from rank 1 would lack them.
+    assert ddp_record["params"] == cpu_record["params"] > 0 and ddp_record["checkpoint_bytes"] > 0
+    trainer_cfg = ddp_record["config"]["trainer"]
+    assert (trainer_cfg["strategy"], trainer_cfg["devices"], trainer_cfg["accelerator"]) == ("ddp", 2, "cpu")
+    assert set(ddp_record["metrics"]) == set(cpu_record["metrics"]) == TEST_METRICS["rotten_tomatoes"]
+
+
+# -- 4. W&B without a key: offline, inside the run directory ------------------------------------------
+def test_wandb_offline_leaves_a_run_directory_with_the_logged_metric(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # run_cli passes os.environ on
+    wandb_home = tmp_path / "wandb_home"  # W&B's own config/cache, away from the user's
+    env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+           "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data")}
+    run_dir = tmp_path / "run"
+    overrides = [arg for arg in fast("rotten_tomatoes") if not arg.startswith("logger=")]
+    proc = run_cli("train.py", ["model=tiny_bert", "task=rotten_tomatoes", *overrides, "logger=wandb",
+                                "trainer.max_steps=2", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path, timeout=300, env=env)
+    _ok(proc)
+    record = read_result(run_dir)
+    _assert_ok_cell(record, "rotten_tomatoes")
+
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].is_dir(), sorted(p.name for p in (run_dir / "wandb").iterdir())
+    assert not (tmp_path / "wandb").exists()  # not in the cwd: inside the run's own directory
+    logs = list(runs[0].glob("*.wandb"))
+    assert len(logs) == 1
+    raw = logs[0].read_bytes()  # the binary protobuf record log; metric names are plain UTF-8 in it
+    for name in ("train/loss", "test/accuracy"):
+        assert name.encode() in raw, f"{name} not in {logs[0]}"
+
+
+@pytest.fixture
+def no_netrc(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("no ~/.netrc")
+
+    monkeypatch.setattr(loggers.netrc, "netrc", missing)
+
+
+def test_wandb_logger_goes_offline_without_a_key(tmp_path, monkeypatch, no_netrc):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the decision must come from the missing key
+    assert loggers.wandb_has_key() is False
+    logger = loggers.wandb_logger(project="squeeze", save_dir=str(tmp_path / "out"), group="g", tags=["a", ""])
+    assert logger._offline is True
+    assert Path(logger.save_dir) == tmp_path / "out" and (tmp_path / "out").is_dir()
+    assert logger._wandb_init["tags"] == ["a"] and logger._wandb_init["group"] == "g"
+
+
+def test_wandb_logger_netrc_without_wandb_entry_is_no_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    rc = tmp_path / "netrc"
+    rc.write_text("machine example.com login me password secret\n")
+    rc.chmod(0o600)
+    real_netrc = netrc.netrc
+    monkeypatch.setattr(loggers.netrc, "netrc", lambda file=None: real_netrc(str(rc)))
+    assert loggers.wandb_has_key() is False
+    assert loggers.wandb_logger(project="squeeze", save_dir=str(tmp_path / "out"))._offline is True
+
+
+def test_wandb_has_key_with_api_key_in_environment(monkeypatch, no_netrc):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert loggers.wandb_has_key() is True
