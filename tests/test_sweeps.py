@@ -3,15 +3,14 @@ processes, and W&B offline. Every test starts `train.py` as a subprocess in its 
 
 from __future__ import annotations
 
-import importlib.util
 import netrc
+import os
 from pathlib import Path
 
 import pytest
+from conftest import fast, read_result, run_cli
 
 from squeeze import loggers
-
-from conftest import fast, read_result, run_cli
 
 TEST_METRICS = {
     "rotten_tomatoes": {"test/accuracy", "test/f1", "test/loss"},
@@ -21,7 +20,8 @@ TEST_METRICS = {
 
 def _ok(proc) -> None:
     """Exit code 0, or a failure message that shows what the CLI said."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                                  f"\n--- stderr\n{proc.stderr[-6000:]}")
 
 
 def _cells(sweep_dir: Path) -> dict[tuple[str, str], dict]:
@@ -29,7 +29,7 @@ def _cells(sweep_dir: Path) -> dict[tuple[str, str], dict]:
     dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     out = {}
     for d in dirs:
-        assert (d / "result.json").is_file(), f"cell {d.name} has no result.json (has {sorted(x.name for x in d.iterdir())})"
+        assert (d / "result.json").is_file(), f"cell {d.name} has no result.json: {sorted(x.name for x in d.iterdir())}"
         record = read_result(d)
         key = (record["choices"]["model"], record["choices"]["task"])
         assert key not in out, f"two cells for {key}"
@@ -83,8 +83,7 @@ def test_sweep_records_every_cell_and_survives_a_failing_one(tmp_path):
 
 # -- 2. the same through hydra-submitit-launcher's local executor ------------------------------------
 def test_sweep_through_submitit_local_launcher(tmp_path):
-    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-        pytest.skip("hydra-submitit-launcher is not installed")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep_dir = tmp_path / "multirun" / "submitit"
     proc = run_cli("train.py", ["-m", "hydra/launcher=local_parallel", "model=tiny_bert,tiny_gpt2",
                                 "task=rotten_tomatoes", *fast("rotten_tomatoes"), "+trainer.fast_dev_run=true",
@@ -99,6 +98,27 @@ def test_sweep_through_submitit_local_launcher(tmp_path):
 
 
 # -- 3. DDP over two CPU processes (gloo) -------------------------------------------------------------
+# Loaded by every Python process of the run (PYTHONPATH, inherited by Lightning's rank processes):
+# notes which rank renames result.json or the model directory into place, the last step of each write.
+WRITE_SPY = """
+import os
+_log, _replace, _rename = os.environ["SQUEEZE_TEST_WRITES"], os.replace, os.rename
+def _note(dst):
+    name = os.path.basename(os.fspath(dst))
+    if name in ("result.json", "model", "started"):
+        with open(_log, "a") as f:
+            f.write(f"{os.environ.get('LOCAL_RANK', '0')} {os.getpid()} {name}\\n")
+def replace(src, dst, *a, **k):
+    _note(dst)
+    return _replace(src, dst, *a, **k)
+def rename(src, dst, *a, **k):
+    _note(dst)
+    return _rename(src, dst, *a, **k)
+os.replace, os.rename = replace, rename
+_note("started")
+"""
+
+
 def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
     common = ["model=tiny_bert", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "trainer.max_steps=2"]
 
@@ -111,8 +131,13 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
     # timestamped run dir and job.chdir=false. A fresh cwd makes the directory unique.
     ddp_cwd = tmp_path / "ddp"
     ddp_cwd.mkdir()
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(WRITE_SPY)
+    writes = tmp_path / "writes.txt"
+    pythonpath = os.pathsep.join(p for p in (str(spy), os.environ.get("PYTHONPATH")) if p)
     ddp = run_cli("train.py", [*common, "hardware=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
-                  cwd=ddp_cwd, timeout=300)
+                  cwd=ddp_cwd, timeout=300, env={"PYTHONPATH": pythonpath, "SQUEEZE_TEST_WRITES": str(writes)})
     _ok(ddp)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
 
@@ -126,6 +151,11 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
                                                                              / "result.json"]
     assert [p.parent for p in ddp_cwd.rglob("model.safetensors")] == [run_dir / "model"]
     assert not list(ddp_cwd.rglob(".result.json.*")) and not (run_dir / ".model.partial").exists()
+    noted = [line.split() for line in writes.read_text().splitlines()]
+    started = {rank: pid for rank, pid, name in noted if name == "started"}
+    assert {"0", "1"} <= set(started), noted  # the spy ran in both ranks
+    written = [(rank, pid, name) for rank, pid, name in noted if name != "started"]
+    assert sorted(written) == [("0", started["0"], "model"), ("0", started["0"], "result.json")], noted
 
     ddp_record, cpu_record = read_result(run_dir), read_result(cpu_dir)
     assert ddp_record["status"] == cpu_record["status"] == "ok"
