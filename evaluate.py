@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
         record = run.evaluate(cfg)
     except SqueezeError as e:
         run.main_exit(e)
-    print(run.summary(record))
+    run.print_summary(record)
 
 
 if __name__ == "__main__":

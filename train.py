@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> float | None:
         record = run.train(cfg)
     except SqueezeError as e:
         run.main_exit(e)
-    print(run.summary(record))
+    run.print_summary(record)
     # A number for Hydra sweepers that optimise (e.g. Optuna): the monitored metric, on test.
     return record["metrics"].get(cfg.task.monitor.replace("val/", "test/"))
 

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -115,6 +116,7 @@ def _module(cfg: DictConfig, model) -> L.LightningModule:
 
 
 def _trainer(cfg: DictConfig, run_dir: Path):
+    _check_sweep_strategy(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
@@ -235,6 +237,19 @@ def _check_architecture(cfg, spec, model_dir: Path) -> None:
         )
 
 
+def _check_sweep_strategy(cfg: DictConfig) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running the command line; inside a local
+    `-m` sweep that re-runs the whole sweep. On Slurm the scheduler starts the ranks instead."""
+    hydra_cfg = HydraConfig.get()
+    strategy = str(cfg.trainer.get("strategy") or "")
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if hydra_cfg.mode == RunMode.MULTIRUN and strategy.startswith("ddp") and "Slurm" not in launcher:
+        raise SqueezeError(
+            "hardware=ddp inside a local -m sweep would re-run the whole sweep in every rank; run the cells "
+            "one by one, or sweep on a cluster with hydra/launcher=cluster (Slurm starts the ranks)"
+        )
+
+
 # -- Hydra glue ------------------------------------------------------------------------------------
 def _override_value(group: str) -> str | None:
     for override in HydraConfig.get().overrides.task:
@@ -306,6 +321,11 @@ def _is_global_zero() -> bool:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+@rank_zero_only
+def print_summary(record: dict[str, Any]) -> None:
+    print(summary(record))
 
 
 def summary(record: dict[str, Any]) -> str:

@@ -225,3 +225,12 @@ def test_wandb_logger_netrc_without_wandb_entry_is_no_key(tmp_path, monkeypatch)
 def test_wandb_has_key_with_api_key_in_environment(monkeypatch, no_netrc):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     assert loggers.wandb_has_key() is True
+
+
+def test_ddp_inside_a_local_sweep_fails_fast_with_the_reason(tmp_path):
+    done = run_cli("train.py", ["-m", "model=tiny_bert", "task=rotten_tomatoes", *fast("rotten_tomatoes"),
+                                "hardware=ddp", "trainer.accelerator=cpu", f"hydra.sweep.dir={tmp_path}/sweep"],
+                   cwd=tmp_path)
+    assert done.returncode == 0  # the sweep itself goes on
+    [record] = [read_result(p.parent) for p in (tmp_path / "sweep").rglob("result.json")]
+    assert record["status"] == "failed" and "hydra/launcher=cluster" in record["error"]
