@@ -141,6 +141,9 @@ class Interleave(L.Callback):
         self.squeeze_losses.append(float(outputs["loss"]))  # outside the timed span
         if self.block_ends(step):
             self.run_plain_block(rnd, self.warmup if rnd < 0 else self.steps)
+            name = "warm-up" if rnd < 0 else f"round {rnd}"
+            print(f"  {name:<8} squeeze steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.cycle[rnd])}   "
+                  f"plain steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.plain[rnd])}", flush=True)
         self._resume = time.perf_counter()
 
     def round_of(self, step: int) -> int:
