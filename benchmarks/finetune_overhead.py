@@ -62,12 +62,12 @@ import torch
 # Run from a checkout without installing: make `import squeeze` find the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning as L  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-import squeeze.assets  # noqa: E402
-import squeeze.modules  # noqa: E402
+import squeeze.assets
+import squeeze.modules
 
 
 def parse_args(argv=None):
@@ -100,12 +100,12 @@ def make_batches(n_batches: int, batch: int, seq: int) -> list[dict[str, torch.T
         if len(ids) >= need:
             break
     if len(ids) < need:
-        raise SystemExit(f"emma.txt has {len(ids)} tokens, fewer than the {need} the batches need; "
-                         "lower --rounds/--steps/--batch/--seq")
+        raise SystemExit(
+            f"emma.txt has {len(ids)} tokens, fewer than the {need} the batches need; "
+            "lower --rounds/--steps/--batch/--seq"
+        )
     blocks = torch.tensor(ids[:need], dtype=torch.long).view(n_batches, batch, seq)
-    return [
-        {"input_ids": b.clone(), "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in blocks
-    ]
+    return [{"input_ids": b.clone(), "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in blocks]
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -142,8 +142,11 @@ class Interleave(L.Callback):
         if self.block_ends(step):
             self.run_plain_block(rnd, self.warmup if rnd < 0 else self.steps)
             name = "warm-up" if rnd < 0 else f"round {rnd}"
-            print(f"  {name:<8} squeeze steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.cycle[rnd])}   "
-                  f"plain steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.plain[rnd])}", flush=True)
+            print(
+                f"  {name:<8} squeeze steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.cycle[rnd])}   "
+                f"plain steps (ms): {' '.join(f'{t * 1e3:.0f}' for t in self.plain[rnd])}",
+                flush=True,
+            )
         self._resume = time.perf_counter()
 
     def round_of(self, step: int) -> int:
@@ -186,8 +189,15 @@ class Breakdown:
         setattr(obj, name, timed)
 
     def install(self, module: L.LightningModule, optimizer_holder: dict) -> None:
-        for name in ("forward", "check_finite", "log", "training_step", "backward", "optimizer_zero_grad",
-                     "optimizer_step"):
+        for name in (
+            "forward",
+            "check_finite",
+            "log",
+            "training_step",
+            "backward",
+            "optimizer_zero_grad",
+            "optimizer_step",
+        ):
             self.wrap(module, name, name)
         # Lightning calls AdamW.step(closure): the closure (training_step, zero_grad, backward) runs inside.
         optimizer_holder["wrap"] = lambda opt: self.wrap(opt, "step", "AdamW.step")
@@ -195,8 +205,10 @@ class Breakdown:
 
 def summarize(name: str, times: list[float]) -> str:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return (f"{name:<16} median {statistics.median(times) * 1e3:9.1f} ms   min {min(times) * 1e3:9.1f}   "
-            f"max {max(times) * 1e3:9.1f}   IQR {(q[2] - q[0]) * 1e3:7.1f} ms   (n={len(times)})")
+    return (
+        f"{name:<16} median {statistics.median(times) * 1e3:9.1f} ms   min {min(times) * 1e3:9.1f}   "
+        f"max {max(times) * 1e3:9.1f}   IQR {(q[2] - q[0]) * 1e3:7.1f} ms   (n={len(times)})"
+    )
 
 
 def main(argv=None) -> int:
@@ -206,8 +218,9 @@ def main(argv=None) -> int:
     total = args.warmup + args.rounds * args.steps
 
     batches = make_batches(total, args.batch, args.seq)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=args.embd // 64, n_positions=1024,
-                        vocab_size=50257)
+    config = GPT2Config(
+        n_layer=args.layers, n_embd=args.embd, n_head=args.embd // 64, n_positions=1024, vocab_size=50257
+    )
     model = GPT2LMHeadModel(config)
     plain_model = copy.deepcopy(model)  # identical init weights, before either side trains
     plain_model.train()
@@ -236,6 +249,7 @@ def main(argv=None) -> int:
     timer = Interleave(plain_step, batches, args.warmup, args.rounds, args.steps)
     callbacks: list[L.Callback] = [timer]
     if breakdown:
+
         class Gate(L.Callback):  # count only timed (non-warm-up) squeeze steps
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 breakdown.active = trainer.global_step >= args.warmup
@@ -246,33 +260,49 @@ def main(argv=None) -> int:
         callbacks.insert(0, Gate())
 
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=total, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=callbacks,
     )
     loader = DataLoader(batches, batch_size=None, shuffle=False)  # the fixed batches, in order
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: GPT2LMHeadModel n_layer={args.layers} n_embd={args.embd} n_head={args.embd // 64} "
-          f"vocab=50257, {n_params / 1e6:.1f}M params, fp32, random init")
+    print(
+        f"model: GPT2LMHeadModel n_layer={args.layers} n_embd={args.embd} n_head={args.embd // 64} "
+        f"vocab=50257, {n_params / 1e6:.1f}M params, fp32, random init"
+    )
     print(f"batch: {args.batch} x {args.seq} tokens of emma.txt (GPT-2 tokenizer); AdamW lr 5e-5; CPU")
-    print(f"schedule: {args.warmup} warm-up steps each side, then {args.rounds} rounds x {args.steps} steps "
-          f"each side, squeeze block then plain block")
-    print(f"torch {torch.__version__}, lightning {L.__version__}; torch threads {torch.get_num_threads()}; "
-          f"os.cpu_count() {os.cpu_count()}; load average before {os.getloadavg()[0]:.2f} "
-          "(the CPU may be shared with another process)")
+    print(
+        f"schedule: {args.warmup} warm-up steps each side, then {args.rounds} rounds x {args.steps} steps "
+        f"each side, squeeze block then plain block"
+    )
+    print(
+        f"torch {torch.__version__}, lightning {L.__version__}; torch threads {torch.get_num_threads()}; "
+        f"os.cpu_count() {os.cpu_count()}; load average before {os.getloadavg()[0]:.2f} "
+        "(the CPU may be shared with another process)"
+    )
     wall = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     wall = time.perf_counter() - wall
-    print(f"threads inside the Trainer: {timer.threads_seen}; load average after {os.getloadavg()[0]:.2f}; "
-          f"fit wall {wall:.1f} s")
+    print(
+        f"threads inside the Trainer: {timer.threads_seen}; load average after {os.getloadavg()[0]:.2f}; "
+        f"fit wall {wall:.1f} s"
+    )
 
     rounds = range(args.rounds)
     hook = [t for r in rounds for t in timer.hook[r]]
     cycle = [t for r in rounds for t in timer.cycle[r]]
     plain = [t for r in rounds for t in timer.plain[r]]
     if len(hook) != args.rounds * args.steps or len(plain) != args.rounds * args.steps:
-        print(f"warning: timed {len(hook)} squeeze and {len(plain)} plain steps, expected "
-              f"{args.rounds * args.steps} each")
+        print(
+            f"warning: timed {len(hook)} squeeze and {len(plain)} plain steps, expected {args.rounds * args.steps} each"
+        )
     print()
     print(summarize("plain", plain))
     print(summarize("squeeze (hook)", hook))
@@ -290,10 +320,14 @@ def main(argv=None) -> int:
         print(f"  {r:>5}   {p * 1e3:9.1f}   {h * 1e3:15.1f}   {c * 1e3:16.1f}   {h / p:10.3f}   {c / p:11.3f}")
     print()
     print(f"ratio squeeze/plain (median step): hook {ratio_hook:.3f}, cycle {ratio_cycle:.3f}  (goal <= 1.03)")
-    print(f"  per-round ratios: hook {min(per_round_hook):.3f}..{max(per_round_hook):.3f}, "
-          f"cycle {min(per_round_cycle):.3f}..{max(per_round_cycle):.3f}")
-    print(f"  median extra per step: hook {(statistics.median(hook) - med_plain) * 1e3:+.1f} ms, "
-          f"cycle {(statistics.median(cycle) - med_plain) * 1e3:+.1f} ms")
+    print(
+        f"  per-round ratios: hook {min(per_round_hook):.3f}..{max(per_round_hook):.3f}, "
+        f"cycle {min(per_round_cycle):.3f}..{max(per_round_cycle):.3f}"
+    )
+    print(
+        f"  median extra per step: hook {(statistics.median(hook) - med_plain) * 1e3:+.1f} ms, "
+        f"cycle {(statistics.median(cycle) - med_plain) * 1e3:+.1f} ms"
+    )
     verdict = "within" if ratio_cycle <= 1.03 else "ABOVE"
     print(f"  {verdict} the 1.03 goal (cycle ratio)")
 
@@ -304,7 +338,7 @@ def main(argv=None) -> int:
     if breakdown:
         n = args.rounds * args.steps
         t = {k: v / n * 1e3 for k, v in breakdown.total.items()}  # ms per timed step
-        g = lambda k: t.get(k, 0.0)  # noqa: E731
+        g = lambda k: t.get(k, 0.0)
         print()
         print(f"breakdown of squeeze's timed steps (mean ms per step over {n} steps; indented = inside):")
         print(f"  hook window (on_train_batch_start -> end)    {sum(hook) / n * 1e3:10.3f}")
@@ -321,8 +355,10 @@ def main(argv=None) -> int:
         rest_ts = g("training_step") - g("forward") - g("check_finite") - g("log")
         print(f"        training_step minus its parts          {rest_ts:10.3f}")
         print(f"    hook window minus optimizer_step (loop)    {sum(hook) / n * 1e3 - g('optimizer_step'):10.3f}")
-        print(f"  cycle minus hook window (fetch, transfer, scheduler, bookkeeping) "
-              f"{(sum(cycle) - sum(hook)) / n * 1e3:8.3f}")
+        print(
+            f"  cycle minus hook window (fetch, transfer, scheduler, bookkeeping) "
+            f"{(sum(cycle) - sum(hook)) / n * 1e3:8.3f}"
+        )
     return 0
 
 
