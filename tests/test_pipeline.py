@@ -131,3 +131,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     steps = [int(r["step"]) for r in csv.DictReader(open(second / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert steps == []  # first's last.ckpt is already at step 8: nothing left to train
     assert read_result(second)["status"] == "ok"
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    overrides = [o for o in fast("rotten_tomatoes") if not o.startswith("logger=")]
+    cfg = compose_cfg("train", ["model=tiny_gpt2", *overrides, "logger=tensorboard", "trainer.max_steps=2",
+                                "trainer.limit_val_batches=1"], tmp_path)
+    assert run.train(cfg)["status"] == "ok"
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
