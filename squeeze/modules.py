@@ -64,6 +64,11 @@ class FineTune(L.LightningModule):
     def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
         return metrics.compute()
 
+    def on_fit_start(self) -> None:
+        # transformers' from_pretrained returns models in eval mode; Lightning keeps the mode it
+        # finds, so without this a pretrained model would fine-tune with dropout switched off.
+        self.model.train()
+
     # -- the loop --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> Any:
         return self.model(**batch)

@@ -140,3 +140,18 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     assert run.train(cfg)["status"] == "ok"
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_pretrained_models_train_with_dropout_on(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from squeeze.modules import SequenceClassification
+
+    saved = tmp_path / "saved"
+    cfg = compose_cfg("train", ["model=tiny_bert", *fast("rotten_tomatoes")], tmp_path)
+    instantiate(cfg.model, _convert_="all").build("sequence_classification", ["a", "b"]).save_pretrained(saved)
+    model = AutoModelForSequenceClassification.from_pretrained(saved)
+    assert not model.training  # what from_pretrained gives
+    module = SequenceClassification(model)
+    module.on_fit_start()
+    assert all(m.training for m in model.modules())
