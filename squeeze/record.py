@@ -5,6 +5,9 @@ Keys (schema 1; later features add keys, never change these):
   choices      {model, task, compress, hardware}: the config options the cell was built from
   config       the fully resolved config
   metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...)
+  compress     {chain: [names in order], <name>: what that compressor records}
+  validation   {monitor, mode, best}: the best validation value of the monitored metric (for
+               expected-validation-performance curves), null without validation
   perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity
   params, nonzero_params          parameter counts (tied tensors once)
   checkpoint_bytes                size on disk of the saved model directory
@@ -40,6 +43,8 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "choices": choices,
         "config": config,
         "metrics": {},
+        "compress": {"chain": []},
+        "validation": None,
         "perplexity": None,
         "params": None,
         "nonzero_params": None,

@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from squeeze import compress as compression
 from squeeze import models
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes, new_record, read_record, write_record
@@ -45,12 +46,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 # -- the two paths --------------------------------------------------------------------------------
 def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    chain = compression.build_chain(cfg.compress)
     spec, tokenizer, data = _prepare(cfg)
     model = spec.build(cfg.task.head, data_labels(data))
     models.finish_model(model, tokenizer)
+    for compressor in chain:
+        model = compressor.prepare_model(model, tokenizer)
     data.check_model(model)
     module = _module(cfg, model)
-    trainer, loggers = _trainer(cfg, run_dir)
+    for compressor in chain:
+        module = compressor.wrap_module(module)
+    trainer, loggers = _trainer(cfg, run_dir, extra_callbacks=chain)
     record["_loggers"] = loggers
 
     if cfg.trainer.get("max_steps", -1) != 0:
@@ -58,18 +64,25 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
         with _readable_checkpoint_errors(cfg.get("ckpt_path")):
             trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg.get("ckpt_path")))
         record["train_seconds"] = time.perf_counter() - start
+        record["validation"] = _best_validation(cfg, trainer)
+        if all(c.test_best_checkpoint for c in chain):
+            _restore_best(trainer, module)
     else:
         record["train_seconds"] = 0.0  # zero-shot: the pretrained weights, untouched
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    _test(trainer, module, data, record, ckpt_path=best or None)
+    # Compression made permanent, in the configured order, before the model is tested and saved:
+    # what is measured is exactly what is on disk.
+    _finalize(chain, module, record)
+    _test(trainer, module, data, record, ckpt_path=None)
     if trainer.is_global_zero:
-        _save_model(model, tokenizer, run_dir, record)
+        _save_model(module.model, tokenizer, run_dir, record)
     return record
 
 
 def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ckpt = cfg.get("ckpt")
+    chain = compression.build_chain(cfg.compress)
+    _check_post_training(chain)
     spec, tokenizer, data = _prepare(cfg)
     labels = data_labels(data)
     if ckpt is None:
@@ -80,12 +93,22 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     models.finish_model(model, tokenizer)
     data.tokenizer = tokenizer
     data.check_model(model)
+    for compressor in chain:
+        model = compressor.prepare_model(model, tokenizer)
     module = _module(cfg, model)
+    _finalize(chain, module, record)
     trainer, loggers = _trainer(cfg, run_dir)
     record["_loggers"] = loggers
     record["train_seconds"] = 0.0
     _test(trainer, module, data, record, ckpt_path=None)
-    total, nonzero = models.count_params(model)
+    if chain:
+        # The checkpoint's own compression (if any) followed by what this evaluation applied.
+        trained = record["choices"]["compress"] if size_from is not None else "none"
+        record["choices"]["compress"] = "+".join(n for n in (trained, compression.chain_name(cfg.compress)) if n != "none")
+        if trainer.is_global_zero:  # what was measured is saved, so its size on disk is real
+            _save_model(module.model, tokenizer, run_dir, record)
+        return record
+    total, nonzero = models.count_params(module.model)
     record.update(params=total, nonzero_params=nonzero)
     if size_from is not None:
         record["checkpoint_bytes"] = dir_bytes(size_from)
@@ -115,12 +138,42 @@ def _module(cfg: DictConfig, model) -> L.LightningModule:
     return instantiate(cfg.task.module, _convert_="all", **kwargs)
 
 
-def _trainer(cfg: DictConfig, run_dir: Path):
+def _trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     _check_sweep_strategy(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     return trainer, loggers
+
+
+def _best_validation(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any] | None:
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None) if callback else None
+    if score is None:
+        return None
+    return {"monitor": cfg.task.monitor, "mode": cfg.task.monitor_mode, "best": float(score)}
+
+
+def _restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Load the best validation checkpoint's weights (if one was kept) into the module."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).exists():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+
+
+def _finalize(chain, module: L.LightningModule, record: dict[str, Any]) -> None:
+    for compressor in chain:
+        module.model = compressor.finalize(module.model)
+    record["compress"] = {"chain": [c.name for c in chain], **{c.name: c.summary() for c in chain}}
+
+
+def _check_post_training(chain) -> None:
+    for c in chain:
+        if c.trains:
+            raise SqueezeError(f"compress={c.name} trains the model; run `python train.py compress={c.name}` and "
+                               f"then `python evaluate.py ckpt=<that run directory>`")
 
 
 def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: str | None) -> None:
@@ -265,6 +318,7 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    choices["compress"] = compression.chain_name(cfg.get("compress"))  # a list choice has no single name
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # e.g. an asset path resolver failing: record what we can

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+import squeeze  # noqa: F401  registers the config resolvers before any compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -1,0 +1,89 @@
+"""Compressors and how a run chains them.
+
+A compressor option (`conf/compress/<name>.yaml`) holds one key, its name, whose value instantiates
+a `Compressor`. Choosing several (`compress=[pkd,imp,dq]`) merges their keys in the order given,
+and the run applies them in that order at four points of one run:
+
+    prepare_model(model)   before the LightningModule exists (a student cut from a teacher, heads removed)
+    wrap_module(module)    the objective (distillation brings its own LightningModule)
+    Lightning hooks        during fit: every compressor is also a Lightning callback (masks, fake-quant)
+    finalize(model)        after fit, on the weights that are tested and saved (masks folded in,
+                           fake-quant converted, post-training quantization applied)
+
+Order rules, checked before anything loads (`check_order`):
+  - a compressor that trains (`trains=True`) cannot come after one that turns the weights into
+    integers (`integer_weights=True`): gradients do not flow through int8 weights;
+  - at most one compressor may replace the training objective (`replaces_objective=True`).
+So `[pkd, imp, dq]` distills a pruned student and quantizes the result; `[dq, qat]` fails fast.
+
+A compressor never imports another one; chaining is the run's job (squeeze/run.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import lightning as L
+from squeeze.config import chain_name  # noqa: F401  (re-exported: the run names chains with it)
+from squeeze.errors import SqueezeError
+
+
+class Compressor(L.Callback):
+    """One compression technique. Subclasses override the hooks they need; the defaults do nothing."""
+
+    name: str = "compressor"
+    trains: bool = False  # needs gradient steps on float weights (pruning, QAT, distillation)
+    integer_weights: bool = False  # finalize leaves integer weights (dq, weight-only, converted QAT)
+    replaces_objective: bool = False  # wrap_module returns a module with another loss (distillation)
+    # The weights tested and saved: the best validation checkpoint, or the last weights. Pruning
+    # wants the last ones: an early "best" checkpoint has not reached the target sparsity yet.
+    test_best_checkpoint: bool = True
+
+    def prepare_model(self, model, tokenizer):
+        return model
+
+    def wrap_module(self, module: L.LightningModule) -> L.LightningModule:
+        return module
+
+    def finalize(self, model):
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """What result.json records under compress.<name> (settings and achieved figures)."""
+        return {}
+
+
+def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
+    """Instantiate cfg.compress's entries in order; `none` (null) entries are the baseline."""
+    from hydra.utils import instantiate
+
+    chain: list[Compressor] = []
+    for key, node in (compress_cfg or {}).items():
+        if node is None:
+            continue
+        compressor = instantiate(node, _convert_="all")
+        if not isinstance(compressor, Compressor):
+            raise SqueezeError(f"compress.{key} built a {type(compressor).__name__}, not a squeeze Compressor; "
+                               "check its _target_")
+        compressor.name = str(key)
+        chain.append(compressor)
+    check_order(chain)
+    return chain
+
+
+def check_order(chain: Iterable[Compressor]) -> None:
+    converted = None
+    objective = None
+    for c in chain:
+        if c.trains and converted is not None:
+            raise SqueezeError(
+                f"compress order: {c.name} trains the model but comes after {converted.name}, which has already "
+                f"turned the weights into integers; put {c.name} before {converted.name}"
+            )
+        if c.integer_weights:
+            converted = c
+        if c.replaces_objective:
+            if objective is not None:
+                raise SqueezeError(f"compress: {objective.name} and {c.name} both replace the training objective; "
+                                   "choose one of them")
+            objective = c
