@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from squeeze import compress as compression
 from squeeze import models
+from squeeze.compress import checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes, new_record, read_record, write_record
 
@@ -200,8 +201,7 @@ def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None
     tmp = run_dir / f".{MODEL_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        checkpoint.save(model, tokenizer, tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SqueezeError(f"could not save the model to {final} ({e.strerror or e}); free disk space and "
@@ -258,7 +258,7 @@ def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
         if not (model_dir / "config.json").exists():
             raise SqueezeError(f"ckpt={ckpt} is neither a squeeze run directory (with model/) nor a model directory")
         _check_architecture(cfg, spec, model_dir)
-        model = models.load_saved(model_dir, head)
+        model = checkpoint.load(model_dir, head)
         models.check_labels(model, head, labels, f"checkpoint {ckpt}")
         tokenizer = models.prepare_tokenizer(type(tokenizer).from_pretrained(str(model_dir)))
         record["ckpt"] = str(ckpt)
