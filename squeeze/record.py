@@ -13,6 +13,12 @@ Keys (schema 1; later features add keys, never change these):
   checkpoint_bytes                size on disk of the saved model directory
   train_seconds, eval_seconds     wall time of fit and of test
   peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
+  energy       {kwh, co2_kg, method ("measured" | "estimated" | "partly measured"), pue, co2,
+               co2_kg_per_kwh, phases: {train|eval: {kwh, co2_kg, kwh_it, seconds, cpu_kwh, ram_kwh,
+               gpu_kwh, methods, method}}}  (facility kWh = IT kWh × PUE), null when not measured
+  perf         {device, threads, latency: {batch_<n>: {median_s, p10_s, p90_s, mean_s, repeats}},
+               throughput: {batch_size, examples_per_s, tokens_per_s}, peak_memory_bytes,
+               peak_memory_kind, by_device: {<device>: same}}, null with perf=null
   versions     python and library versions;  seed;  git_commit
 """
 
@@ -53,6 +59,8 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "eval_seconds": None,
         "peak_memory_bytes": None,
         "peak_memory_kind": None,
+        "energy": None,
+        "perf": None,
         "versions": versions(),
         "seed": seed,
         "git_commit": git_commit(),

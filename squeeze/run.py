@@ -11,7 +11,6 @@ This module and the entry points are the only code that knows Hydra.
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
 import sys
 import time
@@ -29,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from squeeze import compress as compression
 from squeeze import models
 from squeeze.compress import checkpoint
+from squeeze import measure
+from squeeze.energy import EnergyMeter
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes, new_record, read_record, write_record
 
@@ -77,6 +78,7 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
     _test(trainer, module, data, record, ckpt_path=None)
     if trainer.is_global_zero:
         _save_model(module.model, tokenizer, run_dir, record)
+        _measure(cfg, trainer, module.model, data, record)
     return record
 
 
@@ -102,6 +104,8 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     record["_loggers"] = loggers
     record["train_seconds"] = 0.0
     _test(trainer, module, data, record, ckpt_path=None)
+    if trainer.is_global_zero:
+        _measure(cfg, trainer, module.model, data, record)
     if chain:
         # The checkpoint's own compression (if any) followed by what this evaluation applied.
         trained = record["choices"]["compress"] if size_from is not None else "none"
@@ -185,13 +189,31 @@ def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: s
     if hasattr(data, "protocol_record"):
         record["perplexity"] = data.protocol_record
     record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory()
+    meter = next((c for c in trainer.callbacks if isinstance(c, EnergyMeter)), None)
+    if meter is not None:
+        record["energy"] = meter.record()
 
 
 def peak_memory() -> tuple[int, str]:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    # ru_maxrss is KiB on Linux: the process's peak resident set, data loading included.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_rss"
+    return measure.process_peak_rss(), "cpu_rss"
+
+
+def _measure(cfg: DictConfig, trainer: L.Trainer, model, data, record: dict[str, Any]) -> None:
+    """Latency and throughput of the tested (and saved) model on the run's device, or perf.devices."""
+    perf = cfg.get("perf")
+    if perf is None:
+        return
+    devices = list(perf.get("devices") or [trainer.strategy.root_device.type])
+    by_device = {
+        device: measure.measure_inference(model, data.test_dataloader(), list(perf.batch_sizes),
+                                          int(perf.warmup), int(perf.repeats), device)
+        for device in devices
+    }
+    record["perf"] = by_device[devices[0]]
+    if len(by_device) > 1:
+        record["perf"]["by_device"] = by_device
 
 
 def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:
@@ -348,12 +370,13 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
 def _finish(record: dict[str, Any], run_dir: Path) -> None:
     loggers = record.pop("_loggers", [])
     try:
+        write_record(run_dir, record)  # first: a logger failing below must not cost the record
         if record["status"] == "ok":
+            figures = headline_figures(record)
             for logger in loggers:
-                logger.log_hyperparams({"result/" + k: v for k, v in record.items()
-                                        if k in ("params", "nonzero_params", "checkpoint_bytes",
-                                                 "train_seconds", "eval_seconds", "peak_memory_bytes")})
-        write_record(run_dir, record)
+                logger.log_metrics(figures)
+                if type(logger).__name__ == "WandbLogger":
+                    logger.experiment.summary.update(figures)
     finally:
         for logger in loggers:
             try:
@@ -364,6 +387,22 @@ def _finish(record: dict[str, Any], run_dir: Path) -> None:
                     wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
             except Exception as e:  # a logger failing to close must not hide the run's outcome
                 log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
+
+
+def headline_figures(record: dict[str, Any]) -> dict[str, float]:
+    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`) for loggers."""
+    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "train_seconds",
+                                               "eval_seconds", "peak_memory_bytes") if record.get(k) is not None}
+    out.update({k: v for k, v in record["metrics"].items()})
+    perf = record.get("perf") or {}
+    for name, timing in perf.get("latency", {}).items():
+        out[f"perf/latency_{name}_ms"] = timing["median_s"] * 1000
+    for name, value in perf.get("throughput", {}).items():
+        out[f"perf/{name}"] = value
+    energy = record.get("energy") or {}
+    if energy:
+        out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
+    return {k: float(v) for k, v in out.items()}
 
 
 def _is_global_zero() -> bool:

@@ -29,6 +29,8 @@ FAST = [
     "task.data.max_examples.test=32",
     "task.data.batch_size=8",
     "task.data.eval_batch_size=16",
+    "perf.warmup=1",
+    "perf.repeats=3",
 ]
 LM_FAST = ["task.data.block_size=32", "task.data.max_examples.train=300",
            "task.data.max_examples.validation=100", "task.data.max_examples.test=100"]

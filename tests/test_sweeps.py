@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import fast, read_result, run_cli
+from conftest import compose_cfg, fast, read_result, run_cli
+from hydra.core.hydra_config import HydraConfig
 
 from squeeze import loggers
 
@@ -188,7 +189,7 @@ def test_wandb_offline_leaves_a_run_directory_with_the_logged_metric(tmp_path, m
     logs = list(runs[0].glob("*.wandb"))
     assert len(logs) == 1
     raw = logs[0].read_bytes()  # the binary protobuf record log; metric names are plain UTF-8 in it
-    for name in ("train/loss", "test/accuracy"):
+    for name in ("train/loss", "test/accuracy", "perf/latency_batch_1_ms", "energy/kwh", "result/params"):
         assert name.encode() in raw, f"{name} not in {logs[0]}"
 
 
@@ -234,3 +235,18 @@ def test_ddp_inside_a_local_sweep_fails_fast_with_the_reason(tmp_path):
     assert done.returncode == 0  # the sweep itself goes on
     [record] = [read_result(p.parent) for p in (tmp_path / "sweep").rglob("result.json")]
     assert record["status"] == "failed" and "hydra/launcher=cluster" in record["error"]
+
+
+def test_wandb_runs_are_grouped_by_sweep_and_tagged_by_choice(tmp_path):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = compose_cfg("train", ["logger=wandb", "compress=none", "model=tiny_bert"], tmp_path)
+    assert cfg.logger.wandb.group == "tiny_bert-rotten_tomatoes"  # a single run
+    assert list(cfg.logger.wandb.tags) == ["model:tiny_bert", "task:rotten_tomatoes", "compress:none", "hardware:cpu"]
+    OmegaConf.set_readonly(cfg.hydra, False)  # HydraConfig froze it; pretend to be a sweep's cell
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path / "multirun" / "2026-11-23_10-00-00")
+    HydraConfig.instance().set_config(cfg)
+    assert cfg.logger.wandb.group == "sweep-2026-11-23_10-00-00"
