@@ -5,9 +5,10 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from lightning.pytorch.loggers import WandbLogger
+if TYPE_CHECKING:  # Lightning is imported only when a logger is built: squeeze.report reuses wandb_has_key
+    from lightning.pytorch.loggers import WandbLogger
 
 
 def wandb_has_key() -> bool:
@@ -28,10 +29,12 @@ def wandb_logger(
     name: str | None = None,
     offline: bool | None = None,
     **kwargs,
-) -> WandbLogger:
+) -> "WandbLogger":
     """W&B logger that runs offline by itself when there is no key (or WANDB_MODE=offline), so a
     laptop without an account or network still gets a local run directory to `wandb sync` later.
     The run directory lives inside the run's own output directory."""
+    from lightning.pytorch.loggers import WandbLogger
+
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_has_key()
     Path(save_dir).mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Keys (schema 1; later features add keys, never change these):
   config       the fully resolved config
   metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...)
   compress     {chain: [names in order], <name>: what that compressor records}
+  sparsity     global fraction of pruned weights (the last pruner in the chain), null without pruning
   validation   {monitor, mode, best}: the best validation value of the monitored metric (for
                expected-validation-performance curves), null without validation
   perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity
@@ -51,6 +52,7 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "metrics": {},
         "compress": {"chain": []},
         "validation": None,
+        "sparsity": None,
         "perplexity": None,
         "params": None,
         "nonzero_params": None,

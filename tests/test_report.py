@@ -1,0 +1,303 @@
+"""python -m squeeze.report on hand-made result records: Δ%, Pareto sets, expected validation
+performance, failed cells, missing baselines, plots, bad input and W&B offline."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from squeeze import loggers, report
+from squeeze.errors import SqueezeError
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+TASKS = {"rotten_tomatoes": ("val/accuracy", "max"), "austen": ("val/perplexity", "min")}
+
+
+def write_cell(sweep: Path, name: str, model: str = "tiny_bert", task: str = "rotten_tomatoes",
+               chain: str = "none", quality: float | None = 0.8, status: str = "ok", error: str | None = None,
+               seed: int = 0, lr: float | None = 5e-5, size_mb: float = 100.0, latency_ms: float | None = None,
+               train_s: float = 100.0, kwh: float | None = None, validation: float | None = None,
+               sparsity: float | None = None, **extra) -> Path:
+    """A result.json shaped like squeeze/record.py's, with the optional perf/energy/sparsity keys."""
+    monitor, mode = TASKS[task]
+    metric = "test/" + monitor.split("/")[1]
+    record = {
+        "schema": 1, "status": status, "error": error, "run_dir": str(sweep / name),
+        "choices": {"model": model, "task": task, "compress": chain, "hardware": "cpu"}, "seed": seed,
+        "config": {"seed": seed, "optimizer": {"lr": lr}, "task": {"name": task, "monitor": monitor,
+                                                                   "monitor_mode": mode}},
+        "metrics": {} if status != "ok" else {"test/loss": 0.5, **({} if quality is None else {metric: quality})},
+        "validation": None if validation is None else {"monitor": monitor, "mode": mode, "best": validation},
+        "params": 1000, "nonzero_params": 1000 if sparsity is None else int(1000 * (1 - sparsity)),
+        "checkpoint_bytes": None if status != "ok" else int(size_mb * 1e6),
+        "train_seconds": None if status != "ok" else train_s, "eval_seconds": 1.0,
+        "peak_memory_bytes": 2e8, "compress": {"chain": [] if chain == "none" else chain.split("+")},
+    }
+    if latency_ms is not None:
+        record["perf"] = {"device": "cpu", "latency": {"batch_1": {"median_s": latency_ms / 1e3, "p10_s": 0.0,
+                                                                   "p90_s": 1.0, "repeats": 5}},
+                          "throughput": {"examples_per_s": 1000.0 / latency_ms, "tokens_per_s": 64000.0 / latency_ms}}
+    if kwh is not None:
+        record["energy"] = {"kwh": kwh, "co2_kg": kwh * 0.43, "method": "estimated", "pue": 1.59}
+    if sparsity is not None:
+        record["sparsity"] = sparsity
+    record.update(extra)
+    run_dir = sweep / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps(record))
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Two models × tasks: a BERT classification grid with a baseline, a failed cell and a chain that only
+    failed; a GPT-2 language-modelling grid (perplexity, lower is better) without a baseline."""
+    root = tmp_path / "multirun" / "2026-11-23_10-00-00"
+    write_cell(root, "0", chain="none", quality=0.80, seed=0, size_mb=100, latency_ms=10, train_s=100, kwh=0.01,
+               validation=0.81)
+    write_cell(root, "1", chain="none", quality=0.90, seed=1, size_mb=100, latency_ms=12, train_s=120, kwh=0.03,
+               validation=0.88)
+    write_cell(root, "2", chain="imp", quality=0.76, seed=0, size_mb=50, latency_ms=8, train_s=150, kwh=0.02,
+               validation=0.75, sparsity=0.5)
+    write_cell(root, "3", chain="imp", quality=0.78, seed=1, size_mb=50, latency_ms=8, train_s=150, kwh=0.02,
+               validation=0.79, compress={"chain": ["imp"], "imp": {"sparsity": 0.6}})  # the pruner's own figure
+    write_cell(root, "4", chain="imp", status="failed", error="RuntimeError: imp blew up", seed=2)
+    write_cell(root, "5", chain="pkd+dq", status="failed", error="SqueezeError: dq needs | a CPU", seed=0)
+    write_cell(root, "6", model="tiny_gpt2", task="austen", chain="imp", quality=120.0, size_mb=40)
+    write_cell(root, "7", model="tiny_gpt2", task="austen", chain="dq", quality=150.0, size_mb=20)
+    (root / "8" / ".hydra").mkdir(parents=True)  # a cell still running: no result.json yet
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# -- pure functions -------------------------------------------------------------------------------------
+def test_pareto_set_keeps_only_points_nothing_beats():
+    points = [(1.0, 0.70), (2.0, 0.90), (3.0, 0.85), (2.0, 0.80), (0.5, 0.60), (4.0, 0.95), (4.0, 0.95),
+              (4.5, 0.95)]
+    # (3, .85) loses to (2, .90); (2, .80) to (2, .90) (same cost); (4.5, .95) to (4, .95) (same quality);
+    # the two equal (4, .95) both stay.
+    assert report.pareto_set(points, "max") == [4, 0, 1, 5, 6]
+    perplexity = [(10.0, 30.0), (5.0, 40.0), (8.0, 45.0), (20.0, 25.0), (20.0, 26.0)]
+    assert report.pareto_set(perplexity, "min") == [1, 0, 3]
+    assert report.pareto_set([], "max") == []
+    with pytest.raises(ValueError):
+        report.pareto_set(points, "up")
+
+
+def _monte_carlo_best(values, n, mode, draws, rng):
+    pick = max if mode == "max" else min
+    return sum(pick(rng.choices(values, k=n)) for _ in range(draws)) / draws
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_expected_validation_matches_simulation_and_is_monotone(mode):
+    rng = random.Random(0)
+    values = [0.61, 0.74, 0.74, 0.80, 0.52, 0.91, 0.66]  # a tie included
+    curve = report.expected_validation_curve(values, mode, n_max=12)
+    assert len(curve) == 12
+    for n in (1, 2, 3, 5, 12):
+        simulated = _monte_carlo_best(values, n, mode, 40_000, rng)
+        assert abs(curve[n - 1] - simulated) < 4e-3, (n, curve[n - 1], simulated)
+    steps = [b - a for a, b in itertools.pairwise(curve)]
+    assert all(s > 0 for s in steps) if mode == "max" else all(s < 0 for s in steps)
+    assert curve[0] == pytest.approx(sum(values) / len(values))  # one draw: the mean
+    assert report.expected_best(values, 500, mode) == pytest.approx(max(values) if mode == "max" else min(values))
+    assert report.expected_validation_curve([0.7], mode) == [pytest.approx(0.7)]
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+def test_table_delta_percent_against_the_baseline(sweep, tmp_path):
+    out = tmp_path / "out"
+    built = report.build([sweep], out, draw=False)
+    rows = {r["chain"]: r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv")}
+    assert list(rows) == ["none", "imp", "pkd+dq"]  # baseline first
+    base, imp = rows["none"], rows["imp"]
+    assert base["baseline"] == "True" and float(base["quality_delta_pct"]) == pytest.approx(0.0)
+    assert float(base["quality_mean"]) == pytest.approx(0.85)
+    assert float(base["quality_std"]) == pytest.approx(0.0707107, rel=1e-5)  # sample std of .80 and .90
+    # By hand: accuracy .77 vs .85, size 50 vs 100 MB, latency 8 vs 11 ms, train 150 vs 110 s, energy .02 vs .02.
+    assert float(imp["quality_delta_pct"]) == pytest.approx(-9.411765, rel=1e-5)
+    assert float(imp["size_mb_delta_pct"]) == pytest.approx(-50.0)
+    assert float(imp["latency_ms_delta_pct"]) == pytest.approx(-27.272727, rel=1e-5)
+    assert float(imp["train_s_delta_pct"]) == pytest.approx(36.363636, rel=1e-5)
+    assert float(imp["energy_kwh_delta_pct"]) == pytest.approx(0.0, abs=1e-9)
+    assert (imp["n_ok"], imp["n_failed"]) == ("2", "1")
+    assert float(imp["sparsity_mean"]) == pytest.approx(0.55)  # top-level 0.5 and compress.imp.sparsity 0.6
+
+    text = built.markdown.read_text()
+    section = text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0]
+    imp_line = next(line for line in section.splitlines() if line.startswith("| imp |"))
+    assert "-9.4%" in imp_line and "-50.0%" in imp_line and "-27.3%" in imp_line and "+36.4%" in imp_line
+    assert "0.85 ± 0.07071" in section
+    assert "| test/accuracy | Δ% | size MB | Δ% |" in section
+
+
+def test_failed_cells_are_shown_not_dropped(sweep, tmp_path):
+    built = report.build([sweep], tmp_path / "out", draw=False)
+    text = built.markdown.read_text()
+    section = text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0]
+    only_failed = next(line for line in section.splitlines() if line.startswith("| pkd+dq |"))
+    assert "failed: SqueezeError: dq needs \\| a CPU" in only_failed and "| 0 | 1 |" in only_failed
+    assert "Failed cells:" in section
+    assert "`imp` (seed 2, lr 5e-05)" in section and "RuntimeError: imp blew up" in section
+    cells = read_csv(tmp_path / "out" / "cells.csv")
+    assert len(cells) == 8  # every record, ok and failed; the running cell has none yet
+    failed = [c for c in cells if c["status"] == "failed"]
+    assert sorted(c["error"] for c in failed) == ["RuntimeError: imp blew up", "SqueezeError: dq needs | a CPU"]
+    assert {c["chain"] for c in cells} == {"none", "imp", "pkd+dq", "dq"}
+    assert "8 records (6 ok, 2 failed)" in text
+
+
+def test_mixed_tasks_get_their_own_tables_and_a_missing_baseline_is_explained(sweep, tmp_path):
+    out = tmp_path / "out"
+    built = report.build([sweep], out, draw=False)
+    assert [(g.model, g.task, g.metric, g.mode) for g in built.groups] == [
+        ("tiny_bert", "rotten_tomatoes", "test/accuracy", "max"), ("tiny_gpt2", "austen", "test/perplexity", "min")]
+    text = built.markdown.read_text()
+    gpt = text.split("## tiny_gpt2 × austen")[1]
+    assert "`test/perplexity` (lower is better)" in gpt and "test/accuracy" not in gpt
+    assert "no `none` cell for tiny_gpt2 × austen, so Δ% is blank" in gpt
+    rows = read_csv(out / "tiny_gpt2-austen.csv")
+    assert [(r["chain"], r["quality_mean"], r["quality_delta_pct"]) for r in rows] == [
+        ("dq", "150.0", ""), ("imp", "120.0", "")]
+    # The same records with another baseline chain: Δ% against it.
+    rebased = report.build([sweep], tmp_path / "rebased", baseline="imp", draw=False)
+    imp_base = {r["chain"]: r for r in rebased.groups[1].rows}
+    assert imp_base["dq"]["quality_delta_pct"] == pytest.approx(25.0)
+    assert imp_base["dq"]["size_mb_delta_pct"] == pytest.approx(-50.0)
+    assert "no `imp`" not in rebased.markdown.read_text().split("## tiny_gpt2")[1]
+
+
+def test_cells_on_other_hardware_get_their_own_rows_and_baseline(tmp_path):
+    root = tmp_path / "sweep"
+    write_cell(root, "0", chain="none", quality=0.80, latency_ms=20)
+    write_cell(root, "1", chain="imp", quality=0.78, latency_ms=15)
+    write_cell(root, "2", chain="none", quality=0.82, latency_ms=4, choices={
+        "model": "tiny_bert", "task": "rotten_tomatoes", "compress": "none", "hardware": "gpu"})
+    write_cell(root, "3", chain="imp", quality=0.80, latency_ms=1, choices={
+        "model": "tiny_bert", "task": "rotten_tomatoes", "compress": "imp", "hardware": "gpu"})
+    [group] = report.build([root], tmp_path / "out").groups
+    rows = {r["label"]: r for r in group.rows}
+    assert list(rows) == ["none @ cpu", "imp @ cpu", "none @ gpu", "imp @ gpu"]
+    assert [r["is_baseline"] for r in rows.values()] == [True, False, True, False]
+    assert rows["imp @ cpu"]["latency_ms_delta_pct"] == pytest.approx(-25.0)
+    assert rows["imp @ gpu"]["latency_ms_delta_pct"] == pytest.approx(-75.0)
+    assert rows["imp @ gpu"]["quality_delta_pct"] == pytest.approx((0.80 - 0.82) / 0.82 * 100)
+    assert "| **none @ gpu** (baseline) |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_unreadable_record_is_left_out_and_named(sweep, tmp_path):
+    broken = sweep / "9"
+    broken.mkdir()
+    (broken / "result.json").write_text('{"status": "ok", ')
+    built = report.build([sweep], tmp_path / "out", draw=False)
+    assert len(built.cells) == 8 and len(built.skipped) == 1
+    assert "Unreadable result.json files" in built.markdown.read_text() and str(broken) in built.skipped[0]
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+def test_plots_are_valid_pngs_and_missing_figures_are_said(sweep, tmp_path):
+    out = tmp_path / "out"
+    built = report.build([sweep, sweep / "0"], out)  # overlapping paths: each record once
+    assert len(built.cells) == 8
+    bert, gpt = built.groups
+    assert set(bert.plots) == {"quality vs size", "quality vs latency", "quality vs energy",
+                               "expected validation performance", "sparsity vs quality"}
+    for path in [*bert.plots.values(), *gpt.plots.values()]:
+        data = path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, path
+    assert set(gpt.plots) == {"quality vs size"}
+    assert "quality vs latency (no finished record has perf.latency.batch_1)" in gpt.skipped_plots
+    assert "expected validation performance (no finished record has validation.best)" in gpt.skipped_plots
+    text = built.markdown.read_text()
+    assert "![quality vs size](plots/tiny_bert-rotten_tomatoes-quality-vs-size.png)" in text
+    assert "Plots not drawn: quality vs latency (no finished record has perf.latency.batch_1)" in text
+    # Old records without perf/energy: their columns are left out of the table, and said so.
+    assert "Not in these records (column left out): latency ms (b1), throughput ex/s, energy kWh, CO2 kg." in text
+
+
+# -- bad input and the command line -------------------------------------------------------------------------
+def test_bad_input_is_one_clear_line(tmp_path):
+    with pytest.raises(SqueezeError, match="does not exist"):
+        report.build([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SqueezeError, match="no result.json under"):
+        report.build([tmp_path / "empty"])
+    write_cell(tmp_path / "sweep", "0", quality=None)
+    with pytest.raises(SqueezeError, match="without its quality metric test/accuracy .metrics: test/loss"):
+        report.build([tmp_path / "sweep"])
+
+
+def test_cli_exits_2_with_a_message_on_an_empty_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, "-m", "squeeze.report", str(tmp_path / "empty")], cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    expected = (f"error: no result.json under {tmp_path / 'empty'}; pass a squeeze sweep or run directory "
+                "(a run writes its result.json when it ends)")
+    assert done.stderr.strip().splitlines() == [expected]
+
+
+def test_cli_writes_the_report_beside_the_sweep_by_default(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    assert "2 model × task tables" in capsys.readouterr().out
+    assert (sweep / "report" / "report.md").is_file() and (sweep / "report" / "cells.csv").is_file()
+    assert report.main([str(sweep / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_report_imports_no_model_code():
+    code = ("import sys, squeeze.report, squeeze.plots; "
+            "print([m for m in ('torch', 'transformers', 'lightning') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_wandb_mode_offline_without_a_key_and_env_honoured(monkeypatch):
+    monkeypatch.setattr(loggers.netrc, "netrc", lambda *a: (_ for _ in ()).throw(FileNotFoundError("no netrc")))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert report.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert report.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert report.wandb_mode() is None  # W&B reads WANDB_MODE itself
+
+
+def test_wandb_offline_run_holds_the_tables_and_plots(sweep, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    home = tmp_path / "wandb_home"  # W&B's own config, cache and staging, away from the user's
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"),
+           "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_CACHE_DIR": str(home / "cache"),
+           "WANDB_DATA_DIR": str(home / "data")}
+    (tmp_path / "wb").mkdir()
+    done = subprocess.run([sys.executable, "-m", "squeeze.report", str(sweep), "--out", str(tmp_path / "out"),
+                           "--wandb"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    [run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    # Offline, W&B writes each logged table as JSON under files/media/table/<key>_<step>_<hash>.table.json.
+    [table] = (run / "files" / "media" / "table" / "report").glob("tiny_bert-rotten_tomatoes_*.table.json")
+    logged = json.loads(table.read_text())
+    chain, quality = logged["columns"].index("chain"), logged["columns"].index("quality_mean")
+    assert [(row[chain], row[quality]) for row in logged["data"]][:2] == [("none", pytest.approx(0.85)),
+                                                                         ("imp", pytest.approx(0.77))]
+    assert list((run / "files" / "media" / "table" / "report").glob("cells_*.table.json"))
+    images = list((run / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) == 6  # five for tiny_bert × rotten_tomatoes, one for tiny_gpt2 × austen
+    [log] = run.glob("*.wandb")
+    assert b"report/tiny_bert-rotten_tomatoes" in log.read_bytes()  # the key, in the run's record log
