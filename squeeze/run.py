@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from squeeze import compress as compression
 from squeeze import models
@@ -285,7 +286,8 @@ def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
         _check_architecture(cfg, spec, model_dir)
         model = checkpoint.load(model_dir, head)
         models.check_labels(model, head, labels, f"checkpoint {ckpt}")
-        tokenizer = models.prepare_tokenizer(type(tokenizer).from_pretrained(str(model_dir)))
+        # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
+        tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)))
         record["ckpt"] = str(ckpt)
         return model, tokenizer, model_dir
     if ckpt.suffix == ".ckpt" and ckpt.exists():

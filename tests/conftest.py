@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -70,3 +71,9 @@ def read_result(run_dir: Path) -> dict:
 def _quiet_threads(monkeypatch):
     # Two cores: keep torch from oversubscribing when tests start subprocesses.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
+    # hand-offs cost more than the math (measured ~13× slower loops with the default 2 threads).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

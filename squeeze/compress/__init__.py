@@ -55,13 +55,19 @@ class Compressor(L.Callback):
 
 def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
     """Instantiate cfg.compress's entries in order; `none` (null) entries are the baseline."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     chain: list[Compressor] = []
     for key, node in (compress_cfg or {}).items():
         if node is None:
             continue
-        compressor = instantiate(node, _convert_="all")
+        try:
+            compressor = instantiate(node, _convert_="all")
+        except InstantiationException as e:  # Hydra wraps the compressor's own one-line error: unwrap it
+            if isinstance(e.__cause__, SqueezeError):
+                raise e.__cause__ from None
+            raise
         if not isinstance(compressor, Compressor):
             raise SqueezeError(f"compress.{key} built a {type(compressor).__name__}, not a squeeze Compressor; "
                                "check its _target_")

@@ -1,0 +1,446 @@
+"""Iterative magnitude pruning (`compress=imp`): what to prune, when, and keeping it pruned.
+
+What: the weight matrices whose names match `include` and no `exclude` pattern (regular expressions,
+case-insensitive; by default the attention and MLP projections of BERT, GPT-2 and Llama, never the
+embeddings or norms), ranked by |w| over all of them (`global`), within each matrix (`layer`), or
+within each output row (`row`: the incoming weights of one unit; GPT-2's Conv1D stores those as
+columns).
+When: a schedule, a pure function of the optimizer step (`fixed`, `cubic`) or of the validation
+loss (`adaptive`). After each pruning event the surviving weights can be rewound to their values
+at step `rewind_step` (0: the pretrained weights), as in lottery-ticket rewinding.
+Kept pruned: pruned entries' gradients are zeroed before every optimizer step (so Adam's moments
+stay zero and clipping ignores them), their moments are zeroed when they are pruned, and the masks
+are re-applied after every step, so AdamW and weight decay leave them exactly zero. Masks, schedule
+state and rewind values live in the Lightning checkpoint, so a resumed run continues the same
+schedule. `finalize` folds the masks into the weights; checkpoint.save then stores them sparsely.
+
+Written by hand rather than with torch.nn.utils.prune: that module reparametrizes each weight as
+`weight_orig * weight_mask`, which renames state-dict keys (breaking checkpoints, resume and
+save_pretrained) and keeps a second dense copy of every pruned matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeeze.compress import Compressor
+from squeeze.errors import SqueezeError
+
+log = logging.getLogger("squeeze")
+
+SCHEDULES = ("fixed", "cubic", "adaptive")
+GRANULARITIES = ("global", "layer", "row")
+# Attention and MLP projections: BERT (attention.*, intermediate.dense, output.dense), GPT-2 (attn,
+# mlp), Llama (self_attn, mlp), DistilBERT (attention, ffn). Embeddings and norms stay dense.
+DEFAULT_INCLUDE = r"attention|attn|mlp|intermediate|output\.dense|ffn"
+DEFAULT_EXCLUDE = r"embed|wte|wpe|norm|ln_"
+_EPS = 1e-9
+
+
+# -- schedules: pure functions of the step -------------------------------------------------------
+def stage_sparsity(stage: int, target: float, fraction: float) -> float:
+    """Sparsity after `stage` events that each prune `fraction` of the remaining weights, capped at `target`."""
+    level = 1.0 - (1.0 - fraction) ** stage
+    return target if level >= target - _EPS else level
+
+
+def stages_to_target(target: float, fraction: float) -> int:
+    """How many `fraction` events reach `target` (counted the way stage_sparsity caps, for consistency)."""
+    stages = 1
+    while stage_sparsity(stages, target, fraction) < target:
+        stages += 1
+    return stages
+
+
+def fixed_sparsity(step: int, target: float, fraction: float, frequency: int, start: int = 0) -> float:
+    """`fraction` of the remaining weights every `frequency` steps after `start`, until `target`."""
+    if step < start:
+        return 0.0
+    return stage_sparsity((step - start) // frequency, target, fraction)
+
+
+def cubic_sparsity(step: int, target: float, start: int, end: int, frequency: int) -> float:
+    """Zhu & Gupta (2017): target·(1 − (1 − progress)³), updated every `frequency` steps after `start`;
+    fast at first, while there are many small weights to take, and the target from `end` on."""
+    if step >= end:
+        return target
+    if step < start:
+        return 0.0
+    progress = (step - start) // frequency * frequency / (end - start)
+    return target * (1.0 - (1.0 - progress) ** 3)
+
+
+def adaptive_should_prune(val_loss: float, threshold: float, level: float, target: float) -> bool:
+    """Prune the next stage only while the model is good enough (validation loss under the threshold)."""
+    return level < target - _EPS and math.isfinite(val_loss) and val_loss < threshold
+
+
+def pruning_events(sparsity_at: Callable[[int], float], last_step: int) -> list[tuple[int, float]]:
+    """The (step, sparsity) pairs at which a step schedule raises the sparsity, up to `last_step`."""
+    events, level = [], 0.0
+    for step in range(last_step + 1):
+        s = sparsity_at(step)
+        if s > level + _EPS:
+            events.append((step, s))
+            level = s
+    return events
+
+
+# -- what to prune ---------------------------------------------------------------------------------
+def select_weights(model: nn.Module, include: Sequence[str], exclude: Sequence[str]):
+    """(name → parameter, names stored transposed): the ≥2-D `*.weight` parameters that match an
+    `include` pattern and no `exclude` pattern. Each include pattern must match something: a typo
+    would otherwise prune nothing and the run would look fine."""
+    from transformers.pytorch_utils import Conv1D
+
+    candidates: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or not name.endswith("weight") or id(p) in seen:
+            continue  # tied weights (lm_head = embeddings) are one tensor: count it once
+        seen.add(id(p))
+        if not any(re.search(x, name, re.IGNORECASE) for x in exclude):
+            candidates[name] = p
+    selected: dict[str, nn.Parameter] = {}
+    for pattern in include:
+        hits = {n: p for n, p in candidates.items() if re.search(pattern, n, re.IGNORECASE)}
+        if not hits:
+            examples = ", ".join(list(candidates)[:3]) or "none"
+            raise SqueezeError(
+                f"compress.imp.include pattern {pattern!r} matches no weight matrix of {type(model).__name__} "
+                f"(not excluded by {list(exclude)}; e.g. {examples}); fix the pattern"
+            )
+        selected.update(hits)
+    transposed = {n for n in selected if isinstance(model.get_submodule(n.rpartition(".")[0]), Conv1D)}
+    return selected, transposed
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly the `k` lowest entries of a 1-D tensor (ties broken by position)."""
+    prune = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return prune
+    if k >= scores.numel():
+        return ~prune
+    threshold = scores.kthvalue(k).values
+    prune = scores < threshold
+    missing = k - int(prune.sum())
+    if missing > 0:
+        ties = (scores == threshold).nonzero().flatten()[:missing]
+        prune[ties] = True
+    return prune
+
+
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    granularity: str,
+    keep: Mapping[str, torch.Tensor] | None = None,
+    transposed: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Boolean masks (True = kept) pruning the smallest |w| to `sparsity`: round(sparsity·n) entries of
+    all weights together (`global`), of each matrix (`layer`) or of each output row (`row`). Entries
+    that `keep` already prunes stay pruned, so masks only ever grow."""
+    scores = {}
+    for name, w in weights.items():
+        s = w.detach().abs().float()
+        if keep is not None and name in keep:
+            s = s.masked_fill(~keep[name].to(s.device), -1.0)  # below any magnitude: pruned first
+        scores[name] = s
+    if granularity == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        pruned = _lowest(flat, round(sparsity * flat.numel())).split([s.numel() for s in scores.values()])
+        return {n: ~p.view_as(scores[n]) for n, p in zip(scores, pruned)}
+    if granularity == "layer":
+        return {n: ~_lowest(s.flatten(), round(sparsity * s.numel())).view_as(s) for n, s in scores.items()}
+    if granularity == "row":
+        masks = {}
+        for name, s in scores.items():
+            flip = name in transposed  # Conv1D is (in, out): one unit's incoming weights are a column
+            rows = (s.t() if flip else s).reshape(s.shape[1] if flip else s.shape[0], -1)
+            order = rows.argsort(dim=1, stable=True)[:, : round(sparsity * rows.shape[1])]
+            pruned = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order, True)
+            masks[name] = ~(pruned.t() if flip else pruned.view_as(s))
+        return masks
+    raise SqueezeError(f"compress.imp.granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}")
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
+
+
+# -- the callback ----------------------------------------------------------------------------------
+class IterativeMagnitudePruning(Compressor):
+    """Magnitude pruning to `target` sparsity on a schedule during fine-tuning (see the module docstring).
+
+    schedule: `fixed` prunes `fraction` of the remaining weights every `frequency` steps after
+    `start_step`; `cubic` follows Zhu & Gupta from `start_step` to `end_step`, updating every
+    `frequency` steps; `adaptive` prunes one `fraction` stage at a validation whose val/loss is below
+    `threshold`, then waits for the next validation under it. `rewind_step`: None (no rewind) or k.
+    """
+
+    name = "imp"
+    trains = True
+    # Tested and saved: the last weights, which are at the target sparsity. The best-validation
+    # checkpoint is usually an early, denser one (pruning costs accuracy), so testing it would
+    # report a model that is not the pruned one.
+    test_best_checkpoint = False
+
+    def __init__(
+        self,
+        target: float = 0.7,
+        schedule: str = "cubic",
+        granularity: str = "global",
+        include: Sequence[str] | str = (DEFAULT_INCLUDE,),
+        exclude: Sequence[str] | str = (DEFAULT_EXCLUDE,),
+        start_step: int = 0,
+        end_step: int = 70,
+        frequency: int = 10,
+        fraction: float = 0.2,
+        threshold: float | None = None,
+        rewind_step: int | None = None,
+    ):
+        self.target = target
+        self.schedule = schedule
+        self.granularity = granularity
+        self.include = [include] if isinstance(include, str) else list(include)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self.fraction, self.threshold, self.rewind_step = fraction, threshold, rewind_step
+        self._check_settings()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.level = 0.0  # the sparsity the masks implement
+        self.stage = 0  # pruning events so far
+        self.events: list[dict[str, float]] = []
+        self.rewind_values: dict[str, torch.Tensor] | None = None
+        self._weights: dict[str, nn.Parameter] = {}
+        self._transposed: set[str] = set()
+        self._restored: dict[str, Any] | None = None
+        self._figures: dict[str, Any] = {}
+        self._warned: set[str] = set()
+
+    # -- settings ------------------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        def bad(field: str, value: Any, why: str) -> SqueezeError:
+            return SqueezeError(f"compress.imp.{field}={value!r} {why}")
+
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"is not one of {', '.join(SCHEDULES)}")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", self.granularity, f"is not one of {', '.join(GRANULARITIES)}")
+        if not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
+            raise bad("target", self.target, "must be a sparsity strictly between 0 and 1 (0.7 prunes 70% of "
+                                             "the selected weights)")
+        if not isinstance(self.frequency, int) or self.frequency < 1:
+            raise bad("frequency", self.frequency, "must be a whole number of steps ≥ 1 between pruning events")
+        if not isinstance(self.start_step, int) or self.start_step < 0:
+            raise bad("start_step", self.start_step, "must be a step number ≥ 0")
+        if self.schedule == "cubic" and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
+            raise bad("end_step", self.end_step, f"must be a step number ≥ start_step ({self.start_step})")
+        if self.schedule in ("fixed", "adaptive") and not (isinstance(self.fraction, (int, float))
+                                                           and 0 < self.fraction < 1):
+            raise bad("fraction", self.fraction, "must be strictly between 0 and 1 (the share of the remaining "
+                                                 "weights each pruning event removes)")
+        if self.schedule == "adaptive" and not isinstance(self.threshold, (int, float)):
+            raise bad("threshold", self.threshold, "must be a number for schedule=adaptive: a stage is pruned "
+                                                   "only at a validation whose val/loss is below it")
+        if self.rewind_step is not None:
+            if not isinstance(self.rewind_step, int) or self.rewind_step < 0:
+                raise bad("rewind_step", self.rewind_step, "must be null (no rewind) or a step number ≥ 0")
+            if self.schedule != "adaptive" and self.rewind_step > self.first_step():
+                raise bad("rewind_step", self.rewind_step, f"comes after the first pruning step "
+                                                           f"({self.first_step()}); rewind to an earlier step")
+        if not self.include:
+            raise bad("include", self.include, "selects nothing; give at least one parameter-name pattern")
+        for field, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except (re.error, TypeError) as e:
+                    raise bad(field, p, f"is not a valid regular expression ({e})") from e
+
+    def sparsity_at(self, step: int) -> float:
+        """The step schedule's sparsity after `step` optimizer steps (adaptive: not a step schedule)."""
+        if self.schedule == "fixed":
+            return fixed_sparsity(step, self.target, self.fraction, self.frequency, self.start_step)
+        if self.schedule == "cubic":
+            return cubic_sparsity(step, self.target, self.start_step, self.end_step, self.frequency)
+        raise ValueError("the adaptive schedule depends on validation, not on the step")
+
+    def first_step(self) -> int:
+        if self.schedule == "cubic" and self.end_step <= self.start_step + self.frequency:
+            return self.end_step
+        return self.start_step + self.frequency
+
+    def final_step(self) -> int:
+        """The step at which a step schedule reaches the target."""
+        if self.schedule == "fixed":
+            return self.start_step + stages_to_target(self.target, self.fraction) * self.frequency
+        return self.end_step
+
+    def schedule_settings(self) -> dict[str, Any]:
+        if self.schedule == "adaptive":
+            return {"name": "adaptive", "fraction": self.fraction, "threshold": self.threshold}
+        settings: dict[str, Any] = {"name": self.schedule, "start_step": self.start_step, "frequency": self.frequency}
+        if self.schedule == "cubic":
+            return {**settings, "end_step": self.end_step}
+        return {**settings, "fraction": self.fraction}
+
+    # -- the run's hooks -----------------------------------------------------------------------------
+    def prepare_model(self, model, tokenizer):
+        select_weights(model, self.include, self.exclude)  # bad patterns fail before training starts
+        return model
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._bind(pl_module.model)
+        if self.schedule != "adaptive":
+            total = trainer.estimated_stepping_batches
+            if math.isfinite(total) and self.final_step() > total:
+                log.warning("compress.imp reaches its target sparsity at step %d but this run trains %d steps; "
+                            "lower compress.imp.end_step (cubic) or frequency", self.final_step(), int(total))
+        self._keep_rewind_values(trainer.global_step)
+        self._follow_schedule(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Zero gradients stay zero through clipping and Adam's moments: the step cannot move pruned entries.
+        for name, p in self._weights.items():
+            if p.grad is not None:
+                p.grad.masked_fill_(~self.masks[name], 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.apply_masks()
+        self._keep_rewind_values(trainer.global_step)
+        self._follow_schedule(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.schedule != "adaptive" or trainer.sanity_checking or not self._weights:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None:
+            self._warn_once("no-val-loss", "compress.imp schedule=adaptive found no val/loss after validation; "
+                                           "nothing pruned")
+            return
+        if adaptive_should_prune(float(loss), self.threshold, self.level, self.target):
+            self.prune(stage_sparsity(self.stage + 1, self.target, self.fraction), trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "stage": self.stage,
+            "events": [dict(e) for e in self.events],
+            "masks": {n: m.cpu() for n, m in self.masks.items()},
+            "rewind_values": None if self.rewind_values is None else {n: t.cpu() for n, t in self.rewind_values.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict  # bound to the parameters at on_train_start, once they exist
+
+    def finalize(self, model):
+        """Fold the masks in (the weights are already zero there) and measure what was achieved."""
+        weights, _ = select_weights(model, self.include, self.exclude)
+        layer_sparsity, zeros, total = {}, 0, 0
+        with torch.no_grad():
+            for name, p in weights.items():
+                if name in self.masks:
+                    p.masked_fill_(~self.masks[name].to(p.device), 0)
+                z = int((p == 0).sum())
+                layer_sparsity[name] = round(z / p.numel(), 6)
+                zeros, total = zeros + z, total + p.numel()
+        self._figures = {"sparsity": round(zeros / total, 6), "layer_sparsity": layer_sparsity, "pruned_params": total}
+        self.masks, self.rewind_values, self._weights = {}, None, {}  # training state is no longer needed
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self._figures,
+            "target": self.target,
+            "reached_target": self.level >= self.target - _EPS,
+            "granularity": self.granularity,
+            "schedule": self.schedule_settings(),
+            "rewind_step": self.rewind_step,
+            "include": self.include,
+            "exclude": self.exclude,
+            "events": self.events,
+        }
+
+    # -- the work --------------------------------------------------------------------------------------
+    def _bind(self, model: nn.Module) -> None:
+        self._weights, self._transposed = select_weights(model, self.include, self.exclude)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            if set(restored["masks"]) != set(self._weights):
+                raise SqueezeError("the checkpoint's pruning masks are for other parameters than compress.imp "
+                                   "selects now; resume with the include/exclude patterns it was trained with")
+            self.level, self.stage, self.events = restored["level"], restored["stage"], list(restored["events"])
+            values = restored["rewind_values"]
+            self.rewind_values = None if values is None else {n: values[n] for n in self._weights}
+            self.masks = {n: restored["masks"][n].to(p.device) for n, p in self._weights.items()}
+        elif not self.masks:
+            self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._weights.items()}
+        self.apply_masks()
+
+    def apply_masks(self) -> None:
+        with torch.no_grad():
+            for name, p in self._weights.items():
+                p.masked_fill_(~self.masks[name], 0)
+
+    def _keep_rewind_values(self, step: int) -> None:
+        if self.rewind_step is not None and self.rewind_values is None and step >= self.rewind_step:
+            # Kept on the CPU: one copy of the pruned matrices, not in accelerator memory.
+            self.rewind_values = {n: p.detach().to("cpu", copy=True) for n, p in self._weights.items()}
+
+    def _follow_schedule(self, trainer) -> None:
+        if self.schedule == "adaptive":
+            return
+        level = self.sparsity_at(trainer.global_step)
+        if level > self.level + _EPS:
+            self.prune(level, trainer)
+
+    def prune(self, level: float, trainer=None) -> float:
+        """Raise the masks to `level`, rewind the survivors if asked, zero the pruned entries' optimizer
+        state, and log the sparsity reached; returns it."""
+        self.masks = magnitude_masks(self._weights, level, self.granularity, self.masks, self._transposed)
+        if self.rewind_step is not None and self.rewind_values is None:
+            self._warn_once("no-rewind", f"compress.imp pruned before step {self.rewind_step}, so there are no "
+                                         "values to rewind to yet; this pruning step does not rewind")
+        with torch.no_grad():
+            for name, p in self._weights.items():
+                if self.rewind_values is not None:
+                    p.copy_(self.rewind_values[name])
+                p.masked_fill_(~self.masks[name], 0)
+        for optimizer in (trainer.optimizers if trainer is not None else []):
+            self.zero_optimizer_state(optimizer)
+        self.level = level
+        self.stage += 1
+        reached = mask_sparsity(self.masks)
+        step = trainer.global_step if trainer is not None else None
+        self.events.append({"step": step, "sparsity": round(reached, 6)})
+        for logger in (trainer.loggers if trainer is not None else []):
+            logger.log_metrics({"compress/sparsity": reached}, step=step)
+        log.info("compress.imp: step %s, sparsity %.4f", step, reached)
+        return reached
+
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the pruned entries of every per-parameter state tensor (Adam's moments and the like)."""
+        for name, p in self._weights.items():
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.masked_fill_(~self.masks[name], 0)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)

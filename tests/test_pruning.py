@@ -1,0 +1,344 @@
+"""compress=imp: schedules as pure functions, masks per granularity and architecture, masks that hold
+through AdamW, rewinding, the adaptive schedule, resume mid-schedule, and real runs whose sparse
+model evaluate.py reloads."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import FAST, compose_cfg, read_result
+from hydra.utils import instantiate
+
+from squeeze import run
+from squeeze.compress import build_chain, checkpoint
+from squeeze.compress.pruning import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    IterativeMagnitudePruning,
+    adaptive_should_prune,
+    cubic_sparsity,
+    fixed_sparsity,
+    magnitude_masks,
+    mask_sparsity,
+    pruning_events,
+    select_weights,
+    stage_sparsity,
+    stages_to_target,
+)
+from squeeze.errors import SqueezeError
+
+TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama"]
+
+
+
+def _monotone(levels):
+    return all(b >= a for a, b in itertools.pairwise(levels))
+
+
+# -- schedules -----------------------------------------------------------------------------------------
+def test_fixed_schedule_prunes_a_share_of_the_remaining_weights_until_the_target():
+    def at(step):
+        return fixed_sparsity(step, target=0.7, fraction=0.2, frequency=10, start=5)
+
+    levels = [at(s) for s in range(200)]
+    assert set(levels[:15]) == {0.0} and _monotone(levels) and levels[-1] == 0.7
+    events = pruning_events(at, 199)
+    # 1 - 0.8^n first reaches 0.7 at n = 6 (0.738 is capped to the target).
+    assert [step for step, _ in events] == [15, 25, 35, 45, 55, 65] and stages_to_target(0.7, 0.2) == 6
+    remaining = [1.0] + [1 - s for _, s in events]
+    assert all(math.isclose(b / a, 0.8) for a, b in itertools.pairwise(remaining[:-1]))
+    assert events[-1][1] == 0.7 and max(levels) == 0.7
+
+
+def test_cubic_schedule_is_zhu_and_gupta():
+    def at(step):
+        return cubic_sparsity(step, target=0.7, start=10, end=70, frequency=10)
+
+    levels = [at(s) for s in range(100)]
+    assert set(levels[:20]) == {0.0} and _monotone(levels) and set(levels[70:]) == {0.7}
+    events = pruning_events(at, 99)
+    assert [step for step, _ in events] == [20, 30, 40, 50, 60, 70]
+    assert math.isclose(events[0][1], 0.7 * (1 - (5 / 6) ** 3))
+    increments = [b - a for (_, a), (_, b) in zip([(0, 0.0)] + events, events)]
+    assert all(b < a for a, b in itertools.pairwise(increments))  # fast first, slow at the end
+    # An end off the frequency grid still ends exactly there; start == end is one-shot pruning.
+    assert [s for s, _ in pruning_events(lambda s: cubic_sparsity(s, 0.5, 0, 25, 10), 40)] == [10, 20, 25]
+    assert pruning_events(lambda s: cubic_sparsity(s, 0.5, 0, 0, 10), 5) == [(0, 0.5)]
+
+
+def test_adaptive_stages_and_decision():
+    stages = [stage_sparsity(n, 0.7, 0.5) for n in range(5)]
+    assert stages == [0.0, 0.5, 0.7, 0.7, 0.7] and stages_to_target(0.7, 0.5) == 2
+    assert adaptive_should_prune(0.4, threshold=0.5, level=0.0, target=0.7)
+    assert not adaptive_should_prune(0.5, threshold=0.5, level=0.0, target=0.7)  # strictly below
+    assert not adaptive_should_prune(float("nan"), threshold=0.5, level=0.0, target=0.7)
+    assert not adaptive_should_prune(0.1, threshold=0.5, level=0.7, target=0.7)  # target reached
+
+
+# -- settings ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings, message", [
+    ({"target": 1.0}, "compress.imp.target=1.0 must be a sparsity strictly between 0 and 1"),
+    ({"target": 0}, "compress.imp.target=0 must be a sparsity strictly between 0 and 1"),
+    ({"frequency": 0}, "compress.imp.frequency=0 must be a whole number of steps"),
+    ({"schedule": "linear"}, "compress.imp.schedule='linear' is not one of fixed, cubic, adaptive"),
+    ({"granularity": "block"}, "compress.imp.granularity='block' is not one of global, layer, row"),
+    ({"schedule": "fixed", "fraction": 1.5}, "compress.imp.fraction=1.5 must be strictly between 0 and 1"),
+    ({"schedule": "adaptive"}, "compress.imp.threshold=None must be a number for schedule=adaptive"),
+    ({"end_step": 5, "start_step": 10}, "compress.imp.end_step=5 must be a step number ≥ start_step"),
+    ({"rewind_step": 50}, "compress.imp.rewind_step=50 comes after the first pruning step \\(10\\)"),
+    ({"include": ["attn("]}, "compress.imp.include='attn\\(' is not a valid regular expression"),
+])
+def test_bad_settings_fail_with_one_line(settings, message):
+    with pytest.raises(SqueezeError, match=message) as error:
+        IterativeMagnitudePruning(**settings)
+    assert "\n" not in str(error.value)
+
+
+def _squeeze_error(error: BaseException) -> SqueezeError | None:
+    # Hydra's instantiate wraps what a _target_ raises; the SqueezeError is the cause.
+    while error is not None and not isinstance(error, SqueezeError):
+        error = error.__cause__
+    return error
+
+
+def test_the_config_path_users_type(tmp_path):
+    cfg = compose_cfg("train", ["compress=imp", "compress.imp.target=1.5"], tmp_path)
+    with pytest.raises(Exception) as error:
+        build_chain(cfg.compress)
+    assert "compress.imp.target=1.5 must be" in str(_squeeze_error(error.value))
+    cfg = compose_cfg("train", ["compress=imp", "compress.imp.target=0.5", "compress.imp.schedule=fixed"], tmp_path)
+    (imp,) = build_chain(cfg.compress)
+    assert imp.name == "imp" and imp.target == 0.5 and imp.include == [DEFAULT_INCLUDE]
+    assert imp.test_best_checkpoint is False
+
+
+def _model(name, tmp_path, head="sequence_classification"):
+    cfg = compose_cfg("train", [f"model={name}"], tmp_path)
+    torch.manual_seed(0)
+    return instantiate(cfg.model, _convert_="all").build(head, ["neg", "pos"])
+
+
+def test_a_pattern_that_matches_nothing_is_named(tmp_path):
+    model = _model("tiny_gpt2", tmp_path)
+    with pytest.raises(SqueezeError, match="pattern 'q_proj' matches no weight matrix of GPT2ForSequenceClassification"):
+        IterativeMagnitudePruning(include=["attn", "q_proj"]).prepare_model(model, None)
+    with pytest.raises(SqueezeError, match="pattern 'wte' matches no weight matrix"):  # excluded: embeddings
+        IterativeMagnitudePruning(include=["wte"]).prepare_model(model, None)
+
+
+# -- what is pruned ------------------------------------------------------------------------------------
+# Per layer: BERT q,k,v,attention.output,intermediate,output; GPT-2 c_attn,attn.c_proj,c_fc,mlp.c_proj;
+# Llama q,k,v,o,gate,up,down. GPT-2's are Conv1D (stored transposed), the others nn.Linear.
+EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0)}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_default_patterns_select_attention_and_mlp_matrices(name, tmp_path):
+    weights, transposed = select_weights(_model(name, tmp_path), [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    assert (len(weights), len(transposed)) == EXPECTED[name]
+    assert not any(k in n.lower() for n in weights for k in ("embed", "wte", "wpe", "norm", "ln_", "head", "score"))
+
+
+@pytest.mark.parametrize("granularity", ["global", "layer", "row"])
+@pytest.mark.parametrize("name", TINY)
+def test_target_sparsity_is_reached_exactly(name, granularity, tmp_path):
+    weights, transposed = select_weights(_model(name, tmp_path), [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    masks = magnitude_masks(weights, 0.7, granularity, None, transposed)
+    pruned = {n: int((~m).sum()) for n, m in masks.items()}
+    total = sum(w.numel() for w in weights.values())
+    if granularity == "global":
+        assert sum(pruned.values()) == round(0.7 * total)
+        # The kept weights are the largest: every kept |w| ≥ every pruned |w|.
+        kept = torch.cat([w.detach().abs()[m] for w, m in zip(weights.values(), masks.values())])
+        gone = torch.cat([w.detach().abs()[~m] for w, m in zip(weights.values(), masks.values())])
+        assert kept.min() >= gone.max()
+    elif granularity == "layer":
+        assert all(pruned[n] == round(0.7 * w.numel()) for n, w in weights.items())
+    else:
+        for n, m in masks.items():
+            rows = m.t() if n in transposed else m  # one row per output unit
+            assert ((~rows).sum(1) == round(0.7 * rows.shape[1])).all()
+    # Raising the level keeps what was pruned pruned.
+    more = magnitude_masks(weights, 0.8, granularity, masks, transposed)
+    assert all(not (more[n] & ~masks[n]).any() for n in masks) and mask_sparsity(more) > mask_sparsity(masks)
+
+
+# -- during training (the callback's hooks, driven by hand) --------------------------------------------
+def _trainer(optimizer, step=0):
+    return SimpleNamespace(global_step=step, optimizers=[optimizer], loggers=[], estimated_stepping_batches=1000,
+                           sanity_checking=False, callback_metrics={})
+
+
+def _optimizer(model, **kwargs):
+    # Only the matrices being pruned: the (large, dense) embeddings would just slow the test down.
+    weights, _ = select_weights(model, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    return torch.optim.AdamW(weights.values(), **kwargs)
+
+
+def _train(model, imp, optimizer, trainer, steps, check=None):
+    ids = torch.randint(0, 500, (4, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+        imp.on_before_optimizer_step(trainer, None, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.global_step += 1
+        if check:
+            check()  # before the masks are re-applied: what the optimizer step alone did
+        imp.on_train_batch_end(trainer, None, None, None, 0)
+
+
+@pytest.mark.parametrize("name, schedule", [("tiny_gpt2", {"schedule": "cubic", "end_step": 5}),
+                                            ("tiny_llama", {"schedule": "fixed", "fraction": 0.6})])
+def test_pruned_weights_stay_zero_through_adamw_with_weight_decay(name, schedule, tmp_path):
+    model = _model(name, tmp_path)
+    imp = IterativeMagnitudePruning(target=0.6, frequency=5, **schedule)  # both: 0.6 at step 5
+    optimizer = _optimizer(model, lr=1e-2, weight_decay=0.1)
+    trainer = _trainer(optimizer)
+    imp.on_train_start(trainer, SimpleNamespace(model=model))
+    _train(model, imp, optimizer, trainer, 5)  # dense steps first: every entry has Adam moments
+    assert imp.level == 0.6 and imp.events[0]["step"] == 5
+    pruned = {n: ~m.clone() for n, m in imp.masks.items()}
+    before = {n: p.detach().clone() for n, p in imp._weights.items()}
+
+    def still_zero():
+        for n, p in imp._weights.items():
+            assert (p[pruned[n]] == 0).all(), n
+            state = optimizer.state[p]
+            assert (state["exp_avg"][pruned[n]] == 0).all() and (state["exp_avg_sq"][pruned[n]] == 0).all()
+
+    _train(model, imp, optimizer, trainer, 20, check=still_zero)
+    moved = [not torch.equal(p[~pruned[n]], before[n][~pruned[n]]) for n, p in imp._weights.items()]
+    assert all(moved)  # the survivors did train
+    assert mask_sparsity(imp.masks) == pytest.approx(0.6, abs=1e-4)
+
+
+@pytest.mark.parametrize("rewind_step", [0, 2])
+def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
+    model = _model("tiny_gpt2", tmp_path)
+    imp = IterativeMagnitudePruning(target=0.5, schedule="cubic", end_step=6, frequency=3, rewind_step=rewind_step)
+    optimizer = _optimizer(model, lr=1e-2)
+    trainer = _trainer(optimizer)
+    imp.on_train_start(trainer, SimpleNamespace(model=model))
+    recorded = {}
+
+    def record():
+        if trainer.global_step == rewind_step or (rewind_step == 0 and not recorded):
+            recorded.update({n: p.detach().clone() for n, p in imp._weights.items()})
+
+    if rewind_step == 0:
+        record()
+    for _ in range(6):
+        _train(model, imp, optimizer, trainer, 1, check=record)
+        if trainer.global_step in (3, 6):  # a pruning step: survivors are back at their step-k values
+            for n, p in imp._weights.items():
+                m = imp.masks[n]
+                assert torch.equal(p[m], recorded[n][m]) and (p[~m] == 0).all()
+    assert [e["step"] for e in imp.events] == [3, 6]
+    # Without rewinding the survivors keep their trained values.
+    plain = _model("tiny_gpt2", tmp_path)
+    imp = IterativeMagnitudePruning(target=0.5, schedule="cubic", end_step=6, frequency=3)
+    optimizer = _optimizer(plain, lr=1e-2)
+    trainer = _trainer(optimizer)
+    imp.on_train_start(trainer, SimpleNamespace(model=plain))
+    _train(plain, imp, optimizer, trainer, 3)
+    n = next(iter(imp._weights))
+    assert not torch.equal(imp._weights[n][imp.masks[n]], recorded[n][imp.masks[n]])
+
+
+def test_adaptive_prunes_only_at_validations_under_the_threshold(tmp_path):
+    model = _model("tiny_llama", tmp_path)
+    imp = IterativeMagnitudePruning(target=0.7, schedule="adaptive", fraction=0.5, threshold=1.0)
+    trainer = _trainer(_optimizer(model))
+    imp.on_train_start(trainer, SimpleNamespace(model=model))
+    assert imp.level == 0.0  # nothing before a validation
+    trainer.sanity_checking = True
+    trainer.callback_metrics = {"val/loss": torch.tensor(0.1)}
+    imp.on_validation_end(trainer, None)
+    assert imp.level == 0.0  # the sanity check is no validation of the model
+    trainer.sanity_checking = False
+    levels = []
+    for loss in (1.2, 0.8, 1.1, 0.9, 0.5):
+        trainer.callback_metrics = {"val/loss": torch.tensor(loss)}
+        imp.on_validation_end(trainer, None)
+        levels.append(round(mask_sparsity(imp.masks), 3))
+    assert levels == [0.0, 0.5, 0.5, 0.7, 0.7]
+    assert imp.stage == 2 and imp.summary()["reached_target"]
+
+
+# -- real runs -------------------------------------------------------------------------------------------
+RUN = FAST + ["trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "task=rotten_tomatoes"]
+
+
+def _csv_sparsity(run_dir):
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["compress/sparsity"])) for r in csv.DictReader(f) if r.get("compress/sparsity")]
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("tiny_gpt2", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
+    # adaptive: validation every 2 steps, each under the (generous) threshold until the target is reached
+    ("tiny_bert", ["compress.imp.schedule=adaptive", "compress.imp.fraction=0.5", "compress.imp.threshold=100",
+                   "compress.imp.granularity=row", "trainer.val_check_interval=2"]),
+])
+def test_a_run_reaches_the_target_and_evaluate_reloads_the_sparse_model(name, settings, tmp_path):
+    overrides = [*RUN, f"model={name}", "compress=imp", "compress.imp.target=0.7", "trainer.max_steps=8", *settings]
+    record = run.train(compose_cfg("train", overrides, tmp_path))
+    assert record["status"] == "ok", record["error"]
+    saved = read_result(tmp_path)
+    imp = saved["compress"]["imp"]
+    assert imp["sparsity"] == pytest.approx(0.7, abs=0.005) and imp["reached_target"]
+    assert len(imp["layer_sparsity"]) == EXPECTED[name][0]
+    if imp["granularity"] == "row":  # every matrix at the target; global lets them differ
+        assert all(s == pytest.approx(0.7, abs=0.01) for s in imp["layer_sparsity"].values())
+    else:
+        assert all(0 < s < 1 for s in imp["layer_sparsity"].values())
+    assert saved["nonzero_params"] <= saved["params"] - round(0.69 * imp["pruned_params"])
+    # Logged at each pruning step, as recorded; the last one is the target.
+    logged = _csv_sparsity(tmp_path)
+    assert [s for s, _ in logged] == [e["step"] for e in imp["events"]] and len(logged) >= 2
+    assert logged[-1][1] == pytest.approx(0.7, abs=0.005)
+    # The model directory is the sparse format, with no dense copy, and evaluate.py reads it.
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert checkpoint.SPARSE_FILE in files and "model.safetensors" not in files
+    eval_dir = tmp_path / "eval"
+    # model= named: the committed run._load_checkpoint reloads the tokenizer with model='s class.
+    evaluated = run.evaluate(compose_cfg("eval", [*RUN, f"model={name}", f"ckpt={tmp_path}"], eval_dir))
+    assert evaluated["status"] == "ok", evaluated["error"]
+    assert evaluated["choices"]["compress"] == "imp"
+    for key, value in record["metrics"].items():
+        assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-6)
+    assert evaluated["checkpoint_bytes"] == saved["checkpoint_bytes"]
+    assert evaluated["nonzero_params"] == saved["nonzero_params"]
+
+
+def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path):
+    # One training example and a constant learning rate: both runs see exactly the same steps, so any
+    # difference comes from what the checkpoint did (not) carry: masks, schedule state, rewind values.
+    common = [*FAST, "model=tiny_llama", "task=rotten_tomatoes", "task.data.max_examples.train=1",
+              "task.data.batch_size=1", "scheduler=null", "optimizer.lr=1e-2", "trainer.max_epochs=100",
+              "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "+callbacks.checkpoint.every_n_epochs=4",
+              "compress=imp",
+              "compress.imp.target=0.6", "compress.imp.end_step=8", "compress.imp.frequency=2",
+              "compress.imp.rewind_step=1"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run.train(compose_cfg("train", [*common, "trainer.max_steps=8"], whole))["status"] == "ok"
+    assert run.train(compose_cfg("train", [*common, "trainer.max_steps=4"], parts))["status"] == "ok"
+    assert [e["step"] for e in read_result(parts)["compress"]["imp"]["events"]] == [2, 4]
+    resumed = run.train(compose_cfg("train", [*common, "trainer.max_steps=8", "ckpt_path=last"], parts))
+    assert resumed["status"] == "ok", resumed["error"]
+    assert [e["step"] for e in resumed["compress"]["imp"]["events"]] == [2, 4, 6, 8]
+    assert _csv_sparsity(parts)[0][0] == 6  # the resumed run pruned only the remaining stages
+    a = checkpoint.load(whole / "model", "sequence_classification")
+    b = checkpoint.load(parts / "model", "sequence_classification")
+    weights_a, _ = select_weights(a, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    weights_b, _ = select_weights(b, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    for n, p in weights_a.items():
+        assert torch.equal(p == 0, weights_b[n] == 0), n
+        torch.testing.assert_close(p, weights_b[n])
+    assert read_result(whole)["compress"]["imp"]["sparsity"] == resumed["compress"]["imp"]["sparsity"]

@@ -1,0 +1,351 @@
+"""Structured pruning (compress=heads, compress=rows): the pruned model equals the dense model with
+the same heads / rows masked, reloads with transformers to identical outputs, is smaller by exactly
+what was removed; importance ranks a dead head last; a real run prunes, trains, saves and reloads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import FAST, compose_cfg, read_result
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from squeeze import models, run
+from squeeze.compress import structured as st
+from squeeze.errors import SqueezeError
+
+HIDDEN, HEADS, HEAD_DIM, VOCAB = 64, 4, 16, 100
+SIZES = {
+    "bert": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "intermediate_size": 128},
+    "gpt2": {"n_embd": HIDDEN, "n_layer": 2, "n_head": HEADS, "n_inner": 128},
+    "llama": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": 2,
+              "intermediate_size": 128},
+}
+CASES = [("bert", AutoModelForSequenceClassification), ("gpt2", AutoModelForSequenceClassification),
+         ("gpt2", AutoModelForCausalLM), ("llama", AutoModelForCausalLM)]
+IDS = [f"{kind}-{auto.__name__[12:]}" for kind, auto in CASES]
+
+
+def tiny(kind, auto=AutoModelForSequenceClassification, **extra):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, num_labels=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, **{**SIZES[kind], **extra})
+    return auto.from_config(config).eval()
+
+
+def inputs(n=3, length=11):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(**inputs()).logits
+
+
+def layers(model):
+    layout = st.layout_of(model, "test")
+    return layout, [layer for _, layer in layout.layers(model)]
+
+
+def zero_o_columns(model, layer_idx, cols):
+    """The masked dense model: the attention output projection ignores these input columns."""
+    layout, ls = layers(model)
+    o = layout.o_proj(ls[layer_idx])
+    with torch.no_grad():
+        st.as_out_in(o)[:, cols] = 0.0
+
+
+def head_cols(heads, head_dim=HEAD_DIM):
+    return [h * head_dim + t for h in heads for t in range(head_dim)]
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+def test_amounts_fractions_counts_and_groups():
+    assert st.units_to_remove(0.25, 12, 1, "a", "w") == 3
+    assert st.units_to_remove(0.25, 4, 1, "a", "w") == 1
+    assert st.units_to_remove(0.25, 2, 2, "a", "w") == 1  # half a KV group rounds up to one
+    assert st.units_to_remove(0.1, 4, 1, "a", "w") == 0
+    assert st.units_to_remove(2, 4, 1, "a", "w") == 2
+    assert st.units_to_remove(6, 3, 3, "a", "w") == 2  # 6 heads = 2 groups of 3
+
+
+def test_iterative_schedule_reaches_the_target_monotonically():
+    for total, n in [(3, 1), (3, 2), (5, 3), (1, 4), (8, 8)]:
+        steps = [st.removed_by(total, i, n) for i in range(n)]
+        assert steps == sorted(steps) and steps[-1] == total and steps[0] >= 0
+
+
+def test_keep_highest_keeps_original_order():
+    assert st.keep_highest(torch.tensor([0.5, 0.1, 0.9, 0.3]), 2) == [0, 2]
+    assert st.keep_highest(torch.tensor([1.0, 2.0]), 0) == [0, 1]
+
+
+def test_an_optimizer_follows_the_cut_parameters():
+    parent = torch.nn.Module()
+    parent.fc = torch.nn.Linear(4, 6)
+    optimizer = torch.optim.AdamW(parent.parameters(), lr=0.1)
+    parent.fc(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    surgery = st.Surgery()
+    surgery.keep(parent, "fc", [0, 2, 5], out=True)
+    surgery.repoint([optimizer])
+    assert [p.shape for p in optimizer.param_groups[0]["params"]] == [(3, 4), (3,)]
+    assert not optimizer.state  # the old moments had the old shapes
+    before = parent.fc.weight.detach().clone()
+    parent.fc(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(parent.fc.weight, before)
+
+
+# -- heads: equal to the masked dense model, reloadable, smaller by what was removed --------------
+@pytest.mark.parametrize("kind,auto", CASES, ids=IDS)
+def test_pruned_heads_equal_masked_dense_and_reload(kind, auto, tmp_path):
+    model = tiny(kind, auto)
+    masked = copy.deepcopy(model)
+    layout, _ = layers(model)
+    before = models.count_params(model)[0]
+    if kind == "llama":  # whole KV groups (2 query heads each), the same in every layer
+        keep = {0: [1], 1: [0]}
+        for i, dropped in ((0, [0, 1]), (1, [2, 3])):
+            zero_o_columns(masked, i, head_cols(dropped))
+        removed_per_group = (2 + 2 + 1 + 1) * HIDDEN * HEAD_DIM  # q and o of 2 query heads, k and v of 1
+        expected = before - 2 * removed_per_group
+    else:  # any head, a different number per layer
+        keep = {0: [0, 2, 3], 1: [1]}
+        zero_o_columns(masked, 0, head_cols([1]))
+        zero_o_columns(masked, 1, head_cols([0, 2, 3]))
+        per_head = 3 * (HIDDEN * HEAD_DIM + HEAD_DIM) + HEAD_DIM * HIDDEN  # q, k, v rows with bias; o columns
+        expected = before - 4 * per_head
+    st.prune_heads(model, layout, keep, "test")
+
+    assert models.count_params(model)[0] == expected
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if kind == "llama":  # stock config fields, plain from_pretrained
+        assert (saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"]) == (2, 1, HEAD_DIM)
+        reloaded = auto.from_pretrained(tmp_path).eval()
+    else:
+        assert saved["attention_layout"] == [[3, HEAD_DIM], [1, HEAD_DIM]]
+        reloaded = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert models.count_params(reloaded)[0] == expected
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_stock_bert_class_refuses_a_pruned_directory_loudly(tmp_path):
+    model = tiny("bert")
+    st.prune_heads(model, st.layout_of(model, "test"), {0: [0, 1, 2], 1: [0, 1, 2]}, "test")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="mismatch"):  # never silently re-initialised
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_squeeze_loads_pruned_directories_with_its_own_classes(tmp_path):
+    model = tiny("gpt2", AutoModelForCausalLM)
+    st.prune_heads(model, st.layout_of(model, "test"), {0: [0, 1], 1: [2, 3]}, "test")
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    cls = st.loading_class(config, AutoModelForCausalLM)
+    assert cls is type(model) and cls.__module__ == "squeeze.compress.pruned_attention"
+    assert torch.equal(logits(cls.from_pretrained(tmp_path).eval()), logits(model))
+    assert st.loading_class(tiny("gpt2").config, AutoModelForCausalLM).__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_gradient_importance_ranks_a_dead_head_last(kind):
+    model = tiny(kind)
+    dead = 2  # query head 2: Llama's KV group 1
+    zero_o_columns(model, 0, head_cols([dead]))
+    layout, ls = layers(model)
+    batch = {**inputs(n=4), "labels": torch.tensor([0, 1, 1, 0])}
+    scores = st.gradient_head_scores(layout, model, [batch, batch])
+    group = dead // layout.shape(ls[0]).group
+    others = [s for i, s in enumerate(scores[0].tolist()) if i != group]
+    assert scores[0][group] == min(scores[0].tolist())
+    assert kind == "llama" or scores[0][group] == 0  # a Llama group keeps its other, live head
+    assert min(others) > scores[0][group]
+    assert all(p.grad is None for p in model.parameters())  # the weights' gradients are untouched
+
+
+def test_magnitude_head_pruning_removes_the_weakest_heads():
+    model = tiny("bert")
+    masked = copy.deepcopy(model)
+    for m in (model, masked):
+        zero_o_columns(m, 0, head_cols([3]))
+        zero_o_columns(m, 1, head_cols([0]))
+    pruner = st.HeadPruning(amount=0.25, method="magnitude")
+    pruner.prepare_model(model, tokenizer=None)
+    pruner.finalize(model)
+    summary = pruner.summary()
+    assert summary["heads_per_layer_before"] == [4, 4] and summary["heads_kept_per_layer"] == [3, 3]
+    assert summary["params_after"] < summary["params_before"]
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+
+
+# -- rows -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,auto", CASES, ids=IDS)
+def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_path):
+    model = tiny(kind, auto)
+    layout, ls = layers(model)
+    weak_neurons = [5, 17, 40, 99]  # made the smallest by magnitude, so they are the ones removed
+    weak_dims = [3, 7]  # in every head
+    qkv = kind != "llama"
+    with torch.no_grad():
+        for layer in ls:
+            _, (p, n) = layout.mlp(layer)
+            st.as_out_in(getattr(p, n))[:, weak_neurons] *= 1e-3
+            if qkv:
+                q, _, v, _ = layout.qkvo(layer)
+                rows = [h * HEAD_DIM + t for h in range(HEADS) for t in weak_dims]
+                q[rows] *= 1e-3
+                v[rows] *= 1e-3
+    masked = copy.deepcopy(model)
+    _, masked_layers = layers(masked)
+    with torch.no_grad():
+        for layer in masked_layers:
+            _, (p, n) = layout.mlp(layer)
+            st.as_out_in(getattr(p, n))[:, weak_neurons] = 0.0
+            if qkv:  # q_t = 0 removes q·k's term t; o ignoring v's dim t removes v_t
+                rows = [h * HEAD_DIM + t for h in range(HEADS) for t in weak_dims]
+                q, _, _, o = layout.qkvo(layer)
+                q[rows] = 0.0
+                o[:, rows] = 0.0
+                q_module = layer.attention.self.query if kind == "bert" else layer.attn.c_attn
+                q_module.bias[rows] = 0.0  # GPT-2's fused bias starts with q's
+    before = models.count_params(model)[0]
+    pruner = st.RowPruning(mlp_amount=len(weak_neurons), qkv_amount=len(weak_dims) if qkv else 0)
+    pruner.prepare_model(model, tokenizer=None)
+
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+    for layer in ls:
+        s = layout.shape(layer)
+        assert s.intermediate == 128 - len(weak_neurons)
+        q, k, v, o = layout.qkvo(layer)
+        assert s.heads == HEADS and q.shape[0] == o.shape[1] == s.heads * s.head_dim
+        assert k.shape[0] == v.shape[0] == s.kv_heads * s.head_dim
+        assert s.head_dim == HEAD_DIM - (len(weak_dims) if qkv else 0)
+    gated = 2 if kind == "llama" else 1  # Llama's gate and up projections both lose the rows
+    mlp_removed = len(weak_neurons) * (HIDDEN * (gated + 1) + (1 if kind != "llama" else 0))
+    qkv_removed = HEADS * len(weak_dims) * (3 * (HIDDEN + 1) + HIDDEN) if qkv else 0
+    assert models.count_params(model)[0] == before - 2 * (mlp_removed + qkv_removed)
+
+    model.save_pretrained(tmp_path)
+    reloaded = auto.from_pretrained(tmp_path, trust_remote_code=qkv).eval()
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+# -- bad input: one clear line each ------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"amount": 1.5}, r"amount=1.5 is a fraction outside \[0, 1\)"),
+    ({"amount": -0.1}, r"fraction outside \[0, 1\)"),
+    ({"amount": -2}, "negative count"),
+    ({"amount": "half"}, "neither a fraction"),
+    ({"method": "random"}, "method='random' is not one of"),
+    ({"iterations": 3}, "every_n_steps ≥ 1"),
+])
+def test_bad_settings_fail_when_built(kwargs, match):
+    with pytest.raises(SqueezeError, match=match):
+        st.HeadPruning(**kwargs)
+
+
+@pytest.mark.parametrize("kind,kwargs,match", [
+    ("bert", {"amount": 0.9}, "would leave none of the 4 heads of layer 0"),
+    ("bert", {"amount": 4}, "amount=4 is not fewer than the 4 heads of layer 0"),
+    ("bert", {"layers": ["*.layer.7"]}, r"pattern '\*.layer.7' matches no layer; layers are numbered 0–1"),
+    ("llama", {"amount": 1}, "whole groups of 2"),
+    ("llama", {"amount": 0.5, "layers": [0]}, "one num_attention_heads for all layers"),
+    ("distilbert", {}, "supports bert, gpt2, llama models, not distilbert"),
+])
+def test_bad_requests_fail_before_anything_is_cut(kind, kwargs, match):
+    if kind == "distilbert":
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(
+            AutoConfig.for_model("distilbert", vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    else:
+        model = tiny(kind)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SqueezeError, match=match) as error:
+        st.HeadPruning(method="magnitude", **kwargs).prepare_model(model, tokenizer=None)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+def test_a_llama_head_count_its_config_cannot_hold_is_refused():
+    model = tiny("llama", num_key_value_heads=4)  # 4 heads of 16 dims: keeping 3 would need 64 % 3 == 0
+    with pytest.raises(SqueezeError, match=r"hidden_size \(64\) to be a multiple of num_attention_heads"):
+        st.HeadPruning(amount=1, method="magnitude").prepare_model(model, tokenizer=None)
+
+
+def test_bad_row_requests():
+    with pytest.raises(SqueezeError, match="rotary position embeddings"):
+        st.RowPruning(qkv_amount=0.25).prepare_model(tiny("llama"), tokenizer=None)
+    with pytest.raises(SqueezeError, match="MLP widths would differ between layers"):
+        st.RowPruning(layers=["0"]).prepare_model(tiny("gpt2"), tokenizer=None)
+    with pytest.raises(SqueezeError, match="would leave none of the 16 dims of each head"):
+        st.RowPruning(qkv_amount=0.99).prepare_model(tiny("bert"), tokenizer=None)
+
+
+# -- the real pipeline ---------------------------------------------------------------------------
+SHORT = FAST + ["task=rotten_tomatoes", "trainer.max_steps=3", "trainer.limit_val_batches=1",
+                "trainer.limit_test_batches=1", "perf=null"]
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+def test_train_with_heads_saves_a_model_that_evaluate_reloads(model, tmp_path):
+    cfg = compose_cfg("train", SHORT + [f"model={model}", "compress=heads", "compress.heads.importance_batches=2"],
+                      tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    saved = read_result(tmp_path)
+    summary = saved["compress"]["heads"]
+    assert summary["method"] == "gradient" and summary["heads_kept_per_layer"] == [3, 3]
+    assert summary["params_after"] == saved["params"] < summary["params_before"]
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["attention_layout"] == [[3, 16], [3, 16]]
+
+    evaluated = run.evaluate(compose_cfg("eval", SHORT + [f"model={model}", f"ckpt={tmp_path}"], tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated.get("error")
+    assert evaluated["params"] == saved["params"]
+    for key, value in saved["metrics"].items():
+        assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
+
+
+def test_heads_then_rows_on_llama_reload_with_stock_transformers(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_llama", "compress=[heads,rows]", "compress.heads.amount=0.5",
+                                        "compress.heads.method=magnitude"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    saved = read_result(tmp_path)
+    assert saved["compress"]["heads"]["heads_kept_per_layer"] == [2, 2]
+    assert saved["compress"]["rows"]["intermediate_after"] == [96, 96]
+    assert saved["compress"]["rows"]["reload"] == "stock"
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 96)
+    assert "auto_map" not in config and not (tmp_path / "model" / "pruned_attention.py").exists()
+
+    evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_llama", f"ckpt={tmp_path}"], tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated.get("error")
+    assert evaluated["params"] == saved["params"] == saved["compress"]["rows"]["params_after"]
+    for key, value in saved["metrics"].items():
+        assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
+
+
+def test_iterative_pruning_fine_tunes_between_steps(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=heads", "compress.heads.method=magnitude",
+                                        "compress.heads.amount=2", "compress.heads.iterations=2",
+                                        "compress.heads.every_n_steps=2"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    summary = read_result(tmp_path)["compress"]["heads"]
+    assert summary["steps_done"] == 2 and summary["heads_kept_per_layer"] == [2, 2]
+
+
+def test_iterative_pruning_that_cannot_finish_is_refused(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=heads", "compress.heads.method=magnitude",
+                                        "compress.heads.iterations=3", "compress.heads.every_n_steps=10"], tmp_path)
+    with pytest.raises(SqueezeError, match="comes at step 20, but the run trains 3 steps"):
+        run.train(cfg)
