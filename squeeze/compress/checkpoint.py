@@ -1,6 +1,7 @@
 """The saved model directory (`<run>/model`): how a (compressed) model is written and read back.
 
 A plain model is a transformers directory (`save_pretrained`), loadable without squeeze. A model
+with integer weights (compress=qat, dq, int8wo, int4wo) is written packed (squeeze/compress/packed.py). A model
 with sparse weights (some ≥2-D floating-point tensor at least MIN_SPARSITY zeros, where sparse
 storage is smaller; pruning makes them) is written in squeeze's sparse format, with no dense copy
 of anything, so the directory is really smaller:
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from squeeze import models
-from squeeze.compress import pruned_attention
+from squeeze.compress import packed, pruned_attention
 from squeeze.compress.structured import loading_class
 from squeeze.errors import SqueezeError
 
@@ -50,6 +51,9 @@ _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 def save(model, tokenizer, directory: str | Path) -> None:
     directory = Path(directory)
+    if packed.has_quantized_weights(model):  # integer weights + scales: compress=qat, dq, int8wo, int4wo
+        packed.save_packed(model, tokenizer, directory)
+        return
     if any(stored_sparse(t) for t in model.state_dict().values()):
         save_sparse(model, directory)
     else:
@@ -60,6 +64,8 @@ def save(model, tokenizer, directory: str | Path) -> None:
 def load(directory: str | Path, head: str):
     """The model saved in `directory`, with the head it was trained with."""
     directory = Path(directory)
+    if packed.is_packed(directory):
+        return packed.load_packed(directory, head)
     if (directory / SPARSE_FILE).exists():
         return load_sparse(directory, head)
     config = AutoConfig.from_pretrained(str(directory))
