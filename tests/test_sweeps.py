@@ -153,7 +153,12 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
     assert [p.parent for p in ddp_cwd.rglob("model.safetensors")] == [run_dir / "model"]
     assert not list(ddp_cwd.rglob(".result.json.*")) and not (run_dir / ".model.partial").exists()
     noted = [line.split() for line in writes.read_text().splitlines()]
-    started = {rank: pid for rank, pid, name in noted if name == "started"}
+    # First start per rank: rank 0's own helper subprocesses (py-cpuinfo re-runs Python, for one) load the
+    # spy too, later and without LOCAL_RANK, so they must not replace rank 0's pid.
+    started = {}
+    for rank, pid, name in noted:
+        if name == "started":
+            started.setdefault(rank, pid)
     assert {"0", "1"} <= set(started), noted  # the spy ran in both ranks
     written = [(rank, pid, name) for rank, pid, name in noted if name != "started"]
     assert sorted(written) == [("0", started["0"], "model"), ("0", started["0"], "result.json")], noted
