@@ -15,9 +15,11 @@ CALLS: list[str] = []
 class Probe(Compressor):
     """Records the hooks the run calls; `scale` multiplies the weights at finalize."""
 
-    def __init__(self, tag: str, scale: float = 1.0, trains: bool = False, integer_weights: bool = False):
+    def __init__(self, tag: str, scale: float = 1.0, trains: bool = False, integer_weights: bool = False,
+                 replaces_objective: bool = False):
         self.tag, self.scale = tag, scale
         self.trains, self.integer_weights = trains, integer_weights
+        self.replaces_objective = replaces_objective
 
     def prepare_model(self, model, tokenizer):
         CALLS.append(f"{self.tag}.prepare_model")
@@ -56,6 +58,18 @@ def test_training_after_integer_conversion_fails_fast():
     check_order([qat, dq])  # train, then convert: fine
     with pytest.raises(SqueezeError, match="qat trains the model but comes after dq"):
         check_order([dq, qat])
+
+
+def test_distillation_comes_first_and_alone():
+    pkd, kd = Probe("pkd", trains=True, replaces_objective=True), Probe("kd", trains=True, replaces_objective=True)
+    imp, dq = Probe("imp", trains=True), Probe("dq", integer_weights=True)
+    for probe, name in ((pkd, "pkd"), (kd, "kd"), (imp, "imp"), (dq, "dq")):
+        probe.name = name
+    check_order([pkd, imp, dq])  # the thesis' Distil+90+4b in one chain
+    with pytest.raises(SqueezeError, match=r"pkd builds the student .* put pkd first, e.g. \[pkd,imp\]"):
+        check_order([imp, pkd])
+    with pytest.raises(SqueezeError, match="pkd and kd both replace the training objective"):
+        check_order([pkd, kd])
 
 
 def test_a_target_that_is_not_a_compressor_is_named():

@@ -13,7 +13,9 @@ and the run applies them in that order at four points of one run:
 Order rules, checked before anything loads (`check_order`):
   - a compressor that trains (`trains=True`) cannot come after one that turns the weights into
     integers (`integer_weights=True`): gradients do not flow through int8 weights;
-  - at most one compressor may replace the training objective (`replaces_objective=True`).
+  - at most one compressor may replace the training objective (`replaces_objective=True`), and it comes
+    first: distillation builds the student the later compressors prune or quantize, so whatever an
+    earlier one planned on the model it started from would not apply to the student.
 So `[pkd, imp, dq]` distills a pruned student and quantizes the result; `[dq, qat]` fails fast.
 
 A compressor never imports another one; chaining is the run's job (squeeze/run.py).
@@ -78,6 +80,7 @@ def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
 
 
 def check_order(chain: Iterable[Compressor]) -> None:
+    chain = list(chain)
     converted = None
     objective = None
     for c in chain:
@@ -92,4 +95,7 @@ def check_order(chain: Iterable[Compressor]) -> None:
             if objective is not None:
                 raise SqueezeError(f"compress: {objective.name} and {c.name} both replace the training objective; "
                                    "choose one of them")
+            if c is not chain[0]:
+                raise SqueezeError(f"compress order: {c.name} builds the student model that the other compressors "
+                                   f"work on, so it comes first; put {c.name} first, e.g. [{c.name},{chain[0].name}]")
             objective = c
