@@ -81,12 +81,12 @@ def nonzero_entries(t: torch.Tensor) -> torch.Tensor:
     return raw.view(*t.shape, t.element_size()).ne(0).any(-1)
 
 
-def stored_sparse(t: torch.Tensor) -> bool:
+def stored_sparse(t: torch.Tensor, min_sparsity: float = MIN_SPARSITY) -> bool:
     if not t.is_floating_point() or t.dim() < 2 or t.numel() == 0:
         return False
     kept = int(nonzero_entries(t).sum())
     sparse_bytes = (t.numel() + 7) // 8 + kept * t.element_size()
-    return 1 - kept / t.numel() >= MIN_SPARSITY and sparse_bytes < t.numel() * t.element_size()
+    return 1 - kept / t.numel() >= min_sparsity and sparse_bytes < t.numel() * t.element_size()
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,9 @@ def save_sparse(model, directory: Path) -> None:
             continue
         first[same] = name
         t = t.detach().cpu().contiguous()
-        if stored_sparse(t):
+        # MIN_SPARSITY decides whether the model is sparse at all; once it is, every matrix that packs
+        # smaller does (global pruning leaves some matrices barely pruned, others mostly empty).
+        if stored_sparse(t, min_sparsity=0.0):
             tensors[name + BITMASK], tensors[name + VALUES] = encode(t)
             shapes[name] = list(t.shape)
         else:
