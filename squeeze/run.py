@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from squeeze import compress as compression
 from squeeze import models
 from squeeze.compress import checkpoint
-from squeeze import measure
+from squeeze import measure, speculative
 from squeeze.energy import EnergyMeter
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes, new_record, read_record, write_record
@@ -40,6 +40,7 @@ MODEL_DIR = "model"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    speculative.check_decode(cfg.get("decode"), None, cfg.task.head, evaluating=False)
     return _guarded(cfg, _train)
 
 
@@ -84,6 +85,7 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
 
 
 def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    speculative.check_decode(cfg.get("decode"), cfg.get("draft"), cfg.task.head)
     ckpt = cfg.get("ckpt")
     chain = compression.build_chain(cfg.compress)
     _check_post_training(chain)
@@ -95,6 +97,7 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     else:
         model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, Path(str(ckpt)), labels, record)
     models.finish_model(model, tokenizer)
+    speculative.check_draft(cfg.get("draft"), model, tokenizer)  # fails before testing, which can be long
     data.tokenizer = tokenizer
     data.check_model(model)
     for compressor in chain:
@@ -107,6 +110,9 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     _test(trainer, module, data, record, ckpt_path=None)
     if trainer.is_global_zero:
         _measure(cfg, trainer, module.model, data, record)
+        if cfg.get("decode") == "speculative":
+            record["speculative"] = speculative.from_config(module.model, tokenizer, data, cfg.draft,
+                                                            OmegaConf.to_container(cfg.speculative))
     if chain:
         # The checkpoint's own compression (if any) followed by what this evaluation applied.
         trained = record["choices"]["compress"] if size_from is not None else "none"

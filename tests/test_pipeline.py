@@ -27,8 +27,8 @@ TEST_METRICS = {
 def test_the_issue_lists_every_option():
     assert set(MODELS) == {"bert-base-uncased", "distilbert-base-uncased", "gpt2", "gpt2-medium", "gpt2-large",
                            "gpt2-xl", "minilm", "smollm2", "tiny_bert", "tiny_gpt2", "tiny_llama"}
-    assert set(TASKS) == {"imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada",
-                          "rotten_tomatoes", "wnut16", "austen"}
+    assert set(TASKS) == {"imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada", "personachat",
+                          "rotten_tomatoes", "wnut16", "austen", "chatterbot"}
 
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])

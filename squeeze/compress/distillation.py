@@ -474,6 +474,11 @@ class Distill(FineTune):
     def compute_metrics(self, metrics):
         return self._task.compute_metrics(metrics)
 
+    def setup(self, stage: str) -> None:
+        # The task module's own set-up too (the dialog task takes its tokenizer from the data module).
+        self._task.trainer = self.trainer
+        self._task.setup(stage)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.teacher is not None:
