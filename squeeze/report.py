@@ -188,6 +188,14 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     }
     row.update({name: read(record) for name, (_, read) in FIGURES.items()})
     row["energy_method"] = _dig(record, "energy", "method")
+    # An evaluate.py record (a finished run quantized after training, or a zero-shot model) trained
+    # nothing: its own energy is the evaluation's alone, so beside full runs' train+eval figures it
+    # would read as a 90% saving. Its cost columns stay empty; the figure is kept as eval_energy_kwh.
+    row["evaluated_from"] = record.get("ckpt")
+    row["eval_energy_kwh"] = None
+    if status == "ok" and not record.get("train_seconds"):
+        row["eval_energy_kwh"] = row["energy_kwh"]
+        row["train_s"] = row["energy_kwh"] = row["co2_kg"] = None
     row["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if status == "ok" and row["quality"] is None:
         have = ", ".join(sorted(metrics)) or "none"
@@ -311,7 +319,8 @@ def group_records(group: Group) -> list[dict]:
 def cell_columns(cells: list[dict]) -> list[str]:
     metric_names = sorted({m for c in cells for m in c["metrics"]})
     return ["run_dir", "status", "error", "model", "task", "chain", "hardware", "seed", "lr", "metric", "mode",
-            "quality", "validation_best", *FIGURES, "energy_method", *metric_names]
+            "quality", "validation_best", *FIGURES, "energy_method", "evaluated_from", "eval_energy_kwh",
+            *metric_names]
 
 
 def cell_records(cells: list[dict]) -> list[dict]:
@@ -387,7 +396,9 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
          f"Every record, one row: [{CELLS_CSV}]({CELLS_CSV})."), "",
         ("Figures are mean ± std over a chain's finished cells (seeds, learning rates); "
          "Δ% = (chain − baseline) / |baseline| × 100 against the baseline chain of the same model × task. "
-         "Size is the saved model directory on disk; latency the median at batch size 1."),
+         "Size is the saved model directory on disk; latency the median at batch size 1. "
+         "Records of evaluate.py (post-training compression of a finished run) trained nothing: "
+         "their train time and energy are left empty (the evaluation's own energy is in the cells CSV)."),
     ]
     if skipped:
         text += ["", "Unreadable result.json files, left out:"] + [f"- {_md_escape(s)}" for s in skipped]

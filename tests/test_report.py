@@ -145,6 +145,20 @@ def test_table_delta_percent_against_the_baseline(sweep, tmp_path):
     assert "| test/accuracy | Δ% | size MB | Δ% |" in section
 
 
+def test_an_evaluated_checkpoint_has_no_train_cost_of_its_own(sweep, tmp_path):
+    # evaluate.py ckpt=<the baseline> compress=dq: train_seconds 0, energy of the evaluation only.
+    write_cell(sweep.parent / "eval", "dq", chain="dq", quality=0.84, size_mb=25, latency_ms=5, train_s=0.0,
+               kwh=0.001, ckpt=str(sweep / "0"))
+    out = tmp_path / "out"
+    report.build([sweep, sweep.parent / "eval"], out, draw=False)
+    dq = next(r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv") if r["chain"] == "dq")
+    assert float(dq["size_mb_delta_pct"]) == pytest.approx(-75.0)  # its own figures still compare
+    assert dq["train_s_mean"] == dq["energy_kwh_mean"] == dq["train_s_delta_pct"] == dq["energy_kwh_delta_pct"] == ""
+    cell = next(c for c in read_csv(out / "cells.csv") if c["chain"] == "dq" and c["model"] == "tiny_bert")
+    assert float(cell["eval_energy_kwh"]) == pytest.approx(0.001) and cell["evaluated_from"] == str(sweep / "0")
+    assert cell["train_s"] == cell["energy_kwh"] == ""
+
+
 def test_failed_cells_are_shown_not_dropped(sweep, tmp_path):
     built = report.build([sweep], tmp_path / "out", draw=False)
     text = built.markdown.read_text()
