@@ -89,7 +89,7 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     ckpt = cfg.get("ckpt")
     chain = compression.build_chain(cfg.compress)
     _check_post_training(chain)
-    spec, tokenizer, data = _prepare(cfg)
+    spec, tokenizer, data = _prepare(cfg, trained_model=_trained_model(ckpt))
     labels = data_labels(data)
     if ckpt is None:
         model = spec.build(cfg.task.head, labels)
@@ -128,10 +128,11 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
 
 
 # -- steps ------------------------------------------------------------------------------------------
-def _prepare(cfg: DictConfig):
+def _prepare(cfg: DictConfig, trained_model: dict | None = None):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = instantiate(cfg.model, _convert_="all")
-    models.check_compatible(spec.name, spec.family, cfg.task.name, cfg.task.head)
+    name, family = (trained_model["name"], trained_model["family"]) if trained_model else (spec.name, spec.family)
+    models.check_compatible(name, family, cfg.task.name, cfg.task.head)
     tokenizer = spec.tokenizer()
     data = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
     return spec, tokenizer, data
@@ -305,6 +306,18 @@ def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
         record["ckpt"] = str(ckpt)
         return model, tokenizer, ckpt
     raise SqueezeError(f"ckpt={ckpt} does not exist; give a run directory, a model directory or a .ckpt file")
+
+
+def _trained_model(ckpt: Any) -> dict | None:
+    """evaluate.py ckpt=<squeeze run> without model=: the run's own model config (name, family), so the
+    task is checked against the model the checkpoint holds, not the default model=."""
+    if ckpt is None or _override_value("model") is not None:
+        return None
+    run_dir = Path(str(ckpt))
+    if not (run_dir / "result.json").exists():
+        return None
+    model = (read_record(run_dir).get("config") or {}).get("model") or {}
+    return model if model.get("name") and model.get("family") else None
 
 
 def _check_architecture(cfg, spec, model_dir: Path) -> None:

@@ -113,6 +113,13 @@ def test_zero_shot_lm_reports_perplexity_with_its_protocol(tmp_path):
         p = read_result(run_dir)["perplexity"]
         assert p["protocol"] == protocol and p["block_size"] == 32
         assert p["stride"] == (8 if protocol == "sliding" else None) and p["scored_tokens"] > 0
+        # evaluate.py ckpt=<this decoder run> without model=: the run's model is checked against the task,
+        # not the default model= (an encoder, which cannot do language modelling).
+        cfg = compose_cfg("eval", ["task=austen", *fast("austen"), f"ckpt={run_dir}",
+                                   f"task.data.protocol={protocol}", "task.data.stride=8"], run_dir / "eval")
+        evaluated = run.evaluate(cfg)
+        assert evaluated["choices"]["model"] == "tiny_gpt2"
+        assert evaluated["metrics"]["test/perplexity"] == pytest.approx(record["metrics"]["test/perplexity"], rel=1e-5)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
