@@ -363,3 +363,17 @@ def test_weight_only_runs_torchao_kernels_on_gpu(bits, group_size, tmp_path_fact
     gpu = _out(model, {k: v.cuda() for k, v in inputs.items()}).cpu()
     assert model.bert.encoder.layer[0].intermediate.dense._cache is not None  # torchao's weight was used
     torch.testing.assert_close(gpu, cpu, rtol=0.05, atol=0.05)
+
+
+def test_packed_file_of_another_format_or_version_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from squeeze.compress.packed import FORMAT, read_packed
+
+    path = tmp_path / PACKED_FILE
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "other", "version": "1"})
+    with pytest.raises(SqueezeError, match="is not a squeeze packed checkpoint"):
+        read_packed(path)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "version": "99"})
+    with pytest.raises(SqueezeError, match="packed format version '99'"):
+        read_packed(path)

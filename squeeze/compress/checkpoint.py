@@ -146,13 +146,7 @@ def save_sparse(model, directory: Path) -> None:
 def read_sparse(path: Path) -> dict[str, torch.Tensor]:
     """The full state dict (tied names included) stored in a sparse-format file."""
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise SqueezeError(f"{path} is not a squeeze sparse checkpoint (format {meta.get('format')!r}); "
-                               "save the model again with squeeze")
-        if meta.get("version") != VERSION:
-            raise SqueezeError(f"{path} has sparse format version {meta.get('version')!r}, this squeeze reads "
-                               f"version {VERSION}; use the squeeze version that wrote it")
+        meta = packed.checked_metadata(f, path, FORMAT, VERSION, "sparse")
         shapes, tied = json.loads(meta["shapes"]), json.loads(meta["tied"])
         state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith((BITMASK, VALUES))}  # noqa: SIM118
         for name, shape in shapes.items():

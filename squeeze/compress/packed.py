@@ -95,16 +95,23 @@ def save_packed(model: nn.Module, tokenizer, directory: str | Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
+def checked_metadata(f, path: Path, fmt: str, version: str, kind: str) -> dict[str, str]:
+    """The metadata of one of squeeze's own safetensors formats (packed, sparse), refused when the file is
+    another format or another version of it."""
+    meta = f.metadata() or {}
+    if meta.get("format") != fmt:
+        raise SqueezeError(f"{path} is not a squeeze {kind} checkpoint (format {meta.get('format')!r}); "
+                           "save the model again with squeeze")
+    if meta.get("version") != version:
+        raise SqueezeError(f"{path} has {kind} format version {meta.get('version')!r}, this squeeze reads "
+                           f"version {version}; use the squeeze version that wrote it")
+    return meta
+
+
 def read_packed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
     """(full state dict with tied names, layer descriptions, ties) of a packed file."""
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise SqueezeError(f"{path} is not a squeeze packed checkpoint (format {meta.get('format')!r}); "
-                               "save the model again with squeeze")
-        if meta.get("version") != VERSION:
-            raise SqueezeError(f"{path} has packed format version {meta.get('version')!r}, this squeeze reads "
-                               f"version {VERSION}; use the squeeze version that wrote it")
+        meta = checked_metadata(f, path, FORMAT, VERSION, "packed")
         layers, int4, tied = json.loads(meta["layers"]), json.loads(meta["int4"]), json.loads(meta["tied"])
         state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(INT4)}  # noqa: SIM118 (not iterable)
         for name, shape in int4.items():
