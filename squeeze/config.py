@@ -32,3 +32,45 @@ def run_group() -> str:
 
 if not OmegaConf.has_resolver("run_group"):
     OmegaConf.register_new_resolver("run_group", run_group)
+
+
+# -- run-wide settings, checked before anything loads ------------------------------------------------
+def check_counts(trainer_cfg: Mapping, data_cfg: Mapping | None = None) -> None:
+    """Step, epoch and batch counts that Lightning or the data would reject deep inside a run
+    (with a traceback) are refused here, with the setting and the values it accepts."""
+    from squeeze.errors import SqueezeError
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def bad(key: str, value, accepted: str):
+        return SqueezeError(f"{key}={value!r} is not allowed: give {accepted}")
+
+    t = dict(trainer_cfg or {})
+    if "max_steps" in t and not (whole(t["max_steps"]) and t["max_steps"] >= -1):
+        raise bad("trainer.max_steps", t["max_steps"], "a step count ≥ 1, 0 (no training: evaluate as loaded) or -1 (no limit)")
+    epochs = t.get("max_epochs")
+    if epochs is not None and not (whole(epochs) and (epochs >= 1 or epochs == -1)):
+        raise bad("trainer.max_epochs", epochs, "an epoch count ≥ 1 or -1 (no limit, stop by max_steps)")
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        if t.get(key) is not None and not (whole(t[key]) and t[key] >= 1):
+            raise bad(f"trainer.{key}", t[key], "a whole number ≥ 1")
+    if t.get("check_val_every_n_epoch") is not None and not (whole(t["check_val_every_n_epoch"])
+                                                              and t["check_val_every_n_epoch"] >= 1):
+        raise bad("trainer.check_val_every_n_epoch", t["check_val_every_n_epoch"], "a whole number ≥ 1 or null")
+    interval = t.get("val_check_interval")
+    if interval is not None and not ((whole(interval) and interval >= 1)
+                                     or (isinstance(interval, float) and 0 < interval <= 1)):
+        raise bad("trainer.val_check_interval", interval, "a fraction of an epoch in (0, 1] or a step count ≥ 1")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = t.get(key)
+        if value is not None and not ((whole(value) and value >= 0)
+                                      or (isinstance(value, float) and 0 <= value <= 1)):
+            raise bad(f"trainer.{key}", value, "a batch count ≥ 0, a fraction in [0, 1] or null (all)")
+    d = dict(data_cfg or {})
+    for key in ("batch_size", "eval_batch_size"):
+        if d.get(key) is not None and not (whole(d[key]) and d[key] >= 1):
+            raise bad(f"task.data.{key}", d[key], "a whole number ≥ 1")
+    for split, limit in dict(d.get("max_examples") or {}).items():
+        if limit is not None and not (whole(limit) and limit >= 1):
+            raise bad(f"task.data.max_examples.{split}", limit, "a row count ≥ 1 or null (all)")

@@ -40,7 +40,9 @@ def resolve_data_files(data_files: Any, asset: str | None) -> dict[str, list[str
         paths = []
         for f in files:
             path = Path(str(f)).expanduser()
-            path = path if path.is_absolute() else base / path
+            if not path.is_absolute():
+                # Inside the task's asset first (its own files); a user's file relative to where they are.
+                path = base / path if (base / path).exists() or not (Path.cwd() / path).exists() else Path.cwd() / path
             if not path.exists():
                 raise SqueezeError(
                     f"data file {path} (split {split!r}) does not exist; fix task.data.data_files"
@@ -48,6 +50,10 @@ def resolve_data_files(data_files: Any, asset: str | None) -> dict[str, list[str
             paths.append(str(path))
         resolved[str(split)] = paths
     return resolved
+
+
+def _is_mapping(x: Any) -> bool:
+    return isinstance(x, Mapping) or type(x).__name__ == "DictConfig"
 
 
 def _is_list(x: Any) -> bool:
@@ -83,13 +89,64 @@ def load_splits(
     carve: Mapping[str, float] | None = None,
     seed: int = 0,
     hub_files: Mapping[str, Any] | None = None,
+    only_test: bool = False,
 ) -> datasets.DatasetDict:
     """Load train/validation/test. A split the source lacks (`splits.<name>: null`) is carved out of
-    train by fraction (`carve`), with a fixed seed so every run of a sweep sees the same split."""
+    train by fraction (`carve`), with a fixed seed so every run of a sweep sees the same split.
+
+    `only_test`: the files are the test split and nothing else is loaded (evaluating one file)."""
     splits = dict(splits or {s: s for s in SPLITS})
     carve = dict(carve or {})
     if source in LOCAL_BUILDERS and not data_files:
         raise SqueezeError(f"source {source!r} reads local files: set task.data.data_files")
+    if data_files and source not in LOCAL_BUILDERS:
+        # A hub task given local files (task=wikitext2 task.data.data_files=notes.txt): read them with the
+        # builder their extension names; the hub dataset's config name means nothing to that builder.
+        source, name = local_builder(data_files), None
+    if only_test:
+        return datasets.DatasetDict({"test": _load_raw(source, name, data_files, None)[next(iter(data_files))]})
+    raw = _load_raw(source, name, data_files, hub_files)
+    out = {}
+    train_name = splits.get("train") or "train"
+    if train_name not in raw:
+        raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
+    pool = raw[train_name]
+    for split in ("test", "validation"):
+        src = splits.get(split)
+        if src and src in raw:
+            out[split] = raw[src]
+        elif src:
+            raise SqueezeError(f"dataset {source!r} has no split {src!r} (has {list(raw)}); fix task.data.splits")
+        else:
+            fraction = carve.get(split, 0.1)
+            if not 0 < fraction < 1:
+                raise SqueezeError(f"task.data.carve.{split}={fraction} must be a fraction between 0 and 1")
+            carved = round(len(pool) * fraction)
+            if carved < 1 or len(pool) - carved < 1:
+                raise SqueezeError(
+                    f"the {train_name!r} split has {len(pool)} rows, too few to carve a {split} split of "
+                    f"{fraction:.0%} from it and keep rows to train on; give more data, a {split} file "
+                    f"(task.data.data_files.{split}=...), or evaluate a single file with evaluate.py"
+                )
+            parts = pool.train_test_split(test_size=carved, seed=seed, shuffle=True)
+            pool, out[split] = parts["train"], parts["test"]
+    out["train"] = pool
+    return datasets.DatasetDict({s: out[s] for s in SPLITS})
+
+
+def local_builder(data_files: Mapping[str, Sequence[str]]) -> str:
+    """The `datasets` builder for local files, by extension (all files must agree)."""
+    by_suffix = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json",
+                 ".jsonl": "json", ".parquet": "parquet", ".conll": "conll"}
+    suffixes = {Path(f).suffix.lower() for files in data_files.values() for f in files}
+    builders = {by_suffix.get(x) for x in suffixes}
+    if len(builders) != 1 or None in builders:
+        raise SqueezeError(f"cannot tell how to read data files with extensions {sorted(suffixes)}; "
+                           f"set task.data.source to one of {list(LOCAL_BUILDERS)}")
+    return builders.pop()
+
+
+def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
     try:
         if source == "conll":
             raw = datasets.DatasetDict(
@@ -108,23 +165,7 @@ def load_splits(
             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; without network "
             "use an offline task (task=rotten_tomatoes, wnut16, austen) or task.data.data_files=..."
         ) from e
-    out = {}
-    train_name = splits.get("train") or "train"
-    if train_name not in raw:
-        raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
-    pool = raw[train_name]
-    for split in ("test", "validation"):
-        src = splits.get(split)
-        if src and src in raw:
-            out[split] = raw[src]
-        elif src:
-            raise SqueezeError(f"dataset {source!r} has no split {src!r} (has {list(raw)}); fix task.data.splits")
-        else:
-            fraction = carve.get(split, 0.1)
-            parts = pool.train_test_split(test_size=fraction, seed=seed, shuffle=True)
-            pool, out[split] = parts["train"], parts["test"]
-    out["train"] = pool
-    return datasets.DatasetDict({s: out[s] for s in SPLITS})
+    return raw
 
 
 class TaskData(L.LightningDataModule):
@@ -165,8 +206,11 @@ class TaskData(L.LightningDataModule):
         if self.datasets:
             return
         files = resolve_data_files(self.data_files, self.asset)
-        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.seed, self.hub_files)
-        for split in SPLITS:
+        # evaluate.py task.data.data_files=<file>: one file, not a split mapping, is what to score.
+        only_test = stage == "test" and self.data_files is not None and not _is_mapping(self.data_files)
+        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.seed, self.hub_files,
+                          only_test=only_test)
+        for split in raw:
             rows = raw[split]
             limit = self.max_examples.get(split)
             if limit is not None and limit < len(rows):

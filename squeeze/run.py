@@ -31,6 +31,7 @@ from squeeze import models
 from squeeze.compress import checkpoint
 from squeeze import measure, speculative
 from squeeze.energy import EnergyMeter
+from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes, new_record, read_record, write_record
 
@@ -129,6 +130,7 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
 
 # -- steps ------------------------------------------------------------------------------------------
 def _prepare(cfg: DictConfig, trained_model: dict | None = None):
+    check_counts(cfg.trainer, cfg.task.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = instantiate(cfg.model, _convert_="all")
     name, family = (trained_model["name"], trained_model["family"]) if trained_model else (spec.name, spec.family)
