@@ -35,9 +35,8 @@ from datasets.packaged_modules.parquet.parquet import Parquet
 
 from squeeze import assets
 
-SHRINK = "2 layers, 64 wide, 4 heads (the hub's: 12 layers, 768 wide, 12 heads; distilbert 6 layers)"
-
-# The hub's config.json of each model, verbatim but for the sizes SHRINK names.
+# The fields of the hub's config.json of each model, but for the sizes: shrunk to 2 layers, 64 wide, 4 heads
+# (the hub's gpt2, bert-base-uncased: 12 layers, 768 wide, 12 heads; distilbert: 6 layers) so tests are fast.
 MODEL_CONFIGS = {
     "gpt2": {
         "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
@@ -63,7 +62,8 @@ MODEL_CONFIGS = {
         "dim": 64, "hidden_dim": 256, "n_heads": 4, "n_layers": 2,  # shrunk (768, 3072, 12, 6)
     },
 }
-HEAD_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForMaskedLM,
+# The classes whose weights the hub checkpoints hold (bert-base-uncased's: pre-training heads, pooler included).
+HEAD_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
                 "distilbert": transformers.DistilBertForMaskedLM}
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -100,6 +100,8 @@ def write_model(root: Path, model_id: str) -> Path:
     torch.manual_seed(0)
     model = HEAD_CLASSES[model_type](transformers.AutoConfig.for_model(model_type, **settings))
     model.save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**saved, "architectures": settings["architectures"]}, indent=2))
     hub_tokenizer(model_id).save_pretrained(path)
     return path
 
@@ -181,7 +183,8 @@ def dataset_specs() -> list[tuple[str, str, dict, datasets.Features | None]]:
         for split in ("train", "validation", "test"):
             shards = train_shards if split == "train" else 1
             lines = wikitext_rows(config, split, SIZES[split])["text"]
-            files[split] = [(f"{config}/{split}-{k:05d}-of-{shards:05d}.parquet", {"text": lines[k * len(lines) // shards:(k + 1) * len(lines) // shards]})
+            cuts = [k * len(lines) // shards for k in range(shards + 1)]  # contiguous shards, as on the hub
+            files[split] = [(f"{config}/{split}-{k:05d}-of-{shards:05d}.parquet", {"text": lines[cuts[k]:cuts[k + 1]]})
                             for k in range(shards)]
         return files
 

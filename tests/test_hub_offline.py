@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import math
@@ -77,6 +78,13 @@ def test_hub_model_loads_from_the_cache_with_its_real_tokenizer_and_shrunk_confi
     assert saved.is_relative_to(offline_hub / "hub") and (saved / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("model", ["gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_bigger_gpt2s_are_the_same_hub_path(model, tmp_path):
+    # Not in the fake cache (same family as gpt2, too big to matter here): they only compose.
+    cfg = compose_cfg("train", [f"model={model}"], tmp_path).model
+    assert (cfg._target_, cfg.family, cfg.name_or_path) == ("squeeze.models.Pretrained", "decoder", model)
+
+
 def test_hub_model_without_the_cache_names_the_offline_way_out(offline_hub, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     spec = instantiate(compose_cfg("train", ["model=gpt2"], tmp_path).model, _convert_="all")
@@ -108,7 +116,8 @@ def test_hub_dataset_reads_the_rows_written(task, repo, config, column, offline_
     raw = _loaded(task, tmp_path)
     assert list(raw["test"][column]) == _written(repo, config, "test", column)
     if task == "imdb":  # no validation on the hub: carved from train; `unsupervised` (label -1) unused
-        assert sorted(list(raw["train"][column]) + list(raw["validation"][column])) == sorted(_written(repo, config, "train", column))
+        carved = list(raw["train"][column]) + list(raw["validation"][column])
+        assert sorted(carved) == sorted(_written(repo, config, "train", column))
         assert len(raw["validation"]) == 4 and set(list(raw["train"]["label"])) == {0, 1}
     else:
         assert list(raw["train"][column]) == _written(repo, config, "train", column)  # 103: both shards, in order
@@ -153,6 +162,8 @@ def test_hub_cell_runs_offline(model, task, offline_hub, tmp_path):
     assert saved["status"] == "ok" and saved["choices"]["model"] == model and saved["choices"]["task"] == task
     wanted = TEST_METRICS.get(task, {"test/perplexity", "test/loss"})
     assert wanted <= set(saved["metrics"]) and all(math.isfinite(saved["metrics"][k]) for k in wanted)
+    steps = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert len(steps) == 2 and all(math.isfinite(float(r["train/loss"])) for r in steps)
     if task in ("wikitext2", "wikitext103", "c4", "lambada"):
         assert saved["perplexity"]["scored_tokens"] > 0
     # The deliverable is the hub model: its real config, shrunk, with the hub tokenizer.
