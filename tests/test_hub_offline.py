@@ -140,6 +140,13 @@ def test_c4_reads_validation_shard_1_to_train_and_0_to_test(offline_hub, tmp_pat
     assert 1 <= len(raw["validation"]) < len(raw["train"])
 
 
+def test_hub_data_missing_from_the_cache_is_a_squeeze_error(offline_hub):
+    with pytest.raises(SqueezeError, match="could not load dataset 'allenai/c4'"):  # a shard never fetched
+        load_splits("allenai/c4", hub_files={"train": "en/c4-validation.00007-of-00008.json.gz"})
+    with pytest.raises(SqueezeError, match="could not load dataset 'stanfordnlp/sst2'"):
+        load_splits("stanfordnlp/sst2")
+
+
 def test_personachat_reads_the_conversations_written(offline_hub, tmp_path):
     cfg = compose_cfg("train", ["task=personachat", "model=gpt2"], tmp_path)
     data = instantiate(cfg.task.data, tokenizer=None, seed=cfg.seed, _convert_="all")
