@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import datasets
+import huggingface_hub
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -152,10 +153,12 @@ def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
             raw = datasets.DatasetDict(
                 {split: datasets.Dataset.from_dict(read_conll(files)) for split, files in data_files.items()}
             )
+        elif data_files:
+            raw = datasets.load_dataset(source, name, data_files=dict(data_files))
+        elif hub_files:
+            raw = load_hub_files(source, hub_files)
         else:
-            files = data_files or hub_files  # hub_files: paths inside the hub repository
-            kwargs = {"data_files": {k: v for k, v in dict(files).items()}} if files else {}
-            raw = datasets.load_dataset(source, name, **kwargs)
+            raw = datasets.load_dataset(source, name)
     except SqueezeError:
         raise
     except Exception as e:  # the hub client raises many types; all mean "could not load"
@@ -166,6 +169,35 @@ def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
             "use an offline task (task=rotten_tomatoes, wnut16, austen) or task.data.data_files=..."
         ) from e
     return raw
+
+
+# What the generic builders read, by file extension (compression suffixes aside).
+HUB_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_hub_files(repo_id: str, hub_files: Mapping[str, Any]) -> datasets.DatasetDict:
+    """Named files of a hub dataset repository, fetched through the hub cache and read locally.
+
+    Not `load_dataset(repo_id, data_files=...)`: offline, datasets looks such a load up in its cache under
+    a key hashed from the hub URLs it resolved online, which it cannot rebuild offline, so the run fails
+    even with the files cached (huggingface/datasets#6837). The hub cache serves them offline."""
+    local: dict[str, list[str]] = {}
+    for split, files in dict(hub_files).items():
+        files = [files] if isinstance(files, str) else list(files)
+        local[str(split)] = [huggingface_hub.hf_hub_download(repo_id, str(f), repo_type="dataset") for f in files]
+    kinds = {_file_kind(f) for paths in local.values() for f in paths}
+    builders = {HUB_FILE_BUILDERS.get(kind) for kind in kinds}
+    if len(builders) != 1 or None in builders:
+        raise SqueezeError(f"task.data.hub_files of {repo_id} must all be one of {sorted(HUB_FILE_BUILDERS)} "
+                           f"(optionally compressed), got {sorted(kinds)}")
+    return datasets.load_dataset(builders.pop(), data_files=local)
+
+
+def _file_kind(path: str) -> str:
+    suffixes = Path(path).suffixes  # c4-validation.00000-of-00008.json.gz: [..., ".json", ".gz"]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 class TaskData(L.LightningDataModule):
