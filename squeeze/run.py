@@ -26,17 +26,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from squeeze import artifacts
 from squeeze import compress as compression
 from squeeze import models
 from squeeze.compress import checkpoint
 from squeeze import measure, speculative
 from squeeze.energy import EnergyMeter
 from squeeze.errors import SqueezeError
-from squeeze.record import dir_bytes, new_record, read_record, write_record
+from squeeze.record import dir_bytes, new_record, write_record
 
 log = logging.getLogger("squeeze")
 CHOICE_GROUPS = ("model", "task", "compress", "hardware")
-MODEL_DIR = "model"
+MODEL_DIR = artifacts.RUN_MODEL
+EVALUATES = (artifacts.RUN, artifacts.MODEL_DIR, artifacts.CKPT)  # what evaluate.py's ckpt= takes
+EVALUATES_TEXT = "a run directory, a model directory or a .ckpt file"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -89,13 +92,14 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     ckpt = cfg.get("ckpt")
     chain = compression.build_chain(cfg.compress)
     _check_post_training(chain)
-    spec, tokenizer, data = _prepare(cfg, trained_model=_trained_model(ckpt))
+    trained = None if ckpt is None else artifacts.resolve(ckpt, "ckpt", accept=EVALUATES, expected=EVALUATES_TEXT)
+    spec, tokenizer, data = _prepare(cfg, trained_model=_trained_model(trained))
     labels = data_labels(data)
-    if ckpt is None:
+    if trained is None:
         model = spec.build(cfg.task.head, labels)
         size_from = None
     else:
-        model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, Path(str(ckpt)), labels, record)
+        model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, trained, labels, record)
     models.finish_model(model, tokenizer)
     speculative.check_draft(cfg.get("draft"), model, tokenizer)  # fails before testing, which can be long
     data.tokenizer = tokenizer
@@ -252,13 +256,7 @@ def _resume_path(ckpt_path: str | None) -> str | None:
     """`last` (resume in this run directory), a checkpoint file, or an earlier run directory."""
     if ckpt_path in (None, "last"):
         return ckpt_path
-    path = Path(str(ckpt_path)).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise SqueezeError(f"ckpt_path={ckpt_path}: no checkpoint at {path}; give a .ckpt file, a run directory "
-                           "with checkpoints/last.ckpt, or ckpt_path=last to resume in this run directory")
-    return str(path)
+    return str(artifacts.resume_checkpoint(ckpt_path))
 
 
 class _readable_checkpoint_errors:
@@ -279,59 +277,47 @@ class _readable_checkpoint_errors:
         return False
 
 
-def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
-    """evaluate.py's `ckpt`: a squeeze run directory, a saved model directory, or a Lightning .ckpt."""
+def _load_checkpoint(cfg, spec, tokenizer, trained: artifacts.Artifact, labels, record):
+    """evaluate.py's `ckpt`, resolved: a squeeze run directory, a saved model directory, or a Lightning .ckpt."""
     head = cfg.task.head
-    if ckpt.is_dir():
-        model_dir = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else ckpt
-        if (ckpt / "result.json").exists():
-            trained = read_record(ckpt)
-            record["choices"]["model"] = trained["choices"].get("model")
-            record["choices"]["compress"] = trained["choices"].get("compress")
-        if not (model_dir / "config.json").exists():
-            raise SqueezeError(f"ckpt={ckpt} is neither a squeeze run directory (with model/) nor a model directory")
-        _check_architecture(cfg, spec, model_dir)
-        model = checkpoint.load(model_dir, head)
-        models.check_labels(model, head, labels, f"checkpoint {ckpt}")
-        # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
-        tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)))
-        record["ckpt"] = str(ckpt)
-        return model, tokenizer, model_dir
-    if ckpt.suffix == ".ckpt" and ckpt.exists():
+    ckpt = Path(trained.reference)
+    if trained.kind == artifacts.CKPT:
         model = spec.build(head, labels)
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(str(trained.checkpoint), map_location="cpu", weights_only=False)["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         with _readable_checkpoint_errors(ckpt):
             model.load_state_dict(weights)
         record["ckpt"] = str(ckpt)
-        return model, tokenizer, ckpt
-    raise SqueezeError(f"ckpt={ckpt} does not exist; give a run directory, a model directory or a .ckpt file")
+        return model, tokenizer, trained.checkpoint
+    if trained.record is not None:
+        record["choices"]["model"] = trained.choices.get("model")
+        record["choices"]["compress"] = trained.choices.get("compress")
+    _check_architecture(spec, trained)
+    model = checkpoint.load(trained.model_dir, head)
+    models.check_labels(model, head, labels, f"checkpoint {ckpt}")
+    # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
+    tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(trained.model_dir)))
+    record["ckpt"] = str(ckpt)
+    return model, tokenizer, trained.model_dir
 
 
-def _trained_model(ckpt: Any) -> dict | None:
+def _trained_model(trained: artifacts.Artifact | None) -> dict | None:
     """evaluate.py ckpt=<squeeze run> without model=: the run's own model config (name, family), so the
     task is checked against the model the checkpoint holds, not the default model=."""
-    if ckpt is None or _override_value("model") is not None:
+    if trained is None or _override_value("model") is not None:
         return None
-    run_dir = Path(str(ckpt))
-    if not (run_dir / "result.json").exists():
-        return None
-    model = (read_record(run_dir).get("config") or {}).get("model") or {}
-    return model if model.get("name") and model.get("family") else None
+    return trained.model_config
 
 
-def _check_architecture(cfg, spec, model_dir: Path) -> None:
+def _check_architecture(spec, trained: artifacts.Artifact) -> None:
     """A checkpoint brings its own architecture; an explicit model= that disagrees is a mistake."""
     explicit = _override_value("model")
     if explicit is None:
         return
-    from transformers import AutoConfig
-
-    saved = AutoConfig.from_pretrained(str(model_dir)).model_type
     wanted = spec.model_type()
-    if wanted is not None and wanted != saved:
+    if wanted is not None and wanted != trained.model_type:
         raise SqueezeError(
-            f"checkpoint {model_dir} is a {saved} model but model={explicit} is {wanted}; "
+            f"checkpoint {trained.model_dir} is a {trained.model_type} model but model={explicit} is {wanted}; "
             "drop model= (the checkpoint brings its own) or pass the model it was trained from"
         )
 
