@@ -5,6 +5,8 @@ config → model spec + task compatibility → tokenizer → data module → mod
 → result.json (atomically) → loggers closed. A failure at any step is written into result.json
 with status "failed"; in a sweep the next cell then runs, alone it ends the program with one line.
 
+Beside it: squeeze.guard (the record written whatever happens, loggers closed, the one-line exit),
+squeeze.summary (what is printed at the end), squeeze.artifacts (what ckpt= and ckpt_path= mean).
 This module and the entry points are the only code that knows Hydra.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities import rank_zero_only
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,10 +30,12 @@ from squeeze import artifacts
 from squeeze import compress as compression
 from squeeze import models
 from squeeze.compress import checkpoint
-from squeeze import measure, speculative
+from squeeze import guard, measure, speculative
 from squeeze.energy import EnergyMeter
 from squeeze.errors import SqueezeError
-from squeeze.record import dir_bytes, new_record, write_record
+from squeeze.guard import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
+from squeeze.record import dir_bytes, new_record
+from squeeze.summary import print_summary  # noqa: F401  the entry points' API: run.print_summary(record)
 
 log = logging.getLogger("squeeze")
 CHOICE_GROUPS = ("model", "task", "compress", "hardware")
@@ -345,8 +347,7 @@ def _override_value(group: str) -> str | None:
 
 
 def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
-    """Run `body` with a record that is written whatever happens. In a sweep a failed cell is
-    recorded and the sweep continues; in a single run the error ends the program."""
+    """Run `body` under squeeze.guard: a record written whatever happens (the Hydra side: where, what)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
@@ -357,94 +358,5 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=False)
         log.warning("config did not fully resolve: %s", e)
     record = new_record(run_dir, choices, config, cfg.get("seed"))
-    is_rank_zero = True
-    try:
-        body(cfg, record, run_dir)
-        record["status"] = "ok"
-    except (Exception, KeyboardInterrupt) as e:
-        record["status"] = "failed"
-        record["error"] = _one_line(e)
-        if not isinstance(e, SqueezeError):
-            log.exception("run failed")
-        if isinstance(e, KeyboardInterrupt) or hydra_cfg.mode != RunMode.MULTIRUN:
-            _finish(record, run_dir)
-            raise
-        log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
-    else:
-        is_rank_zero = _is_global_zero()
-    if is_rank_zero:
-        _finish(record, run_dir)
-    return record
-
-
-def _finish(record: dict[str, Any], run_dir: Path) -> None:
-    loggers = record.pop("_loggers", [])
-    try:
-        write_record(run_dir, record)  # first: a logger failing below must not cost the record
-        if record["status"] == "ok":
-            figures = headline_figures(record)
-            for logger in loggers:
-                logger.log_metrics(figures)
-                if type(logger).__name__ == "WandbLogger":
-                    logger.experiment.summary.update(figures)
-    finally:
-        for logger in loggers:
-            try:
-                logger.finalize(record["status"] if record["status"] != "ok" else "success")
-                if type(logger).__name__ == "WandbLogger":
-                    import wandb
-
-                    wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
-            except Exception as e:  # a logger failing to close must not hide the run's outcome
-                log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
-
-
-def headline_figures(record: dict[str, Any]) -> dict[str, float]:
-    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`) for loggers."""
-    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "train_seconds",
-                                               "eval_seconds", "peak_memory_bytes") if record.get(k) is not None}
-    out.update({k: v for k, v in record["metrics"].items()})
-    perf = record.get("perf") or {}
-    for name, timing in perf.get("latency", {}).items():
-        out[f"perf/latency_{name}_ms"] = timing["median_s"] * 1000
-    for name, value in perf.get("throughput", {}).items():
-        out[f"perf/{name}"] = value
-    energy = record.get("energy") or {}
-    if energy:
-        out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
-    return {k: float(v) for k, v in out.items()}
-
-
-def _is_global_zero() -> bool:
-    import lightning.fabric.utilities.rank_zero as rz
-
-    return getattr(rz.rank_zero_only, "rank", 0) == 0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-@rank_zero_only
-def print_summary(record: dict[str, Any]) -> None:
-    print(summary(record))
-
-
-def summary(record: dict[str, Any]) -> str:
-    """What a person wants to see at the end of a run."""
-    if record["status"] != "ok":
-        return f"run failed: {record['error']}\nrecord: {record['run_dir']}/result.json"
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
-    lines = [f"test: {metrics}"]
-    if record.get("perplexity"):
-        p = record["perplexity"]
-        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
-    lines.append(f"record: {record['run_dir']}/result.json")
-    return "\n".join(lines)
-
-
-def main_exit(error: BaseException) -> None:
-    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+    return guard.guarded(lambda: body(cfg, record, run_dir), record, run_dir,
+                         multirun=hydra_cfg.mode == RunMode.MULTIRUN)
