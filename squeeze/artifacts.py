@@ -96,10 +96,11 @@ def resolve(reference: Any, what: str = "model", accept: Collection[str] = KINDS
         if path.suffix != ".ckpt":
             raise SqueezeError(f"{what}={source} is a file but not a Lightning checkpoint (.ckpt); give {give}")
         artifact = Artifact(source, CKPT, checkpoint=path)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".ckpt"):
-        raise SqueezeError(f"{what}={source} does not exist; give {give}")
     elif source in assets.ASSETS:
         artifact = _asset(source, what, give)
+    elif (HUB not in accept or source.startswith((".", "/", "~")) or source.count("/") > 1
+          or source.endswith(".ckpt")):  # a path, or no hub id is taken here: nothing to look up
+        raise SqueezeError(f"{what}={source} does not exist; give {give}")
     elif "/" not in source and (close := difflib.get_close_matches(source, list(assets.ASSETS), n=1, cutoff=0.8)):
         raise SqueezeError(f"{what}={source} is neither a path nor a known asset (did you mean {close[0]}?); "
                            f"offline assets: {', '.join(assets.ASSETS)}")

@@ -119,6 +119,9 @@ def test_missing_paths_and_files_that_are_no_checkpoint(tmp_path):
     _refused(tmp_path / "nope", f"ckpt={tmp_path}/nope does not exist; give a squeeze run directory", what="ckpt")
     _refused("outputs/minilm/rotten_tomatoes/x", "does not exist", what="ckpt")
     _refused("gone.ckpt", "gone.ckpt does not exist", what="ckpt")
+    # Where no hub id is taken, a name that is nothing local is a missing path, not a hub id.
+    _refused("runs/x", "ckpt=runs/x does not exist; give a squeeze run directory", what="ckpt",
+             accept=(artifacts.RUN, artifacts.MODEL_DIR, artifacts.CKPT))
     (tmp_path / "weights.bin").write_bytes(b"0")
     _refused(tmp_path / "weights.bin", r"is a file but not a Lightning checkpoint \(.ckpt\)", what="ckpt")
     (tmp_path / "empty").mkdir()
