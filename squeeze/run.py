@@ -5,6 +5,8 @@ config → model spec + task compatibility → tokenizer → data module → mod
 → result.json (atomically) → loggers closed. A failure at any step is written into result.json
 with status "failed"; in a sweep the next cell then runs, alone it ends the program with one line.
 
+Beside it: squeeze.guard (the record written whatever happens, loggers closed, the one-line exit),
+squeeze.summary (what is printed at the end), squeeze.artifacts (what ckpt= and ckpt_path= mean).
 This module and the entry points are the only code that knows Hydra.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,24 +21,28 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities import rank_zero_only
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from squeeze import artifacts
 from squeeze import compress as compression
 from squeeze import models
 from squeeze.compress import checkpoint
-from squeeze import measure, speculative
+from squeeze import guard, measure, speculative
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
-from squeeze.record import dir_bytes, new_record, read_record, write_record
+from squeeze.guard import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
+from squeeze.record import dir_bytes, new_record
+from squeeze.summary import print_summary  # noqa: F401  the entry points' API: run.print_summary(record)
 
 log = logging.getLogger("squeeze")
 CHOICE_GROUPS = ("model", "task", "compress", "hardware")
-MODEL_DIR = "model"
+MODEL_DIR = artifacts.RUN_MODEL
+EVALUATES = (artifacts.RUN, artifacts.MODEL_DIR, artifacts.CKPT)  # what evaluate.py's ckpt= takes
+EVALUATES_TEXT = "a run directory, a model directory or a .ckpt file"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -90,13 +95,14 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     ckpt = cfg.get("ckpt")
     chain = compression.build_chain(cfg.compress)
     _check_post_training(chain)
-    spec, tokenizer, data = _prepare(cfg, trained_model=_trained_model(ckpt))
+    trained = None if ckpt is None else artifacts.resolve(ckpt, "ckpt", accept=EVALUATES, expected=EVALUATES_TEXT)
+    spec, tokenizer, data = _prepare(cfg, trained_model=_trained_model(trained))
     labels = data_labels(data)
-    if ckpt is None:
+    if trained is None:
         model = spec.build(cfg.task.head, labels)
         size_from = None
     else:
-        model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, Path(str(ckpt)), labels, record)
+        model, tokenizer, size_from = _load_checkpoint(cfg, spec, tokenizer, trained, labels, record)
     models.finish_model(model, tokenizer)
     speculative.check_draft(cfg.get("draft"), model, tokenizer)  # fails before testing, which can be long
     data.tokenizer = tokenizer
@@ -254,13 +260,7 @@ def _resume_path(ckpt_path: str | None) -> str | None:
     """`last` (resume in this run directory), a checkpoint file, or an earlier run directory."""
     if ckpt_path in (None, "last"):
         return ckpt_path
-    path = Path(str(ckpt_path)).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise SqueezeError(f"ckpt_path={ckpt_path}: no checkpoint at {path}; give a .ckpt file, a run directory "
-                           "with checkpoints/last.ckpt, or ckpt_path=last to resume in this run directory")
-    return str(path)
+    return str(artifacts.resume_checkpoint(ckpt_path))
 
 
 class _readable_checkpoint_errors:
@@ -281,59 +281,47 @@ class _readable_checkpoint_errors:
         return False
 
 
-def _load_checkpoint(cfg, spec, tokenizer, ckpt: Path, labels, record):
-    """evaluate.py's `ckpt`: a squeeze run directory, a saved model directory, or a Lightning .ckpt."""
+def _load_checkpoint(cfg, spec, tokenizer, trained: artifacts.Artifact, labels, record):
+    """evaluate.py's `ckpt`, resolved: a squeeze run directory, a saved model directory, or a Lightning .ckpt."""
     head = cfg.task.head
-    if ckpt.is_dir():
-        model_dir = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else ckpt
-        if (ckpt / "result.json").exists():
-            trained = read_record(ckpt)
-            record["choices"]["model"] = trained["choices"].get("model")
-            record["choices"]["compress"] = trained["choices"].get("compress")
-        if not (model_dir / "config.json").exists():
-            raise SqueezeError(f"ckpt={ckpt} is neither a squeeze run directory (with model/) nor a model directory")
-        _check_architecture(cfg, spec, model_dir)
-        model = checkpoint.load(model_dir, head)
-        models.check_labels(model, head, labels, f"checkpoint {ckpt}")
-        # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
-        tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)))
-        record["ckpt"] = str(ckpt)
-        return model, tokenizer, model_dir
-    if ckpt.suffix == ".ckpt" and ckpt.exists():
+    ckpt = Path(trained.reference)
+    if trained.kind == artifacts.CKPT:
         model = spec.build(head, labels)
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(str(trained.checkpoint), map_location="cpu", weights_only=False)["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         with _readable_checkpoint_errors(ckpt):
             model.load_state_dict(weights)
         record["ckpt"] = str(ckpt)
-        return model, tokenizer, ckpt
-    raise SqueezeError(f"ckpt={ckpt} does not exist; give a run directory, a model directory or a .ckpt file")
+        return model, tokenizer, trained.checkpoint
+    if trained.record is not None:
+        record["choices"]["model"] = trained.choices.get("model")
+        record["choices"]["compress"] = trained.choices.get("compress")
+    _check_architecture(spec, trained)
+    model = checkpoint.load(trained.model_dir, head)
+    models.check_labels(model, head, labels, f"checkpoint {ckpt}")
+    # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
+    tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(trained.model_dir)))
+    record["ckpt"] = str(ckpt)
+    return model, tokenizer, trained.model_dir
 
 
-def _trained_model(ckpt: Any) -> dict | None:
+def _trained_model(trained: artifacts.Artifact | None) -> dict | None:
     """evaluate.py ckpt=<squeeze run> without model=: the run's own model config (name, family), so the
     task is checked against the model the checkpoint holds, not the default model=."""
-    if ckpt is None or _override_value("model") is not None:
+    if trained is None or _override_value("model") is not None:
         return None
-    run_dir = Path(str(ckpt))
-    if not (run_dir / "result.json").exists():
-        return None
-    model = (read_record(run_dir).get("config") or {}).get("model") or {}
-    return model if model.get("name") and model.get("family") else None
+    return trained.model_config
 
 
-def _check_architecture(cfg, spec, model_dir: Path) -> None:
+def _check_architecture(spec, trained: artifacts.Artifact) -> None:
     """A checkpoint brings its own architecture; an explicit model= that disagrees is a mistake."""
     explicit = _override_value("model")
     if explicit is None:
         return
-    from transformers import AutoConfig
-
-    saved = AutoConfig.from_pretrained(str(model_dir)).model_type
     wanted = spec.model_type()
-    if wanted is not None and wanted != saved:
+    if wanted is not None and wanted != trained.model_type:
         raise SqueezeError(
-            f"checkpoint {model_dir} is a {saved} model but model={explicit} is {wanted}; "
+            f"checkpoint {trained.model_dir} is a {trained.model_type} model but model={explicit} is {wanted}; "
             "drop model= (the checkpoint brings its own) or pass the model it was trained from"
         )
 
@@ -361,8 +349,7 @@ def _override_value(group: str) -> str | None:
 
 
 def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
-    """Run `body` with a record that is written whatever happens. In a sweep a failed cell is
-    recorded and the sweep continues; in a single run the error ends the program."""
+    """Run `body` under squeeze.guard: a record written whatever happens (the Hydra side: where, what)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
@@ -373,94 +360,5 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=False)
         log.warning("config did not fully resolve: %s", e)
     record = new_record(run_dir, choices, config, cfg.get("seed"))
-    is_rank_zero = True
-    try:
-        body(cfg, record, run_dir)
-        record["status"] = "ok"
-    except (Exception, KeyboardInterrupt) as e:
-        record["status"] = "failed"
-        record["error"] = _one_line(e)
-        if not isinstance(e, SqueezeError):
-            log.exception("run failed")
-        if isinstance(e, KeyboardInterrupt) or hydra_cfg.mode != RunMode.MULTIRUN:
-            _finish(record, run_dir)
-            raise
-        log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
-    else:
-        is_rank_zero = _is_global_zero()
-    if is_rank_zero:
-        _finish(record, run_dir)
-    return record
-
-
-def _finish(record: dict[str, Any], run_dir: Path) -> None:
-    loggers = record.pop("_loggers", [])
-    try:
-        write_record(run_dir, record)  # first: a logger failing below must not cost the record
-        if record["status"] == "ok":
-            figures = headline_figures(record)
-            for logger in loggers:
-                logger.log_metrics(figures)
-                if type(logger).__name__ == "WandbLogger":
-                    logger.experiment.summary.update(figures)
-    finally:
-        for logger in loggers:
-            try:
-                logger.finalize(record["status"] if record["status"] != "ok" else "success")
-                if type(logger).__name__ == "WandbLogger":
-                    import wandb
-
-                    wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
-            except Exception as e:  # a logger failing to close must not hide the run's outcome
-                log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
-
-
-def headline_figures(record: dict[str, Any]) -> dict[str, float]:
-    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`) for loggers."""
-    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "train_seconds",
-                                               "eval_seconds", "peak_memory_bytes") if record.get(k) is not None}
-    out.update({k: v for k, v in record["metrics"].items()})
-    perf = record.get("perf") or {}
-    for name, timing in perf.get("latency", {}).items():
-        out[f"perf/latency_{name}_ms"] = timing["median_s"] * 1000
-    for name, value in perf.get("throughput", {}).items():
-        out[f"perf/{name}"] = value
-    energy = record.get("energy") or {}
-    if energy:
-        out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
-    return {k: float(v) for k, v in out.items()}
-
-
-def _is_global_zero() -> bool:
-    import lightning.fabric.utilities.rank_zero as rz
-
-    return getattr(rz.rank_zero_only, "rank", 0) == 0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-@rank_zero_only
-def print_summary(record: dict[str, Any]) -> None:
-    print(summary(record))
-
-
-def summary(record: dict[str, Any]) -> str:
-    """What a person wants to see at the end of a run."""
-    if record["status"] != "ok":
-        return f"run failed: {record['error']}\nrecord: {record['run_dir']}/result.json"
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
-    lines = [f"test: {metrics}"]
-    if record.get("perplexity"):
-        p = record["perplexity"]
-        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
-    lines.append(f"record: {record['run_dir']}/result.json")
-    return "\n".join(lines)
-
-
-def main_exit(error: BaseException) -> None:
-    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+    return guard.guarded(lambda: body(cfg, record, run_dir), record, run_dir,
+                         multirun=hydra_cfg.mode == RunMode.MULTIRUN)

@@ -26,14 +26,16 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from squeeze import artifacts
 from squeeze.compress import checkpoint
 from squeeze.compress.distillation import cut_layers
 from squeeze.errors import SqueezeError
-from squeeze.record import RESULT_FILE, read_record
 
 log = logging.getLogger("squeeze")
 DECODES = ("plain", "speculative")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+DRAFTS = (artifacts.RUN, artifacts.MODEL_DIR)  # besides a layer count
+DRAFTS_TEXT = "a layer count, a squeeze run directory (with model/) or a model directory (with config.json)"
 
 
 # -- the draft ------------------------------------------------------------------------------------
@@ -248,20 +250,16 @@ def check_decode(decode: str | None, draft: Any, head: str, evaluating: bool = T
 
 
 def _layer_count(draft: Any) -> int | None:
+    """A number of the target's first layers to keep; anything else is a reference to a saved draft."""
     return int(draft) if isinstance(draft, int) or str(draft).isdigit() else None
 
 
 def _draft_dir(draft: Any) -> Path:
-    path = Path(str(draft)).expanduser()
-    model_dir = path / "model" if (path / "model").is_dir() else path
-    if not (model_dir / "config.json").exists():
-        raise SqueezeError(f"draft={draft} is neither a layer count, a squeeze run directory (with model/) nor a "
-                           "model directory (with config.json)")
-    if (path / RESULT_FILE).exists():
-        head = ((read_record(path).get("config") or {}).get("task") or {}).get("head")
-        if head not in (None, "causal_lm"):
-            raise SqueezeError(f"draft run {path} was trained with a {head} head; a draft must be a causal LM")
-    return model_dir
+    """The model directory of a saved draft (a run's model/, or a model directory); a run trained with
+    another head than a causal LM's is refused."""
+    resolved = artifacts.resolve(draft, "draft", accept=DRAFTS, expected=DRAFTS_TEXT)
+    artifacts.require_head(resolved, "causal_lm", "draft")
+    return resolved.model_dir
 
 
 def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:

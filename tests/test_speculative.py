@@ -101,7 +101,7 @@ def test_a_saved_draft_directory_is_checked_and_loaded(tmp_path, llama, gpt2):
     gpt2_tok.save_pretrained(str(bad))
     with pytest.raises(SqueezeError, match=f"draft {bad} does not share the target's tokenizer"):
         load_draft(str(bad), model, llama_tok)
-    with pytest.raises(SqueezeError, match="neither a layer count"):
+    with pytest.raises(SqueezeError, match="nothing does not exist; give a layer count"):
         load_draft(str(tmp_path / "nothing"), model, llama_tok)
     assert load_draft("1", model, llama_tok).config.num_hidden_layers == 1
 

@@ -1,0 +1,198 @@
+"""The dialog LightningModule: reply LM loss plus next-utterance classification in training; perplexity,
+Hits@k and generated replies (BLEU, TER, BERTScore) in evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.text import Perplexity, SacreBLEUScore, TranslationEditRate
+
+from squeeze import assets
+from squeeze.dialog.metrics import HitsAtK, context_lengths, reply_scores
+from squeeze.errors import SqueezeError
+from squeeze.metrics import IGNORE_INDEX
+from squeeze.modules import STAGES, FineTune
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each right-padded row's last real token."""
+    return attention_mask.sum(dim=1).clamp(min=1) - 1
+
+
+def _generation_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    settings = dict(settings)
+    if not settings.get("do_sample", False):  # sampling knobs would only raise "unused flag" warnings
+        for key in ("temperature", "top_p", "top_k"):
+            settings.pop(key, None)
+    return settings
+
+
+class DialogModule(FineTune):
+    """Fine-tunes a causal LM on replies (LM loss) plus next-utterance classification (MC loss).
+
+    loss = lm_coef · reply LM loss + mc_coef · cross-entropy of the MC head over the candidates.
+    Validation/test: reply perplexity and Hits@k (candidates ranked by mean reply log-likelihood);
+    on the stages in `generate_on`, replies are generated from the context with `generate` settings
+    and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100) and
+    BERTScore F1 with a local encoder (`bertscore`: an asset name or a model directory; null skips it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lm_coef: float = 2.0,
+        mc_coef: float = 1.0,
+        train_candidates: int = 2,
+        eval_candidates: int = 20,
+        hits_at: Sequence[int] = (1, 5, 10),
+        generate: Mapping[str, Any] | None = None,
+        generate_on: Sequence[str] = ("test",),
+        bertscore: str | None = "minilm",
+        bertscore_batch_size: int = 32,
+        tokenizer=None,
+        **kwargs,
+    ):
+        if mc_coef > 0 and train_candidates < 2:
+            raise SqueezeError("task.module.mc_coef>0 needs distractors: set task.data.train_candidates>=2 "
+                               "or task.module.mc_coef=0")
+        if lm_coef < 0 or mc_coef < 0 or lm_coef + mc_coef == 0:
+            raise SqueezeError(f"task.module.lm_coef={lm_coef} and mc_coef={mc_coef} must be >= 0, not both 0")
+        unknown = set(generate_on) - set(STAGES)
+        if unknown:
+            raise SqueezeError(f"task.module.generate_on has {sorted(unknown)}; use stages from {list(STAGES)}")
+        self.lm_coef, self.mc_coef = lm_coef, mc_coef
+        self.train_candidates, self.eval_candidates = train_candidates, eval_candidates
+        self.hits_at = [int(k) for k in hits_at]
+        for k in self.hits_at:
+            if k > eval_candidates:
+                raise SqueezeError(f"Hits@{k} needs at least {k} candidates per example but task.data.num_candidates="
+                                   f"{eval_candidates}; raise it or drop {k} from task.module.hits_at")
+        self.generate_settings = dict(generate or {"do_sample": False, "max_new_tokens": 32})
+        self.generate_on = tuple(generate_on)
+        self.bertscore_path = _bertscore_location(bertscore) if bertscore else None
+        self.bertscore_batch_size = bertscore_batch_size
+        super().__init__(model, **kwargs)
+        self.tokenizer = tokenizer
+        self._stop_ids: list[int] | None = None
+        # The MC head lives here, not in the model: the saved model stays a plain causal LM.
+        self.mc_head = nn.Linear(model.config.hidden_size, 1)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None and self.trainer.datamodule is not None:
+            self.tokenizer = self.trainer.datamodule.tokenizer
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def make_metrics(self) -> nn.Module:
+        metrics = {"perplexity": Perplexity(ignore_index=IGNORE_INDEX), "hits": HitsAtK(self.hits_at),
+                   "bleu": SacreBLEUScore(), "ter": TranslationEditRate()}
+        if self.bertscore_path is not None:
+            from torchmetrics.text import BERTScore
+
+            metrics["bertscore"] = BERTScore(model_name_or_path=self.bertscore_path,
+                                             batch_size=self.bertscore_batch_size, max_length=256, truncation=True)
+        return nn.ModuleDict(metrics)
+
+    def update_metrics(self, metrics, batch, outputs):
+        candidates = self.eval_candidates
+        if batch["input_ids"].shape[0] % candidates:
+            raise SqueezeError(f"a dialog batch of {batch['input_ids'].shape[0]} rows is not groups of "
+                               f"{candidates} candidates; task.module.eval_candidates must be task.data.num_candidates")
+        logits = outputs.logits
+        metrics["hits"].update(reply_scores(logits, batch, candidates))
+        # Reply perplexity from the labelled (gold reply) positions only: the rest would be ignored anyway.
+        row, column = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        metrics["perplexity"].update(logits[row, column].float()[None], batch["labels"][row, column + 1][None])
+        stage = next((s for s in STAGES if self.metrics[s] is metrics), None)
+        if stage in self.generate_on:
+            self.update_generation(metrics, batch, candidates)
+
+    def update_generation(self, metrics, batch, candidates: int) -> None:
+        if self.tokenizer is None:
+            raise SqueezeError("dialog generation metrics need the tokenizer, which DialogModule takes from the data "
+                               "module at setup; pass tokenizer= or set task.module.generate_on=[]")
+        gold_ids = batch["input_ids"][candidates - 1 :: candidates]
+        gold_labels = batch["labels"][candidates - 1 :: candidates]
+        starts = context_lengths(batch["labels"], candidates).tolist()
+        prompts = [row[:start].tolist() for row, start in zip(gold_ids, starts)]
+        references = [self.tokenizer.decode(lab[lab != IGNORE_INDEX], skip_special_tokens=True).strip()
+                      for lab in gold_labels]
+        replies = self.generate_replies(prompts)
+        metrics["bleu"].update(replies, [[r] for r in references])
+        metrics["ter"].update(replies, [[r] for r in references])
+        if "bertscore" in metrics:
+            metrics["bertscore"].update(replies, references)
+
+    @torch.no_grad()
+    def generate_replies(self, prompts: Sequence[Sequence[int]]) -> list[str]:
+        """Greedy or sampled replies (per `generate`) to context prompts, cut at the end of the line."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        device = next(self.model.parameters()).device
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
+                                  eos_token_id=self.stop_ids(), **_generation_kwargs(self.generate_settings))
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return [t.split("\n", 1)[0].strip() for t in texts]
+
+    def stop_ids(self) -> list[int]:
+        """EOS and every token that holds a line break: a reply is one line. (transformers'
+        stop_strings would do the same but rebuilds a vocabulary table on every generate call.)"""
+        if self._stop_ids is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._stop_ids = [self.tokenizer.eos_token_id] + [i for i, t in enumerate(texts) if "\n" in t]
+        return self._stop_ids
+
+    def compute_metrics(self, metrics):
+        out = {"perplexity": metrics["perplexity"].compute(), **metrics["hits"].compute()}
+        if metrics["bleu"].update_count:
+            out["bleu"] = metrics["bleu"].compute() * 100
+            out["ter"] = metrics["ter"].compute() * 100
+        if "bertscore" in metrics and metrics["bertscore"].update_count:
+            metrics["bertscore"].embedding_device = metrics["bertscore"].device  # the run's device
+            scores = metrics["bertscore"].compute()
+            for part in ("precision", "recall", "f1"):
+                out[f"bertscore_{part}"] = torch.as_tensor(scores[part]).float().mean()
+        return out
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        rows = batch["input_ids"].shape[0]
+        if rows % self.train_candidates:
+            raise SqueezeError(f"a dialog training batch of {rows} rows is not groups of {self.train_candidates} "
+                               "candidates; task.module.train_candidates must be task.data.train_candidates")
+        outputs = self.model(**batch, output_hidden_states=self.mc_coef > 0)
+        parts = {"lm_loss": outputs.loss}
+        loss = self.lm_coef * outputs.loss
+        if self.mc_coef > 0:
+            last = outputs.hidden_states[-1][torch.arange(rows, device=self.device),
+                                             last_token_index(batch["attention_mask"])]
+            mc_logits = self.mc_head(last.to(self.mc_head.weight.dtype)).view(-1, self.train_candidates)
+            gold = torch.full((mc_logits.shape[0],), self.train_candidates - 1, device=self.device)
+            parts["mc_loss"] = F.cross_entropy(mc_logits, gold)
+            loss = loss + self.mc_coef * parts["mc_loss"]
+        parts["loss"] = loss
+        self.check_finite(loss)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=rows // self.train_candidates)
+        return loss
+
+
+def _bertscore_location(name_or_path: str) -> str:
+    """An offline asset name (minilm) or a local model directory for BERTScore's encoder."""
+    if name_or_path in assets.ASSETS:
+        try:
+            return str(assets.locate(name_or_path))
+        except SqueezeError as e:
+            raise SqueezeError(f"{e}; or skip BERTScore with task.module.bertscore=null") from e
+    path = Path(str(name_or_path)).expanduser()
+    if not (path / "config.json").exists():
+        raise SqueezeError(f"task.module.bertscore={name_or_path} is neither an asset ({', '.join(assets.ASSETS)}) "
+                           "nor a model directory with config.json; set it to minilm, a directory, or null")
+    return str(path)

@@ -1,0 +1,79 @@
+"""A run's outcome, whatever happens: the body runs with a record that is written (atomically) when it ends,
+ok or failed, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes on; a
+single run's error ends the program (`main_exit`: one line on stderr, exit code 2)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from squeeze.errors import SqueezeError
+from squeeze.record import write_record
+from squeeze.summary import headline_figures
+
+log = logging.getLogger("squeeze")
+
+
+def guarded(body: Callable[[], Any], record: dict[str, Any], run_dir: Path, multirun: bool) -> dict[str, Any]:
+    """Run `body`, which fills `record`; then write the record (on global rank zero) and close its loggers.
+    A failure is recorded with status "failed" and its error; alone (not `multirun`) it is raised again."""
+    is_rank_zero = True
+    try:
+        body()
+        record["status"] = "ok"
+    except (Exception, KeyboardInterrupt) as e:
+        record["status"] = "failed"
+        record["error"] = _one_line(e)
+        if not isinstance(e, SqueezeError):
+            log.exception("run failed")
+        if isinstance(e, KeyboardInterrupt) or not multirun:
+            _finish(record, run_dir)
+            raise
+        log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
+    else:
+        is_rank_zero = _is_global_zero()
+    if is_rank_zero:
+        _finish(record, run_dir)
+    return record
+
+
+def _finish(record: dict[str, Any], run_dir: Path) -> None:
+    loggers = record.pop("_loggers", [])
+    try:
+        write_record(run_dir, record)  # first: a logger failing below must not cost the record
+        if record["status"] == "ok":
+            figures = headline_figures(record)
+            for logger in loggers:
+                logger.log_metrics(figures)
+                if type(logger).__name__ == "WandbLogger":
+                    logger.experiment.summary.update(figures)
+    finally:
+        for logger in loggers:
+            try:
+                logger.finalize(record["status"] if record["status"] != "ok" else "success")
+                if type(logger).__name__ == "WandbLogger":
+                    import wandb
+
+                    wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
+            except Exception as e:  # a logger failing to close must not hide the run's outcome
+                log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
+
+
+def _is_global_zero() -> bool:
+    import lightning.fabric.utilities.rank_zero as rz
+
+    return getattr(rz.rank_zero_only, "rank", 0) == 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def main_exit(error: BaseException) -> None:
+    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)

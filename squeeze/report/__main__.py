@@ -1,0 +1,5 @@
+import sys
+
+from squeeze.report.cli import main
+
+sys.exit(main())

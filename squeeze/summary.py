@@ -1,0 +1,42 @@
+"""What a finished run says in brief: the lines printed at its end, and its figures as flat metric names
+for loggers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def headline_figures(record: dict[str, Any]) -> dict[str, float]:
+    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`) for loggers."""
+    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "train_seconds",
+                                               "eval_seconds", "peak_memory_bytes") if record.get(k) is not None}
+    out.update({k: v for k, v in record["metrics"].items()})
+    perf = record.get("perf") or {}
+    for name, timing in perf.get("latency", {}).items():
+        out[f"perf/latency_{name}_ms"] = timing["median_s"] * 1000
+    for name, value in perf.get("throughput", {}).items():
+        out[f"perf/{name}"] = value
+    energy = record.get("energy") or {}
+    if energy:
+        out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
+    return {k: float(v) for k, v in out.items()}
+
+
+@rank_zero_only
+def print_summary(record: dict[str, Any]) -> None:
+    print(summary(record))
+
+
+def summary(record: dict[str, Any]) -> str:
+    """What a person wants to see at the end of a run."""
+    if record["status"] != "ok":
+        return f"run failed: {record['error']}\nrecord: {record['run_dir']}/result.json"
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
+    lines = [f"test: {metrics}"]
+    if record.get("perplexity"):
+        p = record["perplexity"]
+        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
+    lines.append(f"record: {record['run_dir']}/result.json")
+    return "\n".join(lines)
