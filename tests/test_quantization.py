@@ -18,8 +18,10 @@ from transformers.pytorch_utils import Conv1D
 from squeeze import run
 from squeeze.compress import build_chain
 from squeeze.compress import quantization as q
+from squeeze.compress.quantization import post_training
 from squeeze.compress.packed import PACKED_FILE, is_packed, load_packed, pack_int4, save_packed, unpack_int4
 from squeeze.errors import SqueezeError
+from squeeze.formats.compressed import is_compressed
 
 LABELS = ["neg", "pos"]
 
@@ -273,7 +275,8 @@ def test_qat_run_resumes_and_evaluate_reloads_the_packed_model(tmp_path):
     qat = resumed["compress"]["qat"]
     assert qat["fake_quant_batches"] == 3 and qat["embeddings_quantized"] == 3 and qat["activations"] == "affine"
     files = {p.name for p in (tmp_path / "model").iterdir()}
-    assert PACKED_FILE in files and "model.safetensors" not in files
+    # BERT's int8 weights, QAT's static input ranges and int8 embeddings: all in compressed-tensors
+    assert "model.safetensors" in files and PACKED_FILE not in files and is_compressed(tmp_path / "model")
     evaluated = run.evaluate(compose_cfg("eval", [*RUN, "model=tiny_bert", "task=rotten_tomatoes",
                                                   f"ckpt={tmp_path}"], tmp_path / "eval"))
     assert evaluated["status"] == "ok", evaluated["error"]
@@ -307,7 +310,7 @@ def test_post_training_dq_through_evaluate(tmp_path):
     evaluated = run.evaluate(compose_cfg("eval", [*common, f"ckpt={plain}", "compress=dq"], tmp_path / "dq"))
     assert evaluated["status"] == "ok", evaluated["error"]
     assert evaluated["choices"]["compress"] == "dq" and evaluated["compress"]["dq"]["quantized_modules"] == 16
-    assert is_packed(tmp_path / "dq" / "model")
+    assert is_compressed(tmp_path / "dq" / "model") and not is_packed(tmp_path / "dq" / "model")
     assert evaluated["checkpoint_bytes"] < 0.5 * read_result(plain)["checkpoint_bytes"]
     again = run.evaluate(compose_cfg("eval", [*common, f"ckpt={tmp_path / 'dq'}"], tmp_path / "again"))
     assert again["status"] == "ok", again["error"]
@@ -347,7 +350,7 @@ def test_dq_refuses_a_gpu_run_and_a_machine_without_kernels(monkeypatch, tmp_pat
     with pytest.raises(SqueezeError, match="fbgemm kernel runs on CPU only, but this model runs on meta"):
         model.classifier(torch.zeros(1, 64, device="meta"))
     assert "no fbgemm int8 CPU kernels" in q.dynamic_kernels_available(["qnnpack"])
-    monkeypatch.setattr(q, "dynamic_kernels_available", lambda engines=None: "no kernels here")
+    monkeypatch.setattr(post_training, "dynamic_kernels_available", lambda engines=None: "no kernels here")
     with pytest.raises(SqueezeError, match="compress.dq: no kernels here; use compress.dq.backend=torchao"):
         _compressor(q.DynamicQuantization, "dq").prepare_model(model, None)
 

@@ -1,0 +1,62 @@
+"""Post-training quantization: dynamic int8 (`compress=dq`) and weight-only int8/int4 (`int8wo`,
+`int4wo`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from squeeze.compress.quantization.base import _Quantization
+from squeeze.errors import SqueezeError
+from squeeze.formats.quantized_layers import dynamic_kernels_available
+
+
+class DynamicQuantization(_Quantization):
+    """Post-training dynamic int8 (`compress=dq`): int8 weights; activations quantized on each call.
+    `backend=fbgemm` (torch's CPU kernel, the fastest here) or `torchao` (also on GPU)."""
+
+    def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
+                 backend: str = "fbgemm", embeddings: bool = True, exclude: Sequence[str] = ()):
+        super().__init__(bits, granularity, group_size, "symmetric", embeddings, exclude)
+        self.backend = backend
+
+    @property
+    def kernel(self) -> str:
+        return f"dynamic_{self.backend}"
+
+    def check(self) -> None:
+        super().check()
+        if self.bits != 8:
+            raise SqueezeError(f"{self.where}.bits={self.bits}: dynamic quantization is int8 only; "
+                               "use compress=int4wo for 4-bit weights")
+        if self.group_size is not None:
+            raise SqueezeError(f"{self.where}.group_size={self.group_size}: the int8 dynamic kernels take one scale "
+                               "per channel or per tensor; use compress=int8wo for group-wise scales")
+        if self.backend not in ("fbgemm", "torchao"):
+            raise SqueezeError(f"{self.where}.backend={self.backend!r} is not one of ['fbgemm', 'torchao']")
+        if self.backend == "fbgemm" and (why := dynamic_kernels_available()):
+            raise SqueezeError(f"{self.where}: {why}; use compress.dq.backend=torchao or compress=int8wo")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if self.backend == "fbgemm" and device.type != "cpu":
+            raise SqueezeError(f"compress=dq (fbgemm) has CPU kernels only, but this run uses {device.type}; "
+                               "use hardware=cpu, compress.dq.backend=torchao, or compress=int8wo / int4wo on GPU")
+
+    def finalize(self, model):
+        device = next(model.parameters()).device
+        if self.backend == "fbgemm" and device.type != "cpu":
+            raise SqueezeError(f"compress=dq (fbgemm) has CPU kernels only, but the model is on {device.type}; "
+                               "use hardware=cpu, compress.dq.backend=torchao, or compress=int8wo")
+        return self.convert(model)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "backend": self.backend, "activations": "int8 dynamic per call"}
+
+
+class WeightOnlyQuantization(_Quantization):
+    """Post-training weight-only quantization (`compress=int8wo`, `compress=int4wo`): integer weights
+    with per-channel or group-wise scales; activations stay in float."""
+
+    def finalize(self, model):
+        return self.convert(model)

@@ -1,0 +1,143 @@
+"""squeeze's own packed format for integer weights: what squeeze wrote before compressed-tensors, and
+still writes where compressed-tensors cannot express the model (squeeze/formats/__init__.py says when).
+
+    <dir>/config.json, generation_config.json, tokenizer files   as save_pretrained writes them
+    <dir>/model.packed.safetensors   every tensor of model.state_dict(), once:
+        <name>         as it is: float tensors (norms, biases, layers left in float), int8 weights
+                       (<layer>.weight), their float32 scales (<layer>.scale: [rows or 1, groups]) and,
+                       affine, int8 zero points (<layer>.zero_point); QAT's input ranges
+                       (<layer>.input_scale, <layer>.input_zero_point)
+        <name>:int4    a 4-bit weight, two values a byte: the low nibble holds the even entry (row-major),
+                       each nibble two's complement; so int4 weights take 1/8 of fp32 and int8 1/4
+      metadata: format="squeeze-packed", version="1",
+                layers = JSON {layer name: how to rebuild it (type, bits, shapes, bias, kernel, from_conv1d)},
+                int4   = JSON {name: shape} of the nibble-packed tensors,
+                tied   = JSON {name: the name whose storage it shares}, e.g. lm_head.weight → wte.weight
+
+There is no model.safetensors, so transformers' from_pretrained refuses the directory rather than
+loading random weights, while AutoConfig and AutoTokenizer read it as usual. `load_packed` builds the
+architecture from config.json, puts integer layers where the saved model had them (GPT-2's Conv1D
+converted to Linear again), loads the tensors bit for bit and re-ties shared ones: the same quantized
+model, without any of the training run's state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from squeeze.arch.linear import replace_module
+from squeeze.errors import SqueezeError
+from squeeze.formats.common import checked_metadata, model_class, save_config, share, ties, write_safetensors
+from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear
+
+PACKED_FILE = "model.packed.safetensors"
+FORMAT, VERSION = "squeeze-packed", "1"
+INT4 = ":int4"
+
+
+def has_quantized_weights(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
+
+
+def is_packed(directory: str | Path) -> bool:
+    return (Path(directory) / PACKED_FILE).exists()
+
+
+# -- nibbles ----------------------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values (int8 storage, in [-8, 7]) a byte, flattened row-major; odd counts padded."""
+    flat = (q.flatten().to(torch.int16) & 0xF).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten()[: int(torch.Size(shape).numel())]
+    return ((nibbles.to(torch.int16) ^ 8) - 8).to(torch.int8).view(shape)  # sign-extend the nibble
+
+
+# -- the directory ----------------------------------------------------------------------------------
+def save_packed(model: nn.Module, tokenizer, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = {name: m.meta() for name, m in model.named_modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    four_bit = {f"{name}.weight" for name, meta in layers.items() if meta["bits"] == 4}
+    tied = ties(model)  # tied tensors are one tensor: stored once
+    tensors: dict[str, torch.Tensor] = {}
+    int4: dict[str, list[int]] = {}
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        t = t.detach().cpu().contiguous()
+        if name in four_bit:
+            tensors[name + INT4] = pack_int4(t)
+            int4[name] = list(t.shape)
+        else:
+            tensors[name] = t
+    metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(layers), "int4": json.dumps(int4),
+                "tied": json.dumps(tied)}
+    write_safetensors(tensors, directory / PACKED_FILE, metadata)
+    save_config(model, directory)
+    tokenizer.save_pretrained(str(directory))
+
+
+def read_packed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    """(full state dict with tied names, layer descriptions, ties) of a packed file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = checked_metadata(f, path, FORMAT, VERSION, "packed")
+        layers, int4, tied = json.loads(meta["layers"]), json.loads(meta["int4"]), json.loads(meta["tied"])
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(INT4)}  # noqa: SIM118 (not iterable)
+        for name, shape in int4.items():
+            state[name] = unpack_int4(f.get_tensor(name + INT4), shape)
+    for name, source in tied.items():
+        state[name] = state[source]
+    return state, layers, tied
+
+
+def empty_layer(meta: dict) -> nn.Module:
+    """An integer layer of the described shapes, to be filled by load_state_dict."""
+    rows, cols = meta["shape"]
+    if meta["type"] == "embedding":
+        return QuantizedEmbedding(rows, cols, meta["bits"], meta["scale_shape"], meta["affine"], meta["padding_idx"],
+                                  meta["dtype"])
+    return QuantizedLinear(cols, rows, meta["bits"], meta["scale_shape"], meta["affine"], meta["bias"], meta["kernel"],
+                           meta["input_bits"], meta["input_affine"], meta["from_conv1d"])
+
+
+def load_packed(directory: str | Path, head: str):
+    """The quantized model saved in `directory` by save_packed, with the head it was trained with."""
+    directory = Path(directory)
+    state, layers, tied = read_packed(directory / PACKED_FILE)
+    return build_quantized(directory, head, state, layers, tied)
+
+
+def build_quantized(directory: Path, head: str, state: dict[str, torch.Tensor], layers: dict[str, dict],
+                    tied: dict[str, str]):
+    """The model of `directory`'s config with integer layers where `layers` says, filled with `state` (squeeze's
+    own state-dict names) bit for bit, ties restored."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(directory))
+    cls = model_class(config, head, directory)
+    model = cls(config)  # random weights, all replaced below
+    dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
+    model.to(dtype)  # the float tensors' saved dtype (before the integer layers, whose scales stay float32)
+    for name, meta in layers.items():
+        replace_module(model, name, empty_layer(meta))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SqueezeError(f"{directory} does not hold a {cls.__name__} ({str(e).splitlines()[0]}); evaluate it "
+                           "with the task it was trained on") from e
+    for name, source in tied.items():
+        share(model, name, source)
+    if model.can_generate() and (directory / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    return model.eval()

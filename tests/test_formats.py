@@ -1,0 +1,94 @@
+"""squeeze/formats: integer weights in compressed-tensors load in plain transformers (a Python that never
+imports squeeze) with squeeze's outputs; squeeze's loader gives back its integer layers bit for bit;
+what compressed-tensors cannot express falls back to squeeze's packed format; files get the umask's mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_cfg
+from hydra.utils import instantiate
+
+from squeeze import formats
+from squeeze.compress import quantization as q
+from squeeze.formats.compressed import is_compressed
+from squeeze.formats.packed import is_packed
+
+AUTO = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
+
+
+def _quantized(name, head, compressor, tmp_path):
+    spec = instantiate(compose_cfg("train", [f"model={name}"], tmp_path / "cfg").model, _convert_="all")
+    torch.manual_seed(0)
+    model, tokenizer = spec.build(head, ["neg", "pos"]).eval(), spec.tokenizer()
+    compressor.name = "q"
+    compressor.prepare_model(model, tokenizer)
+    return compressor.finalize(model), tokenizer
+
+
+def _transformers_logits(directory: Path, head: str, ids: torch.Tensor) -> torch.Tensor:
+    torch.save(ids, directory.parent / "ids.pt")
+    code = (f"import sys, torch, transformers\n"
+            f"m = transformers.{AUTO[head]}.from_pretrained({str(directory)!r}).eval()\n"
+            f"with torch.no_grad(): out = m(input_ids=torch.load({str(directory.parent / 'ids.pt')!r})).logits\n"
+            f"assert 'squeeze' not in sys.modules\n"
+            f"torch.save(out, {str(directory.parent / 'hf.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(directory.parent / "hf.pt")
+
+
+# Weight-only: both loaders dequantize the same integers with the same scales in fp32, so the logits agree
+# to float rounding (1e-5). dq: squeeze runs fbgemm's int8 kernel (activations 7-bit, per tensor, integer
+# accumulation), transformers fake-quantizes the inputs to 8 bits per tensor in float: the activation
+# rounding differs by up to a step, which measured ≤ 2.1% of the largest logit on these models; 5% allowed.
+@pytest.mark.parametrize("name,head,make,tol", [
+    ("tiny_llama", "causal_lm", lambda: q.WeightOnlyQuantization(), 1e-5),
+    ("tiny_llama", "causal_lm", lambda: q.WeightOnlyQuantization(bits=4, group_size=32, embeddings=False), 1e-5),
+    ("tiny_bert", "sequence_classification", lambda: q.WeightOnlyQuantization(granularity="tensor",
+                                                                             weights="affine"), 1e-5),
+    ("tiny_llama", "causal_lm", lambda: q.DynamicQuantization(), 0.05),
+])
+def test_transformers_alone_loads_the_quantized_model(name, head, make, tol, tmp_path):
+    model, tokenizer = _quantized(name, head, make(), tmp_path)
+    directory = tmp_path / "model"
+    formats.save(model, tokenizer, directory)
+    assert is_compressed(directory) and not is_packed(directory)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    back = formats.load(directory, head)
+    with torch.no_grad():
+        own = back(input_ids=ids).logits
+    assert torch.equal(own, before)  # squeeze's loader: the same integer layers and kernels
+    for (n, m), (_, b) in zip(model.named_modules(), back.named_modules()):
+        if isinstance(m, q.QuantizedLinear):
+            assert type(b) is q.QuantizedLinear and b.kernel == m.kernel and torch.equal(b.weight, m.weight)
+    plain = _transformers_logits(directory, head, ids)
+    assert (plain - own).abs().max() <= tol * own.abs().max()
+
+
+def test_what_compressed_tensors_cannot_hold_stays_packed(tmp_path):
+    model, tokenizer = _quantized("tiny_gpt2", "causal_lm", q.WeightOnlyQuantization(), tmp_path)
+    assert "Conv1D" in formats.why_not_compressed(model)
+    formats.save(model, tokenizer, tmp_path / "gpt2")
+    assert is_packed(tmp_path / "gpt2") and not is_compressed(tmp_path / "gpt2")
+    llama, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization(bits=4, group_size=32),
+                                  tmp_path)
+    assert "int4 embedding" in formats.why_not_compressed(llama)
+
+
+def test_weight_files_get_the_umask_mode(tmp_path):
+    model, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization(), tmp_path)
+    old = os.umask(0o022)
+    try:
+        formats.save(model, tokenizer, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
