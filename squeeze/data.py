@@ -135,16 +135,27 @@ def load_splits(
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
 
 
-def local_builder(data_files: Mapping[str, Sequence[str]]) -> str:
-    """The `datasets` builder for local files, by extension (all files must agree)."""
-    by_suffix = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json",
-                 ".jsonl": "json", ".parquet": "parquet", ".conll": "conll"}
-    suffixes = {Path(f).suffix.lower() for files in data_files.values() for f in files}
-    builders = {by_suffix.get(x) for x in suffixes}
+# What the generic builders read, by file extension (compression suffixes aside).
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                 ".parquet": "parquet", ".conll": "conll"}
+
+
+def local_builder(data_files: Mapping[str, Sequence[str]], where: str = "data files") -> str:
+    """The `datasets` builder for files, by extension (all files must agree)."""
+    kinds = {_file_kind(f) for files in data_files.values() for f in files}
+    builders = {FILE_BUILDERS.get(kind) for kind in kinds}
     if len(builders) != 1 or None in builders:
-        raise SqueezeError(f"cannot tell how to read data files with extensions {sorted(suffixes)}; "
-                           f"set task.data.source to one of {list(LOCAL_BUILDERS)}")
+        raise SqueezeError(f"cannot tell how to read {where} with extensions {sorted(kinds)} (known: "
+                           f"{sorted(FILE_BUILDERS)}, optionally compressed); set task.data.source to one of "
+                           f"{list(LOCAL_BUILDERS)}")
     return builders.pop()
+
+
+def _file_kind(path: str) -> str:
+    suffixes = [x.lower() for x in Path(path).suffixes]  # c4-validation.00000-of-00008.json.gz: [.., .json, .gz]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
@@ -171,10 +182,6 @@ def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
     return raw
 
 
-# What the generic builders read, by file extension (compression suffixes aside).
-HUB_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-
-
 def load_hub_files(repo_id: str, hub_files: Mapping[str, Any]) -> datasets.DatasetDict:
     """Named files of a hub dataset repository, fetched through the hub cache and read locally.
 
@@ -185,19 +192,8 @@ def load_hub_files(repo_id: str, hub_files: Mapping[str, Any]) -> datasets.Datas
     for split, files in dict(hub_files).items():
         files = [files] if isinstance(files, str) else list(files)
         local[str(split)] = [huggingface_hub.hf_hub_download(repo_id, str(f), repo_type="dataset") for f in files]
-    kinds = {_file_kind(f) for paths in local.values() for f in paths}
-    builders = {HUB_FILE_BUILDERS.get(kind) for kind in kinds}
-    if len(builders) != 1 or None in builders:
-        raise SqueezeError(f"task.data.hub_files of {repo_id} must all be one of {sorted(HUB_FILE_BUILDERS)} "
-                           f"(optionally compressed), got {sorted(kinds)}")
-    return datasets.load_dataset(builders.pop(), data_files=local)
+    return datasets.load_dataset(local_builder(local, f"task.data.hub_files of {repo_id}"), data_files=local)
 
-
-def _file_kind(path: str) -> str:
-    suffixes = Path(path).suffixes  # c4-validation.00000-of-00008.json.gz: [..., ".json", ".gz"]
-    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
 
 
 class TaskData(L.LightningDataModule):
