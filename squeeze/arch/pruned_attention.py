@@ -1,0 +1,122 @@
+"""BERT and GPT-2 with a different attention size in each layer: how a model whose heads (or head
+dims) were removed by squeeze's structured pruning loads again.
+
+transformers 5 sizes every layer's attention from hidden_size / num_attention_heads (there is no
+head_dim setting for these two architectures, and config.pruned_heads is gone), so stock classes
+cannot express fewer heads. The saved config.json keeps the stock sizes, adds `attention_layout`
+([heads, head_dim] per layer) and an `auto_map` naming a class below, and this file is copied next to
+the weights. Plain transformers then loads it:
+
+    AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)
+
+This file imports only torch and transformers, because it travels with every such model. That is why
+it finds each family's attention modules itself instead of asking squeeze.arch's adapters: the one
+place outside the adapters where family-specific code is accepted. squeeze.arch.loading picks these
+classes when squeeze itself loads such a directory.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
+from transformers.pytorch_utils import Conv1D
+
+LAYOUT = "attention_layout"
+
+
+def attention_blocks(model) -> list:
+    """Each layer's attention: BertAttention (self + output) or GPT2Attention."""
+    base = getattr(model, model.base_model_prefix, model)
+    if hasattr(base, "encoder"):  # BERT
+        return [layer.attention for layer in base.encoder.layer]
+    return [block.attn for block in base.h]  # GPT-2
+
+
+def set_sizes(attention, heads: int, head_dim: int) -> None:
+    """Record a layer's new head count and head size on its attention module. The score scaling
+    is left as the unpruned head size gave it: a removed q·k term is simply gone, the others are
+    scaled as before, so pruned and masked models agree exactly."""
+    if hasattr(attention, "self"):  # BERT: forward reshapes with (-1, attention_head_size)
+        attention.self.num_attention_heads = heads
+        attention.self.attention_head_size = head_dim
+        attention.self.all_head_size = heads * head_dim
+    else:  # GPT-2: forward splits the fused projection at split_size, reshapes with head_dim
+        attention.num_heads = heads
+        attention.head_dim = head_dim
+        attention.split_size = heads * head_dim
+
+
+def resize(model) -> None:
+    """Give each layer's attention the (empty) projections its saved weights have."""
+    hidden = model.config.hidden_size
+    layout = getattr(model.config, LAYOUT, None) or []  # none: a stock model
+    for attention, (heads, head_dim) in zip(attention_blocks(model), layout):
+        width = heads * head_dim
+        if hasattr(attention, "self"):
+            for name in ("query", "key", "value"):
+                setattr(attention.self, name, nn.Linear(hidden, width))
+            attention.output.dense = nn.Linear(width, hidden)
+        else:
+            attention.c_attn = Conv1D(3 * width, hidden)
+            attention.c_proj = Conv1D(hidden, width)
+        set_sizes(attention, heads, head_dim)
+
+
+class _Resized:
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        resize(self)
+
+
+class PrunedBertModel(_Resized, BertModel):
+    pass
+
+
+class PrunedBertForMaskedLM(_Resized, BertForMaskedLM):
+    pass
+
+
+class PrunedBertForSequenceClassification(_Resized, BertForSequenceClassification):
+    pass
+
+
+class PrunedBertForTokenClassification(_Resized, BertForTokenClassification):
+    pass
+
+
+class PrunedGPT2Model(_Resized, GPT2Model):
+    pass
+
+
+class PrunedGPT2LMHeadModel(_Resized, GPT2LMHeadModel):
+    pass
+
+
+class PrunedGPT2ForSequenceClassification(_Resized, GPT2ForSequenceClassification):
+    pass
+
+
+class PrunedGPT2ForTokenClassification(_Resized, GPT2ForTokenClassification):
+    pass
+
+
+# stock class → (its resized twin, the Auto class that loads it)
+TWINS = {
+    BertModel: (PrunedBertModel, "AutoModel"),
+    BertForMaskedLM: (PrunedBertForMaskedLM, "AutoModelForMaskedLM"),
+    BertForSequenceClassification: (PrunedBertForSequenceClassification, "AutoModelForSequenceClassification"),
+    BertForTokenClassification: (PrunedBertForTokenClassification, "AutoModelForTokenClassification"),
+    GPT2Model: (PrunedGPT2Model, "AutoModel"),
+    GPT2LMHeadModel: (PrunedGPT2LMHeadModel, "AutoModelForCausalLM"),
+    GPT2ForSequenceClassification: (PrunedGPT2ForSequenceClassification, "AutoModelForSequenceClassification"),
+    GPT2ForTokenClassification: (PrunedGPT2ForTokenClassification, "AutoModelForTokenClassification"),
+}
