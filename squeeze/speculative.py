@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from squeeze.arch import adapter_for
 from squeeze.compress import checkpoint
-from squeeze.compress.distillation import cut_layers
 from squeeze.errors import SqueezeError
 from squeeze.record import RESULT_FILE, read_record
 
@@ -41,7 +41,7 @@ def first_layers(model: nn.Module, layers: int) -> nn.Module:
     """A draft: a copy of `model` keeping its embeddings, its first `layers` decoder layers and its
     head (Chen et al.'s cheapest draft needs no training, though a trained one accepts more)."""
     _check_layers(layers, model)
-    return cut_layers(model, range(layers)).eval()
+    return adapter_for(model).keep_layers(model, range(layers)).eval()
 
 
 def _check_layers(layers: int, target: nn.Module) -> None:

@@ -19,20 +19,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from squeeze import models, run
 from squeeze.compress import checkpoint
 from squeeze.compress import teacher_cache as tc
-from squeeze.compress.distillation import (
-    Distillation,
-    cut_layers,
+from squeeze.arch import adapter_for
+from squeeze.compress.distillation import Distillation
+from squeeze.compress.distillation.losses import (
     hidden_loss,
     kd_loss,
     last_token_index,
-    layer_list,
     loss_parts,
     pick_hidden,
-    pkd_layer_pairs,
-    student_layer_ids,
-    teacher_targets,
     topk_kd_loss,
 )
+from squeeze.compress.distillation.module import teacher_targets
+from squeeze.compress.distillation.student import cut_layers, pkd_layer_pairs, student_layer_ids
 from squeeze.compress.teacher_cache import TargetSpec
 from squeeze.errors import SqueezeError
 
@@ -174,8 +172,8 @@ def test_student_holds_exactly_the_chosen_teacher_layers(name, init, tmp_path):
     teacher = _tiny(name, layers=4)
     keep = student_layer_ids(4, 2, init)
     student = cut_layers(teacher, keep)
-    _, _, t_layers = layer_list(teacher)
-    _, _, s_layers = layer_list(student)
+    _, t_layers = adapter_for(teacher).layer_stack(teacher)
+    _, s_layers = adapter_for(student).layer_stack(student)
     assert len(s_layers) == 2 and student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
     for j, i in enumerate(keep):
         t_state, s_state = t_layers[i].state_dict(), s_layers[j].state_dict()
