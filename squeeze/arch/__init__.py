@@ -22,7 +22,7 @@ _BY_MODEL_TYPE = {model_type: cls for cls in ADAPTERS for model_type in cls.mode
 HEADS_FOR_KIND = {"encoder": ENCODER_HEADS, "decoder": DECODER_HEADS}
 
 __all__ = ["ADAPTERS", "Adapter", "DecoderAdapter", "EncoderAdapter", "HEADS_FOR_KIND", "HeadLayout", "adapter_for",
-           "model_type_of", "supported"]
+           "find_adapter", "model_type_of", "supported"]
 
 
 def model_type_of(thing: Any) -> str:
@@ -45,3 +45,9 @@ def adapter_for(thing: Any) -> Adapter:
                            f"{supported()}. Pick one of those models (e.g. model=minilm, tiny_gpt2, tiny_llama), or "
                            "add an adapter in squeeze/arch/")
     return _BY_MODEL_TYPE[model_type]()
+
+
+def find_adapter(thing: Any) -> Adapter | None:
+    """The family adapter, or None for an architecture squeeze has none for (plain fine-tuning still works)."""
+    cls = _BY_MODEL_TYPE.get(model_type_of(thing))
+    return cls() if cls else None
