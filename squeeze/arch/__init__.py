@@ -14,9 +14,10 @@ from squeeze.arch.bert import BertAdapter
 from squeeze.arch.distilbert import DistilBertAdapter
 from squeeze.arch.gpt2 import GPT2Adapter
 from squeeze.arch.llama import LlamaAdapter
+from squeeze.arch.opt import OPTAdapter
 from squeeze.errors import SqueezeError
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter)
 _BY_MODEL_TYPE = {model_type: cls for cls in ADAPTERS for model_type in cls.model_types}
 # Which task heads make sense for a model.family (encoder | decoder) set in conf/model/*.yaml.
 HEADS_FOR_KIND = {"encoder": ENCODER_HEADS, "decoder": DECODER_HEADS}
