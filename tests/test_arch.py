@@ -23,6 +23,7 @@ FAMILIES = {
     "tiny_bert": ("bert", "encoder", "first", "bert.encoder.layer", False),
     "tiny_gpt2": ("gpt2", "decoder", "last", "transformer.h", True),
     "tiny_llama": ("llama", "decoder", "last", "model.layers", False),
+    "tiny_opt": ("opt", "decoder", "last", "model.decoder.layers", False),
 }
 TINY = list(FAMILIES)
 
@@ -54,7 +55,7 @@ def test_one_lookup_from_model_config_or_model_type(name):
 
 
 def test_an_unknown_architecture_is_refused_naming_the_families():
-    with pytest.raises(SqueezeError, match=r"'t5'.*bert \(bert\).*gpt2 \(gpt2\).*llama \(llama\)") as error:
+    with pytest.raises(SqueezeError, match=r"'t5'.*bert \(bert\).*gpt2 \(gpt2\).*llama \(llama\).*opt \(opt\)") as error:
         adapter_for("t5")
     assert "\n" not in str(error.value)
     assert find_adapter("t5") is None
@@ -130,3 +131,28 @@ def test_word_split_input_needs_a_prefix_space_for_byte_level_bpe():
 def test_the_tokenizer_can_pad(name):
     tokenizer = _spec(name).tokenizer()
     assert tokenizer.pad_token is not None
+
+
+def test_tiny_opt_speaks_the_gpt2_bpe_with_a_bos_in_front_like_opt():
+    tokenizer = _spec("tiny_opt").tokenizer()
+    ids = tokenizer("good film")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 50256 and ids[1:] == [11274, 2646]  # the GPT-2 BPE, after BOS
+    model = _tiny("tiny_opt", "causal_lm")
+    config = model.config
+    assert config.vocab_size == len(tokenizer) == 50257
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # OPT has no token-classification head in transformers: refused by name, before any weights exist.
+    with pytest.raises(SqueezeError, match="tiny_opt \\(opt\\) has no token_classification head"):
+        _spec("tiny_opt").build("token_classification", ["O", "B-x"])
+
+
+def test_opt_default_patterns_take_its_mlp_which_the_old_shared_ones_missed():
+    from squeeze.compress.pruning import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
+    model = _tiny("tiny_opt")
+    adapter = adapter_for(model)
+    new, _ = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
+    old, _ = select_weights(model, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    assert {n for n in new if ".fc1." in n or ".fc2." in n} and not {n for n in old if ".fc1." in n or ".fc2." in n}
+    assert len(new) == 2 * 6  # q, k, v, out_proj, fc1, fc2 in each of 2 layers

@@ -167,7 +167,7 @@ def _batch(name: str, texts=("a fine film , well acted", "dull", "the plot is th
 
 
 @pytest.mark.parametrize("init", ["first", "alternate"])
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"])
 def test_student_holds_exactly_the_chosen_teacher_layers(name, init, tmp_path):
     teacher = _tiny(name, layers=4)
     keep = student_layer_ids(4, 2, init)
@@ -394,6 +394,18 @@ def test_language_model_distils_its_own_first_layers_with_a_top_k_cache(tmp_path
     assert "test/perplexity" in record["metrics"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == "llama"
+
+
+def test_pkd_on_opt_distils_alternate_layers_and_pools_the_last_real_token(tmp_path):
+    record, spy = _distil(tmp_path, "pkd", None, "model.config.num_hidden_layers=4", "compress.pkd.student.layers=2",
+                          "compress.pkd.student.init=alternate", model="tiny_opt")
+    summary = spy.summary()
+    assert summary["student"]["kept_layers"] == [1, 3] and summary["teacher"]["layers"] == 4
+    assert spy.spec.pool == "last"  # OPT is a decoder: its sequence head reads the last real token
+    assert all(r["train/loss_kd"] >= 0 and r["train/loss_hidden"] > 0 for r in _rows(tmp_path))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == "opt"
+    assert record["metrics"]["test/accuracy"] >= 0
 
 
 def test_sweep_over_none_kd_pkd_completes(tmp_path):

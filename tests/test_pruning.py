@@ -31,7 +31,7 @@ from squeeze.compress.pruning import (
 )
 from squeeze.errors import SqueezeError
 
-TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama"]
+TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"]
 
 
 
@@ -144,8 +144,8 @@ def test_a_pattern_that_matches_nothing_is_named(tmp_path):
 
 # -- what is pruned ------------------------------------------------------------------------------------
 # Per layer: BERT q,k,v,attention.output,intermediate,output; GPT-2 c_attn,attn.c_proj,c_fc,mlp.c_proj;
-# Llama q,k,v,o,gate,up,down. GPT-2's are Conv1D (stored transposed), the others nn.Linear.
-EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0)}
+# Llama q,k,v,o,gate,up,down; OPT q,k,v,out_proj,fc1,fc2. GPT-2's are Conv1D (stored transposed), the others nn.Linear.
+EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0), "tiny_opt": (12, 0)}
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -293,6 +293,7 @@ def _csv_sparsity(run_dir):
 
 @pytest.mark.parametrize("name, settings", [
     ("tiny_gpt2", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
+    ("tiny_opt", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
     # adaptive: validation every 2 steps, each under the (generous) threshold until the target is reached
     ("tiny_bert", ["compress.imp.schedule=adaptive", "compress.imp.fraction=0.5", "compress.imp.threshold=100",
                    "compress.imp.granularity=row", "trainer.val_check_interval=2"]),

@@ -13,6 +13,7 @@ from conftest import FAST, compose_cfg, read_result
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from squeeze import models, run
+from squeeze.compress import checkpoint
 from squeeze.arch import adapter_for
 from squeeze.arch.linear import as_out_in
 from squeeze.arch.loading import loading_class
@@ -25,9 +26,12 @@ SIZES = {
     "gpt2": {"n_embd": HIDDEN, "n_layer": 2, "n_head": HEADS, "n_inner": 128},
     "llama": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": 2,
               "intermediate_size": 128},
+    "opt": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "ffn_dim": 128,
+            "word_embed_proj_dim": HIDDEN},
 }
 CASES = [("bert", AutoModelForSequenceClassification), ("gpt2", AutoModelForSequenceClassification),
-         ("gpt2", AutoModelForCausalLM), ("llama", AutoModelForCausalLM)]
+         ("gpt2", AutoModelForCausalLM), ("llama", AutoModelForCausalLM),
+         ("opt", AutoModelForSequenceClassification), ("opt", AutoModelForCausalLM)]
 IDS = [f"{kind}-{auto.__name__[12:]}" for kind, auto in CASES]
 
 
@@ -159,7 +163,7 @@ def test_squeeze_loads_pruned_directories_with_its_own_classes(tmp_path):
     assert loading_class(tiny("gpt2").config, AutoModelForCausalLM).__name__ == "GPT2LMHeadModel"
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "opt"])
 def test_gradient_importance_ranks_a_dead_head_last(kind):
     model = tiny(kind)
     dead = 2  # query head 2: Llama's KV group 1
@@ -218,7 +222,8 @@ def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_pa
                 q, _, _, o = layout.qkvo(layer)
                 q[rows] = 0.0
                 o[:, rows] = 0.0
-                q_module = layer.attention.self.query if kind == "bert" else layer.attn.c_attn
+                q_module = {"bert": lambda: layer.attention.self.query, "gpt2": lambda: layer.attn.c_attn,
+                            "opt": lambda: layer.self_attn.q_proj}[kind]()
                 q_module.bias[rows] = 0.0  # GPT-2's fused bias starts with q's
     before = models.count_params(model)[0]
     pruner = RowPruning(mlp_amount=len(weak_neurons), qkv_amount=len(weak_dims) if qkv else 0)
@@ -298,7 +303,7 @@ SHORT = FAST + ["task=rotten_tomatoes", "trainer.max_steps=3", "trainer.limit_va
                 "trainer.limit_test_batches=1", "perf=null"]
 
 
-@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2", "tiny_opt"])
 def test_train_with_heads_saves_a_model_that_evaluate_reloads(model, tmp_path):
     cfg = compose_cfg("train", SHORT + [f"model={model}", "compress=heads", "compress.heads.importance_batches=2"],
                       tmp_path)
@@ -333,6 +338,33 @@ def test_heads_then_rows_on_llama_reload_with_stock_transformers(tmp_path):
     evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_llama", f"ckpt={tmp_path}"], tmp_path / "eval"))
     assert evaluated["status"] == "ok", evaluated.get("error")
     assert evaluated["params"] == saved["params"] == saved["compress"]["rows"]["params_after"]
+    for key, value in saved["metrics"].items():
+        assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
+
+
+def test_heads_then_rows_on_opt_reload_with_squeeze_and_with_trust_remote_code(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_opt", "compress=[heads,rows]", "compress.heads.amount=1",
+                                        "compress.heads.method=magnitude", "compress.rows.qkv_amount=4"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    saved = read_result(tmp_path)
+    assert saved["compress"]["heads"]["heads_kept_per_layer"] == [3, 3]
+    assert saved["compress"]["rows"]["intermediate_after"] == [96, 96]
+    assert saved["compress"]["rows"]["head_dim_after"] == [12, 12]
+    assert saved["compress"]["rows"]["reload"] == "trust_remote_code"
+    model_dir = tmp_path / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["attention_layout"] == [[3, 12], [3, 12]] and config["ffn_dim"] == 96
+    assert (model_dir / "pruned_attention.py").exists()
+
+    # squeeze's loader (its own copy of the classes) and plain transformers (the copy in the directory) agree.
+    ours = checkpoint.load(model_dir, "sequence_classification").eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    assert models.count_params(ours)[0] == models.count_params(plain)[0] == saved["params"]
+    torch.testing.assert_close(logits(plain), logits(ours), rtol=0, atol=0)
+
+    evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_opt", f"ckpt={tmp_path}"], tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated.get("error")
     for key, value in saved["metrics"].items():
         assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
 
