@@ -132,7 +132,7 @@ class ModelSpec:
         raise NotImplementedError
 
     def model_type(self) -> str | None:
-        """The transformers architecture name ("bert", "gpt2", "llama"), if knowable offline."""
+        """The transformers architecture name ("bert", "gpt2", "llama", "opt"), if knowable offline."""
         raise NotImplementedError
 
 
@@ -175,10 +175,13 @@ class Pretrained(ModelSpec):
         return prepare_tokenizer(self._load(AutoTokenizer.from_pretrained, "tokenizer"), self.model_type())
 
     def model_type(self) -> str | None:
-        try:
-            return AutoConfig.from_pretrained(self.location).model_type
-        except (OSError, SqueezeError):
-            return None
+        # Asked for the tokenizer and again for the model: read config.json once.
+        if not hasattr(self, "_model_type"):
+            try:
+                self._model_type = AutoConfig.from_pretrained(self.location).model_type
+            except (OSError, SqueezeError):
+                self._model_type = None
+        return self._model_type
 
     def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
         kwargs = _head_kwargs(head, labels)

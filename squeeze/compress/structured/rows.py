@@ -23,8 +23,8 @@ from squeeze.models import count_params
 
 class RowPruning(Compressor):
     """Removes whole rows by weight magnitude, once, before fine-tuning: MLP intermediate neurons
-    (rows of the up/fc1 projections and the matching down/fc2 columns) and, on BERT and GPT-2, the
-    same number of q/k and v dims from every head.
+    (rows of the up/fc1 projections and the matching down/fc2 columns) and, where the family allows
+    it (BERT, GPT-2, OPT; not Llama's RoPE), the same number of q/k and v dims from every head.
 
     `mlp_amount` / `qkv_amount`: a fraction (float in [0, 1)) or a count (int) of each layer's
     neurons / of each head's dims. `layers`: which layers (patterns or numbers); null means all.
