@@ -35,13 +35,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from squeeze.compress import teacher_cache as tc  # noqa: E402
-from squeeze.compress.distillation import (  # noqa: E402
-    cut_layers,
-    loss_parts,
-    pkd_layer_pairs,
-    student_layer_ids,
-    teacher_targets,
-)
+from squeeze.compress.distillation.losses import loss_parts  # noqa: E402
+from squeeze.compress.distillation.module import teacher_targets  # noqa: E402
+from squeeze.compress.distillation.student import cut_layers, pkd_layer_pairs, student_layer_ids  # noqa: E402
 
 
 def batches(n: int, batch: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:

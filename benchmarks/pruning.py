@@ -9,7 +9,7 @@ What it measures
     Size: the model is magnitude-pruned with compress=imp's own functions (default include/exclude
     patterns: the attention and MLP matrices, never embeddings or norms; global granularity) to each
     of --sparsities in turn, the masks only growing as in iterative pruning, and written with
-    squeeze's save path (squeeze.compress.checkpoint.save: the sparse bitmask format once a matrix is
+    squeeze's save path (squeeze.formats.save: the sparse bitmask format once a matrix is
     sparse enough, save_pretrained when dense) into a temporary directory. Printed per sparsity:
     the directory's bytes and their ratio to the dense save, and the ratio over the prunable
     matrices only (their stored tensors: bitmask + values, or the dense tensor where that is
@@ -55,9 +55,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from squeeze.compress import checkpoint
-from squeeze.compress.pruning import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, magnitude_masks, mask_sparsity, select_weights
-from squeeze.compress.structured import HeadPruning, layout_of
+from squeeze import formats
+from squeeze.arch import adapter_for
+from squeeze.compress.pruning import magnitude_masks, mask_sparsity, select_weights
+from squeeze.compress.structured import HeadPruning
 from squeeze.models import count_params
 
 SEQ = 128
@@ -92,8 +93,8 @@ def stored_bytes(directory: Path) -> dict[str, int]:
 
 def save_and_check(model, head: str, directory: Path) -> tuple[int, dict[str, int]]:
     """(bytes of the saved directory, bytes per stored tensor), after checking the reload is exact."""
-    checkpoint.save(model, NO_TOKENIZER, directory)
-    reloaded = checkpoint.load(directory, head).state_dict()
+    formats.save(model, NO_TOKENIZER, directory)
+    reloaded = formats.load(directory, head).state_dict()
     saved = model.state_dict()
     assert reloaded.keys() == saved.keys(), f"{directory}: the reload has other tensors than the saved model"
     for name, t in saved.items():
@@ -103,12 +104,13 @@ def save_and_check(model, head: str, directory: Path) -> tuple[int, dict[str, in
 
 def measure_size(kind: str, sparsities: list[float], quick: bool, directory: Path) -> list[dict]:
     model, head = build(kind, quick), KINDS[kind]
-    weights, transposed = select_weights(model, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    adapter = adapter_for(model)
+    weights, transposed = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
 
     def prunable(per_tensor: dict[str, int]) -> int:
         # A sparse matrix is stored as <name>:bitmask + <name>:values; a dense one under its own name.
         return sum(n for k, n in per_tensor.items()
-                   if k.removesuffix(checkpoint.BITMASK).removesuffix(checkpoint.VALUES) in weights)
+                   if k.removesuffix(formats.sparse.BITMASK).removesuffix(formats.sparse.VALUES) in weights)
 
     dense_bytes, dense_tensors = save_and_check(model, head, directory / "dense")
     rows = [{"model": kind, "sparsity": 0.0, "reached": 0.0, "bytes": dense_bytes,
@@ -122,7 +124,7 @@ def measure_size(kind: str, sparsities: list[float], quick: bool, directory: Pat
         target_dir = directory / f"s{target}"
         size, tensors = save_and_check(model, head, target_dir)
         rows.append({"model": kind, "sparsity": target, "reached": mask_sparsity(masks), "bytes": size,
-                     "format": "sparse" if (target_dir / checkpoint.SPARSE_FILE).exists() else "save_pretrained",
+                     "format": "sparse" if (target_dir / formats.sparse.SPARSE_FILE).exists() else "save_pretrained",
                      "size_ratio": size / dense_bytes, "prunable_ratio": prunable(tensors) / prunable(dense_tensors)})
         print(f"  {kind} sparsity {target:.0%} saved and checked", flush=True)
     return rows
@@ -137,8 +139,8 @@ def measure_latency(kind: str, fractions: list[float], args) -> list[dict]:
         models[f"heads-{fraction:.0%}"] = pruner.finalize(pruner.prepare_model(copy.deepcopy(dense), None))
     rows = {}
     for name, model in models.items():
-        layout = layout_of(model, "benchmarks/pruning.py")
-        heads = [layout.shape(layer).heads for _, layer in layout.layers(model)]
+        adapter = adapter_for(model)
+        heads = [adapter.shape(layer).heads for _, layer in adapter.layers(model)]
         rows[name] = {"model": kind, "variant": name, "heads": heads, "params": count_params(model)[0]}
     g = torch.Generator().manual_seed(0)
     inputs = {}

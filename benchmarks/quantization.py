@@ -44,7 +44,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from squeeze.compress import quantization as q
-from squeeze.compress.packed import PACKED_FILE, save_packed
+from squeeze.formats.packed import PACKED_FILE, save_packed
 
 SEQ = 128
 BATCHES = (1, 16)

@@ -10,7 +10,7 @@ A reference is one of
   hub        anything else: a Hugging Face hub id (a local HF cache copy is used when there is one)
 
 `resolve` answers with an `Artifact`; every refusal is one SqueezeError line that names the fix.
-Loading the weights is not done here (squeeze.compress.checkpoint.load does it); this module only
+Loading the weights is not done here (squeeze.formats.load does it); this module only
 reads directories, result.json and config.json, so it is cheap and safe to call before anything loads.
 """
 
@@ -134,14 +134,6 @@ def load_error(artifact: Artifact, error: BaseException, what: str = "model") ->
         return SqueezeError(_offline(artifact.reference, what, f"{first}"))
     return SqueezeError(f"{what}={artifact.reference}: {artifact.location} could not be loaded ({first}); give "
                         f"a finished run directory, a saved model directory or an offline asset")
-
-
-def model_location(reference: Any, head: str, what: str = "teacher") -> tuple[str, Path | None]:
-    """For a teacher (or any whole model): (what from_pretrained takes, its local directory or None for
-    a hub id to download). Accepts a run, a model directory, an asset or a hub id; a run's head must be `head`."""
-    artifact = resolve(reference, what, accept=MODELS)
-    require_head(artifact, head, what)
-    return artifact.location, artifact.model_dir
 
 
 # -- the kinds --------------------------------------------------------------------------------------

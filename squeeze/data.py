@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from squeeze import assets
+from squeeze.arch.tokenizers import word_split_kwargs
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, perplexity_windows
 from squeeze.models import max_positions
@@ -351,8 +352,7 @@ class TokenClassificationData(_Labelled):
                 raise SqueezeError(f"the data has no column {column!r} (has {rows.column_names})")
         words = [list(map(str, w)) for w in rows[self.tokens_column]]
         tags = [[self.label_id(t) for t in seq] for seq in rows[self.tags_column]]
-        # GPT-2's BPE marks word starts with a leading space; pre-split words need it said.
-        extra = {"add_prefix_space": True} if _needs_prefix_space(self.tokenizer) else {}
+        extra = word_split_kwargs(self.tokenizer)  # e.g. GPT-2's BPE must be told words start with a space
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length, **extra)
         out = []
         for i in range(len(words)):
@@ -374,10 +374,6 @@ class TokenClassificationData(_Labelled):
         ]
         batch["labels"] = torch.tensor(padded)
         return dict(batch)
-
-
-def _needs_prefix_space(tokenizer) -> bool:
-    return getattr(tokenizer, "add_prefix_space", None) is not None or "gpt2" in type(tokenizer).__name__.lower()
 
 
 class LanguageModelingData(TaskData):

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from squeeze import assets
+from squeeze import arch, assets
 from squeeze.errors import SqueezeError
 
 HEADS = {
@@ -30,14 +30,10 @@ HEADS = {
     "token_classification": AutoModelForTokenClassification,
     "causal_lm": AutoModelForCausalLM,
 }
-FAMILIES = ("encoder", "decoder")
-# Which heads make sense for which family. An encoder has no trained next-token head, so LM
-# perplexity on it would be meaningless; decoders carry their own classification heads in
-# transformers (last-token pooling for sequences), so they can do every task.
-HEADS_FOR_FAMILY = {
-    "encoder": ("sequence_classification", "token_classification"),
-    "decoder": ("sequence_classification", "token_classification", "causal_lm"),
-}
+# model.family in conf/model/*.yaml is the kind of model (encoder | decoder); which heads make sense
+# for each kind is the adapters' knowledge (squeeze.arch.base).
+HEADS_FOR_FAMILY = arch.HEADS_FOR_KIND
+FAMILIES = tuple(HEADS_FOR_FAMILY)
 
 
 def check_compatible(model_name: str, family: str, task_name: str, head: str) -> None:
@@ -88,12 +84,19 @@ def _head_kwargs(head: str, labels: Sequence[str] | None) -> dict[str, Any]:
     }
 
 
-def prepare_tokenizer(tokenizer) -> transformers.PreTrainedTokenizerBase:
-    # GPT-2 and Llama tokenizers have no pad token; batching needs one. Reusing EOS is the usual
-    # choice and is safe because padded positions are masked out of losses and attention.
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def prepare_tokenizer(tokenizer, model_type: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer with its family's quirks settled (a pad token); the generic rule when the family
+    is not known offline (a hub id without network)."""
+    adapter = (arch.find_adapter(model_type) if model_type else None) or arch.Adapter()
+    return adapter.prepare_tokenizer(tokenizer)
+
+
+def check_head(model_type: str | None, head: str, model_name: str) -> None:
+    """Refuse a head transformers does not have for this family (e.g. OPT has no token classification)."""
+    adapter = arch.find_adapter(model_type) if model_type else None
+    if adapter is not None and head not in adapter.heads:
+        raise SqueezeError(f"model={model_name} ({adapter.family}) has no {head} head in transformers; it has "
+                           f"{', '.join(adapter.heads)}: pick a task that needs one of those, or another model")
 
 
 def finish_model(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
@@ -129,7 +132,7 @@ class ModelSpec:
         raise NotImplementedError
 
     def model_type(self) -> str | None:
-        """The transformers architecture name ("bert", "gpt2", "llama"), if knowable offline."""
+        """The transformers architecture name ("bert", "gpt2", "llama", "opt"), if knowable offline."""
         raise NotImplementedError
 
 
@@ -169,16 +172,20 @@ class Pretrained(ModelSpec):
             ) from e
 
     def tokenizer(self):
-        return prepare_tokenizer(self._load(AutoTokenizer.from_pretrained, "tokenizer"))
+        return prepare_tokenizer(self._load(AutoTokenizer.from_pretrained, "tokenizer"), self.model_type())
 
     def model_type(self) -> str | None:
-        try:
-            return AutoConfig.from_pretrained(self.location).model_type
-        except (OSError, SqueezeError):
-            return None
+        # Asked for the tokenizer and again for the model: read config.json once.
+        if not hasattr(self, "_model_type"):
+            try:
+                self._model_type = AutoConfig.from_pretrained(self.location).model_type
+            except (OSError, SqueezeError):
+                self._model_type = None
+        return self._model_type
 
     def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
         kwargs = _head_kwargs(head, labels)
+        check_head(self.model_type(), head, self.name)
         return self._load(
             HEADS[head].from_pretrained, "weights", dtype=getattr(torch, self.dtype), **kwargs
         )
@@ -211,9 +218,10 @@ class RandomInit(ModelSpec):
 
     def tokenizer(self):
         path = assets.locate(self.tokenizer_asset) if self.tokenizer_asset else self.tokenizer_path
-        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)), self.model_type())
 
     def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
+        check_head(self.model_type(), head, self.name)
         tokenizer = self.tokenizer()
         settings = dict(self.config)
         model_type = settings.pop("model_type")

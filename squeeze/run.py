@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from squeeze import artifacts
 from squeeze import compress as compression
 from squeeze import models
-from squeeze.compress import checkpoint
+from squeeze import formats
 from squeeze import guard, measure, speculative
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
@@ -242,7 +242,7 @@ def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None
     tmp = run_dir / f".{MODEL_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpoint.save(model, tokenizer, tmp)
+        formats.save(model, tokenizer, tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SqueezeError(f"could not save the model to {final} ({e.strerror or e}); free disk space and "
@@ -297,7 +297,7 @@ def _load_checkpoint(cfg, spec, tokenizer, trained: artifacts.Artifact, labels, 
         record["choices"]["model"] = trained.choices.get("model")
         record["choices"]["compress"] = trained.choices.get("compress")
     _check_architecture(spec, trained)
-    model = checkpoint.load(trained.model_dir, head)
+    model = formats.load(trained.model_dir, head)
     models.check_labels(model, head, labels, f"checkpoint {ckpt}")
     # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
     tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(trained.model_dir)))

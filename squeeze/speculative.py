@@ -27,8 +27,8 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from squeeze import artifacts
-from squeeze.compress import checkpoint
-from squeeze.compress.distillation import cut_layers
+from squeeze.arch import adapter_for
+from squeeze import formats
 from squeeze.errors import SqueezeError
 
 log = logging.getLogger("squeeze")
@@ -43,7 +43,7 @@ def first_layers(model: nn.Module, layers: int) -> nn.Module:
     """A draft: a copy of `model` keeping its embeddings, its first `layers` decoder layers and its
     head (Chen et al.'s cheapest draft needs no training, though a trained one accepts more)."""
     _check_layers(layers, model)
-    return cut_layers(model, range(layers)).eval()
+    return adapter_for(model).keep_layers(model, range(layers)).eval()
 
 
 def _check_layers(layers: int, target: nn.Module) -> None:
@@ -286,7 +286,7 @@ def load_draft(draft: Any, target: nn.Module, tokenizer) -> nn.Module:
     layers = _layer_count(draft)
     if layers is not None:
         return first_layers(target, layers)
-    model = checkpoint.load(_draft_dir(draft), "causal_lm")
+    model = formats.load(_draft_dir(draft), "causal_lm")
     device = next(target.parameters()).device
     return model.to(device=device, dtype=next(target.parameters()).dtype).eval()
 

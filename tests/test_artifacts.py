@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from squeeze import artifacts, assets, run
 from squeeze.assets import AssetMissingError
-from squeeze.compress import checkpoint
+from squeeze import formats
 from squeeze.errors import SqueezeError
 from squeeze.speculative import check_draft, load_draft
 
@@ -66,7 +66,7 @@ def test_a_run_directory_gives_its_model_checkpoint_and_record(tmp_path, tiny):
     assert found.model_config == {"name": "tiny_gpt2", "family": "decoder"}
     assert found.choices["compress"] == "imp" and found.location == str(run_dir / "model")
     # What it points at is the saved model itself.
-    loaded = checkpoint.load(found.model_dir, "causal_lm")
+    loaded = formats.load(found.model_dir, "causal_lm")
     assert all(torch.equal(v, tiny[0].state_dict()[k]) for k, v in loaded.state_dict().items())
     assert artifacts.resume_checkpoint(str(run_dir)) == run_dir / "checkpoints" / "last.ckpt"
 
@@ -85,8 +85,7 @@ def test_a_model_directory_a_ckpt_file_and_an_asset(tmp_path, tiny):
 
     found = artifacts.resolve("minilm", "teacher")
     assert (found.kind, found.model_dir, found.model_type) == (artifacts.ASSET, assets.locate("minilm"), "bert")
-    assert artifacts.model_location("minilm", "sequence_classification") == (str(assets.locate("minilm")),
-                                                                              assets.locate("minilm"))
+    assert found.location == str(assets.locate("minilm"))
 
 
 def test_a_hub_id_uses_the_local_hf_cache_or_is_left_to_download(tmp_path, monkeypatch):
@@ -175,7 +174,7 @@ def test_kinds_a_caller_does_not_take_and_runs_of_another_head(tmp_path, tiny):
     classifier = make_run(tmp_path, tiny, "classifier", head="sequence_classification")
     with pytest.raises(SqueezeError, match="teacher run .* was trained with a sequence_classification head but a "
                                            "causal_lm model is needed"):
-        artifacts.model_location(str(classifier), "causal_lm")
+        artifacts.require_head(artifacts.resolve(str(classifier), "teacher"), "causal_lm", "teacher")
     artifacts.require_head(artifacts.resolve(str(classifier)), "sequence_classification")
 
 

@@ -17,22 +17,20 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from squeeze import models, run
-from squeeze.compress import checkpoint
+from squeeze import formats
 from squeeze.compress import teacher_cache as tc
-from squeeze.compress.distillation import (
-    Distillation,
-    cut_layers,
+from squeeze.arch import adapter_for
+from squeeze.compress.distillation import Distillation
+from squeeze.compress.distillation.losses import (
     hidden_loss,
     kd_loss,
     last_token_index,
-    layer_list,
     loss_parts,
     pick_hidden,
-    pkd_layer_pairs,
-    student_layer_ids,
-    teacher_targets,
     topk_kd_loss,
 )
+from squeeze.compress.distillation.module import teacher_targets
+from squeeze.compress.distillation.student import cut_layers, pkd_layer_pairs, student_layer_ids
 from squeeze.compress.teacher_cache import TargetSpec
 from squeeze.errors import SqueezeError
 
@@ -169,13 +167,13 @@ def _batch(name: str, texts=("a fine film , well acted", "dull", "the plot is th
 
 
 @pytest.mark.parametrize("init", ["first", "alternate"])
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"])
 def test_student_holds_exactly_the_chosen_teacher_layers(name, init, tmp_path):
     teacher = _tiny(name, layers=4)
     keep = student_layer_ids(4, 2, init)
     student = cut_layers(teacher, keep)
-    _, _, t_layers = layer_list(teacher)
-    _, _, s_layers = layer_list(student)
+    _, t_layers = adapter_for(teacher).layer_stack(teacher)
+    _, s_layers = adapter_for(student).layer_stack(student)
     assert len(s_layers) == 2 and student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
     for j, i in enumerate(keep):
         t_state, s_state = t_layers[i].state_dict(), s_layers[j].state_dict()
@@ -319,7 +317,7 @@ def test_pkd_from_a_finished_run_trains_a_smaller_student_and_leaves_the_teacher
     summary = read_result(tmp_path)["compress"]["pkd"]
     teacher = spy._module.teacher
     # The teacher: frozen, gradient-free, and bit-for-bit the finished run's model.
-    saved_teacher = checkpoint.load(teacher_run / "model", "sequence_classification")
+    saved_teacher = formats.load(teacher_run / "model", "sequence_classification")
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert not teacher.training
     state = teacher.state_dict()
@@ -357,9 +355,9 @@ def _kl(teacher, student, batches, T=1.0) -> float:
 def test_kd_student_moves_towards_its_teacher(teacher_run, tmp_path):
     _distil(tmp_path, "kd", teacher_run, "compress.kd.student.layers=1", "compress.kd.alpha=1.0",
             "compress.kd.temperature=1.0", "optimizer.lr=3e-3", "trainer.max_steps=8")
-    teacher = checkpoint.load(teacher_run / "model", "sequence_classification").eval()
+    teacher = formats.load(teacher_run / "model", "sequence_classification").eval()
     before = cut_layers(teacher, [0]).eval()
-    after = checkpoint.load(tmp_path / "model", "sequence_classification").eval()
+    after = formats.load(tmp_path / "model", "sequence_classification").eval()
     cfg = compose_cfg("train", [*fast("rotten_tomatoes"), "model=tiny_bert"], tmp_path / "data")
     data = instantiate(cfg.task.data, tokenizer=_tokenizer("tiny_bert"), seed=cfg.seed, _convert_="all")
     data.setup()
@@ -396,6 +394,18 @@ def test_language_model_distils_its_own_first_layers_with_a_top_k_cache(tmp_path
     assert "test/perplexity" in record["metrics"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == "llama"
+
+
+def test_pkd_on_opt_distils_alternate_layers_and_pools_the_last_real_token(tmp_path):
+    record, spy = _distil(tmp_path, "pkd", None, "model.config.num_hidden_layers=4", "compress.pkd.student.layers=2",
+                          "compress.pkd.student.init=alternate", model="tiny_opt")
+    summary = spy.summary()
+    assert summary["student"]["kept_layers"] == [1, 3] and summary["teacher"]["layers"] == 4
+    assert spy.spec.pool == "last"  # OPT is a decoder: its sequence head reads the last real token
+    assert all(r["train/loss_kd"] >= 0 and r["train/loss_hidden"] > 0 for r in _rows(tmp_path))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == "opt"
+    assert record["metrics"]["test/accuracy"] >= 0
 
 
 def test_sweep_over_none_kd_pkd_completes(tmp_path):

@@ -15,10 +15,10 @@ from conftest import FAST, compose_cfg, read_result
 from hydra.utils import instantiate
 
 from squeeze import run
-from squeeze.compress import build_chain, checkpoint
+from squeeze.arch import adapter_for
+from squeeze import formats
+from squeeze.compress import build_chain
 from squeeze.compress.pruning import (
-    DEFAULT_EXCLUDE,
-    DEFAULT_INCLUDE,
     IterativeMagnitudePruning,
     adaptive_should_prune,
     cubic_sparsity,
@@ -32,7 +32,7 @@ from squeeze.compress.pruning import (
 )
 from squeeze.errors import SqueezeError
 
-TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama"]
+TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"]
 
 
 
@@ -113,14 +113,26 @@ def test_the_config_path_users_type(tmp_path):
     assert "compress.imp.target=1.5 must be" in str(_squeeze_error(error.value))
     cfg = compose_cfg("train", ["compress=imp", "compress.imp.target=0.5", "compress.imp.schedule=fixed"], tmp_path)
     (imp,) = build_chain(cfg.compress)
-    assert imp.name == "imp" and imp.target == 0.5 and imp.include == [DEFAULT_INCLUDE]
+    assert imp.name == "imp" and imp.target == 0.5 and imp.include is None and imp.exclude is None
     assert imp.test_best_checkpoint is False
+    # null patterns are the family's, filled in when the model is seen, and recorded as used.
+    imp.prepare_model(_model("tiny_gpt2", tmp_path), None)
+    assert imp.include == [r"attn|mlp"] and imp.exclude == [r"wte|wpe|ln_"]
+    assert imp.summary()["include"] == [r"attn|mlp"] and imp.summary()["exclude"] == [r"wte|wpe|ln_"]
 
 
 def _model(name, tmp_path, head="sequence_classification"):
     cfg = compose_cfg("train", [f"model={name}"], tmp_path)
     torch.manual_seed(0)
     return instantiate(cfg.model, _convert_="all").build(head, ["neg", "pos"])
+
+
+def _defaults(model_or_name):
+    """The family's default patterns: what compress=imp prunes when include/exclude are null."""
+    if isinstance(model_or_name, str):  # a conf/model name
+        model_or_name = {"tiny_bert": "bert", "tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_opt": "opt"}[model_or_name]
+    adapter = adapter_for(model_or_name)
+    return [adapter.prune_include], [adapter.prune_exclude]
 
 
 def test_a_pattern_that_matches_nothing_is_named(tmp_path):
@@ -133,13 +145,13 @@ def test_a_pattern_that_matches_nothing_is_named(tmp_path):
 
 # -- what is pruned ------------------------------------------------------------------------------------
 # Per layer: BERT q,k,v,attention.output,intermediate,output; GPT-2 c_attn,attn.c_proj,c_fc,mlp.c_proj;
-# Llama q,k,v,o,gate,up,down. GPT-2's are Conv1D (stored transposed), the others nn.Linear.
-EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0)}
+# Llama q,k,v,o,gate,up,down; OPT q,k,v,out_proj,fc1,fc2. GPT-2's are Conv1D (stored transposed), the others nn.Linear.
+EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0), "tiny_opt": (12, 0)}
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_default_patterns_select_attention_and_mlp_matrices(name, tmp_path):
-    weights, transposed = select_weights(_model(name, tmp_path), [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    weights, transposed = select_weights(_model(name, tmp_path), *_defaults(name))
     assert (len(weights), len(transposed)) == EXPECTED[name]
     assert not any(k in n.lower() for n in weights for k in ("embed", "wte", "wpe", "norm", "ln_", "head", "score"))
 
@@ -147,7 +159,7 @@ def test_default_patterns_select_attention_and_mlp_matrices(name, tmp_path):
 @pytest.mark.parametrize("granularity", ["global", "layer", "row"])
 @pytest.mark.parametrize("name", TINY)
 def test_target_sparsity_is_reached_exactly(name, granularity, tmp_path):
-    weights, transposed = select_weights(_model(name, tmp_path), [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    weights, transposed = select_weights(_model(name, tmp_path), *_defaults(name))
     masks = magnitude_masks(weights, 0.7, granularity, None, transposed)
     pruned = {n: int((~m).sum()) for n, m in masks.items()}
     total = sum(w.numel() for w in weights.values())
@@ -176,7 +188,7 @@ def _trainer(optimizer, step=0):
 
 def _optimizer(model, **kwargs):
     # Only the matrices being pruned: the (large, dense) embeddings would just slow the test down.
-    weights, _ = select_weights(model, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    weights, _ = select_weights(model, *_defaults(model))
     return torch.optim.AdamW(weights.values(), **kwargs)
 
 
@@ -282,6 +294,7 @@ def _csv_sparsity(run_dir):
 
 @pytest.mark.parametrize("name, settings", [
     ("tiny_gpt2", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
+    ("tiny_opt", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
     # adaptive: validation every 2 steps, each under the (generous) threshold until the target is reached
     ("tiny_bert", ["compress.imp.schedule=adaptive", "compress.imp.fraction=0.5", "compress.imp.threshold=100",
                    "compress.imp.granularity=row", "trainer.val_check_interval=2"]),
@@ -305,7 +318,7 @@ def test_a_run_reaches_the_target_and_evaluate_reloads_the_sparse_model(name, se
     assert logged[-1][1] == pytest.approx(0.7, abs=0.005)
     # The model directory is the sparse format, with no dense copy, and evaluate.py reads it.
     files = {p.name for p in (tmp_path / "model").iterdir()}
-    assert checkpoint.SPARSE_FILE in files and "model.safetensors" not in files
+    assert formats.sparse.SPARSE_FILE in files and "model.safetensors" not in files
     eval_dir = tmp_path / "eval"
     # model= named: the committed run._load_checkpoint reloads the tokenizer with model='s class.
     evaluated = run.evaluate(compose_cfg("eval", [*RUN, f"model={name}", f"ckpt={tmp_path}"], eval_dir))
@@ -334,10 +347,10 @@ def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path)
     assert resumed["status"] == "ok", resumed["error"]
     assert [e["step"] for e in resumed["compress"]["imp"]["events"]] == [2, 4, 6, 8]
     assert _csv_sparsity(parts)[0][0] == 6  # the resumed run pruned only the remaining stages
-    a = checkpoint.load(whole / "model", "sequence_classification")
-    b = checkpoint.load(parts / "model", "sequence_classification")
-    weights_a, _ = select_weights(a, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
-    weights_b, _ = select_weights(b, [DEFAULT_INCLUDE], [DEFAULT_EXCLUDE])
+    a = formats.load(whole / "model", "sequence_classification")
+    b = formats.load(parts / "model", "sequence_classification")
+    weights_a, _ = select_weights(a, *_defaults(a))
+    weights_b, _ = select_weights(b, *_defaults(b))
     for n, p in weights_a.items():
         assert torch.equal(p == 0, weights_b[n] == 0), n
         torch.testing.assert_close(p, weights_b[n])

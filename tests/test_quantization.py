@@ -19,7 +19,7 @@ from squeeze import run
 from squeeze.compress import build_chain
 from squeeze.compress import quantization as q
 from squeeze.compress.quantization import post_training
-from squeeze.compress.packed import PACKED_FILE, is_packed, load_packed, pack_int4, save_packed, unpack_int4
+from squeeze.formats.packed import PACKED_FILE, is_packed, load_packed, pack_int4, save_packed, unpack_int4
 from squeeze.errors import SqueezeError
 from squeeze.formats.compressed import is_compressed
 
@@ -371,7 +371,7 @@ def test_weight_only_runs_torchao_kernels_on_gpu(bits, group_size, tmp_path_fact
 def test_packed_file_of_another_format_or_version_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from squeeze.compress.packed import FORMAT, read_packed
+    from squeeze.formats.packed import FORMAT, read_packed
 
     path = tmp_path / PACKED_FILE
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "other", "version": "1"})

@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from squeeze.compress import checkpoint
-from squeeze.compress.pruning import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, magnitude_masks, select_weights
+from squeeze import formats
+from squeeze.arch import adapter_for
+from squeeze.compress.pruning import magnitude_masks, select_weights
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes
 
@@ -29,7 +30,10 @@ def _build(name, head, tmp_path):
     return spec.build(head, LABELS), spec.tokenizer()
 
 
-def _prune(model, sparsity, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE):
+def _prune(model, sparsity, include=None, exclude=None):
+    adapter = adapter_for(model)  # the family's own attention + MLP patterns unless given
+    include = adapter.prune_include if include is None else include
+    exclude = adapter.prune_exclude if exclude is None else exclude
     weights, transposed = select_weights(model, [include], [exclude] if exclude else [])
     masks = magnitude_masks(weights, sparsity, "global", None, transposed)
     with torch.no_grad():
@@ -57,12 +61,12 @@ def test_sparse_round_trip_is_bit_identical(name, head, dtype, tmp_path):
         kept = (first.view(-1) != 0).nonzero()[0]
         first.view(-1)[kept] = -0.0
     directory = tmp_path / "model"
-    checkpoint.save(model, tokenizer, directory)
+    formats.save(model, tokenizer, directory)
     files = {p.name for p in directory.iterdir()}
-    assert checkpoint.SPARSE_FILE in files and "config.json" in files
+    assert formats.sparse.SPARSE_FILE in files and "config.json" in files
     assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}  # no dense copy
 
-    loaded = checkpoint.load(directory, head)
+    loaded = formats.load(directory, head)
     assert type(loaded) is type(model) and loaded.dtype == dtype
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
@@ -81,18 +85,18 @@ def test_sparse_round_trip_is_bit_identical(name, head, dtype, tmp_path):
 
 def test_sparse_directory_is_really_smaller(tmp_path):
     model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
-    checkpoint.save(model, tokenizer, tmp_path / "dense")
+    formats.save(model, tokenizer, tmp_path / "dense")
     assert (tmp_path / "dense" / "model.safetensors").exists()  # a plain model stays plain
     dense_weights = (tmp_path / "dense" / "model.safetensors").stat().st_size
     # Default selection (attention + MLP) at 50%: smaller, though tiny_bert is mostly embeddings.
     _prune(model, 0.5)
-    checkpoint.save(model, tokenizer, tmp_path / "half")
+    formats.save(model, tokenizer, tmp_path / "half")
     assert dir_bytes(tmp_path / "half") < dir_bytes(tmp_path / "dense")
     # Every matrix at 50%: half the values plus one bit per entry, about 53% of the dense file.
     model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
-    _prune(model, 0.5, include=".", exclude=None)
-    checkpoint.save(model, tokenizer, tmp_path / "all")
-    sparse_weights = (tmp_path / "all" / checkpoint.SPARSE_FILE).stat().st_size
+    _prune(model, 0.5, include=".", exclude="")
+    formats.save(model, tokenizer, tmp_path / "all")
+    sparse_weights = (tmp_path / "all" / formats.sparse.SPARSE_FILE).stat().st_size
     assert sparse_weights < 0.6 * dense_weights
 
 
@@ -100,57 +104,57 @@ def test_plain_model_stays_a_plain_transformers_directory(tmp_path):
     model, tokenizer = _build("tiny_gpt2", "sequence_classification", tmp_path)
     with torch.no_grad():  # a few incidental zeros do not make a model sparse
         model.score.weight[0, :8] = 0
-    checkpoint.save(model, tokenizer, tmp_path / "m")
-    assert not (tmp_path / "m" / checkpoint.SPARSE_FILE).exists()
+    formats.save(model, tokenizer, tmp_path / "m")
+    assert not (tmp_path / "m" / formats.sparse.SPARSE_FILE).exists()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert torch.equal(reloaded.score.weight, model.score.weight)
-    assert torch.equal(checkpoint.load(tmp_path / "m", "sequence_classification").score.weight, model.score.weight)
+    assert torch.equal(formats.load(tmp_path / "m", "sequence_classification").score.weight, model.score.weight)
 
 
 def test_which_tensors_are_stored_sparse():
     t = torch.randn(16, 16)
-    assert not checkpoint.stored_sparse(t)
+    assert not formats.sparse.stored_sparse(t)
     t.view(-1)[:40] = 0  # 16% zeros
-    assert not checkpoint.stored_sparse(t)
+    assert not formats.sparse.stored_sparse(t)
     t.view(-1)[:128] = 0  # 50%
-    assert checkpoint.stored_sparse(t)
-    assert not checkpoint.stored_sparse(torch.zeros(64))  # 1-D (biases, norms) stay dense
+    assert formats.sparse.stored_sparse(t)
+    assert not formats.sparse.stored_sparse(torch.zeros(64))  # 1-D (biases, norms) stay dense
     # In a model already saved sparse, a lightly pruned matrix packs smaller too: 16% zeros in float32
     # cost 1/32 + 0.84 of the dense bytes.
     t.view(-1)[:] = torch.randn(256)
     t.view(-1)[:40] = 0
-    assert checkpoint.stored_sparse(t, min_sparsity=0.0)
-    assert not checkpoint.stored_sparse(torch.randn(16, 16), min_sparsity=0.0)  # no zeros: larger sparse
-    assert not checkpoint.stored_sparse(torch.zeros(8, 8, dtype=torch.int64))
+    assert formats.sparse.stored_sparse(t, min_sparsity=0.0)
+    assert not formats.sparse.stored_sparse(torch.randn(16, 16), min_sparsity=0.0)  # no zeros: larger sparse
+    assert not formats.sparse.stored_sparse(torch.zeros(8, 8, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 1001])
 def test_bitmask_packs_and_unpacks(count):
     mask = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
-    packed = checkpoint.pack_bits(mask)
+    packed = formats.sparse.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (count + 7) // 8
-    assert torch.equal(checkpoint.unpack_bits(packed, count), mask)
+    assert torch.equal(formats.sparse.unpack_bits(packed, count), mask)
     t = torch.randn(count, 3, dtype=torch.float16) * (torch.rand(count, 3) > 0.6)
-    assert torch.equal(_bits(checkpoint.decode(*checkpoint.encode(t), list(t.shape))), _bits(t))
+    assert torch.equal(_bits(formats.sparse.decode(*formats.sparse.encode(t), list(t.shape))), _bits(t))
 
 
 def test_foreign_or_newer_files_fail_with_one_line(tmp_path):
     model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
     _prune(model, 0.7)
     directory = tmp_path / "m"
-    checkpoint.save(model, tokenizer, directory)
-    path = directory / checkpoint.SPARSE_FILE
+    formats.save(model, tokenizer, directory)
+    path = directory / formats.sparse.SPARSE_FILE
     with pytest.raises(SqueezeError, match="does not hold a BertLMHeadModel: 6 missing keys .* 4 unexpected keys"):
-        checkpoint.load(directory, "causal_lm")
+        formats.load(directory, "causal_lm")
     save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "squeeze-sparse", "version": "9",
                                                          "shapes": "{}", "tied": "{}"})
     with pytest.raises(SqueezeError, match="sparse format version '9', this squeeze reads version 1"):
-        checkpoint.load(directory, "sequence_classification")
+        formats.load(directory, "sequence_classification")
     save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     with pytest.raises(SqueezeError, match="is not a squeeze sparse checkpoint"):
-        checkpoint.load(directory, "sequence_classification")
+        formats.load(directory, "sequence_classification")
     # A state dict that does not fit the config's model is named, not silently random-initialised.
     save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "squeeze-sparse", "version": "1",
                                                          "shapes": json.dumps({}), "tied": json.dumps({})})
     with pytest.raises(SqueezeError, match="does not hold a BertForSequenceClassification"):
-        checkpoint.load(directory, "sequence_classification")
+        formats.load(directory, "sequence_classification")

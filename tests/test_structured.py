@@ -13,7 +13,11 @@ from conftest import FAST, compose_cfg, read_result
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from squeeze import models, run
-from squeeze.compress import structured as st
+from squeeze import formats
+from squeeze.arch import adapter_for
+from squeeze.arch.linear import as_out_in
+from squeeze.arch.loading import loading_class
+from squeeze.compress.structured import HeadPruning, RowPruning, amounts, importance, surgery
 from squeeze.errors import SqueezeError
 
 HIDDEN, HEADS, HEAD_DIM, VOCAB = 64, 4, 16, 100
@@ -22,9 +26,12 @@ SIZES = {
     "gpt2": {"n_embd": HIDDEN, "n_layer": 2, "n_head": HEADS, "n_inner": 128},
     "llama": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": 2,
               "intermediate_size": 128},
+    "opt": {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS, "ffn_dim": 128,
+            "word_embed_proj_dim": HIDDEN},
 }
 CASES = [("bert", AutoModelForSequenceClassification), ("gpt2", AutoModelForSequenceClassification),
-         ("gpt2", AutoModelForCausalLM), ("llama", AutoModelForCausalLM)]
+         ("gpt2", AutoModelForCausalLM), ("llama", AutoModelForCausalLM),
+         ("opt", AutoModelForSequenceClassification), ("opt", AutoModelForCausalLM)]
 IDS = [f"{kind}-{auto.__name__[12:]}" for kind, auto in CASES]
 
 
@@ -47,7 +54,7 @@ def logits(model):
 
 
 def layers(model):
-    layout = st.layout_of(model, "test")
+    layout = adapter_for(model)
     return layout, [layer for _, layer in layout.layers(model)]
 
 
@@ -56,7 +63,7 @@ def zero_o_columns(model, layer_idx, cols):
     layout, ls = layers(model)
     o = layout.o_proj(ls[layer_idx])
     with torch.no_grad():
-        st.as_out_in(o)[:, cols] = 0.0
+        as_out_in(o)[:, cols] = 0.0
 
 
 def head_cols(heads, head_dim=HEAD_DIM):
@@ -65,23 +72,23 @@ def head_cols(heads, head_dim=HEAD_DIM):
 
 # -- pure functions ---------------------------------------------------------------------------------
 def test_amounts_fractions_counts_and_groups():
-    assert st.units_to_remove(0.25, 12, 1, "a", "w") == 3
-    assert st.units_to_remove(0.25, 4, 1, "a", "w") == 1
-    assert st.units_to_remove(0.25, 2, 2, "a", "w") == 1  # half a KV group rounds up to one
-    assert st.units_to_remove(0.1, 4, 1, "a", "w") == 0
-    assert st.units_to_remove(2, 4, 1, "a", "w") == 2
-    assert st.units_to_remove(6, 3, 3, "a", "w") == 2  # 6 heads = 2 groups of 3
+    assert amounts.units_to_remove(0.25, 12, 1, "a", "w") == 3
+    assert amounts.units_to_remove(0.25, 4, 1, "a", "w") == 1
+    assert amounts.units_to_remove(0.25, 2, 2, "a", "w") == 1  # half a KV group rounds up to one
+    assert amounts.units_to_remove(0.1, 4, 1, "a", "w") == 0
+    assert amounts.units_to_remove(2, 4, 1, "a", "w") == 2
+    assert amounts.units_to_remove(6, 3, 3, "a", "w") == 2  # 6 heads = 2 groups of 3
 
 
 def test_iterative_schedule_reaches_the_target_monotonically():
     for total, n in [(3, 1), (3, 2), (5, 3), (1, 4), (8, 8)]:
-        steps = [st.removed_by(total, i, n) for i in range(n)]
+        steps = [amounts.removed_by(total, i, n) for i in range(n)]
         assert steps == sorted(steps) and steps[-1] == total and steps[0] >= 0
 
 
 def test_keep_highest_keeps_original_order():
-    assert st.keep_highest(torch.tensor([0.5, 0.1, 0.9, 0.3]), 2) == [0, 2]
-    assert st.keep_highest(torch.tensor([1.0, 2.0]), 0) == [0, 1]
+    assert amounts.keep_highest(torch.tensor([0.5, 0.1, 0.9, 0.3]), 2) == [0, 2]
+    assert amounts.keep_highest(torch.tensor([1.0, 2.0]), 0) == [0, 1]
 
 
 def test_an_optimizer_follows_the_cut_parameters():
@@ -90,9 +97,9 @@ def test_an_optimizer_follows_the_cut_parameters():
     optimizer = torch.optim.AdamW(parent.parameters(), lr=0.1)
     parent.fc(torch.ones(1, 4)).sum().backward()
     optimizer.step()
-    surgery = st.Surgery()
-    surgery.keep(parent, "fc", [0, 2, 5], out=True)
-    surgery.repoint([optimizer])
+    cut = surgery.Surgery()
+    cut.keep(parent, "fc", [0, 2, 5], out=True)
+    cut.repoint([optimizer])
     assert [p.shape for p in optimizer.param_groups[0]["params"]] == [(3, 4), (3,)]
     assert not optimizer.state  # the old moments had the old shapes
     before = parent.fc.weight.detach().clone()
@@ -120,7 +127,7 @@ def test_pruned_heads_equal_masked_dense_and_reload(kind, auto, tmp_path):
         zero_o_columns(masked, 1, head_cols([0, 2, 3]))
         per_head = 3 * (HIDDEN * HEAD_DIM + HEAD_DIM) + HEAD_DIM * HIDDEN  # q, k, v rows with bias; o columns
         expected = before - 4 * per_head
-    st.prune_heads(model, layout, keep, "test")
+    surgery.prune_heads(model, layout, keep, "test")
 
     assert models.count_params(model)[0] == expected
     torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
@@ -139,7 +146,7 @@ def test_pruned_heads_equal_masked_dense_and_reload(kind, auto, tmp_path):
 
 def test_stock_bert_class_refuses_a_pruned_directory_loudly(tmp_path):
     model = tiny("bert")
-    st.prune_heads(model, st.layout_of(model, "test"), {0: [0, 1, 2], 1: [0, 1, 2]}, "test")
+    surgery.prune_heads(model, adapter_for(model), {0: [0, 1, 2], 1: [0, 1, 2]}, "test")
     model.save_pretrained(tmp_path)
     with pytest.raises(Exception, match="mismatch"):  # never silently re-initialised
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
@@ -147,23 +154,23 @@ def test_stock_bert_class_refuses_a_pruned_directory_loudly(tmp_path):
 
 def test_squeeze_loads_pruned_directories_with_its_own_classes(tmp_path):
     model = tiny("gpt2", AutoModelForCausalLM)
-    st.prune_heads(model, st.layout_of(model, "test"), {0: [0, 1], 1: [2, 3]}, "test")
+    surgery.prune_heads(model, adapter_for(model), {0: [0, 1], 1: [2, 3]}, "test")
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    cls = st.loading_class(config, AutoModelForCausalLM)
-    assert cls is type(model) and cls.__module__ == "squeeze.compress.pruned_attention"
+    cls = loading_class(config, AutoModelForCausalLM)
+    assert cls is type(model) and cls.__module__ == "squeeze.arch.pruned_attention"
     assert torch.equal(logits(cls.from_pretrained(tmp_path).eval()), logits(model))
-    assert st.loading_class(tiny("gpt2").config, AutoModelForCausalLM).__name__ == "GPT2LMHeadModel"
+    assert loading_class(tiny("gpt2").config, AutoModelForCausalLM).__name__ == "GPT2LMHeadModel"
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "opt"])
 def test_gradient_importance_ranks_a_dead_head_last(kind):
     model = tiny(kind)
     dead = 2  # query head 2: Llama's KV group 1
     zero_o_columns(model, 0, head_cols([dead]))
     layout, ls = layers(model)
     batch = {**inputs(n=4), "labels": torch.tensor([0, 1, 1, 0])}
-    scores = st.gradient_head_scores(layout, model, [batch, batch])
+    scores = importance.gradient_head_scores(layout, model, [batch, batch])
     group = dead // layout.shape(ls[0]).group
     others = [s for i, s in enumerate(scores[0].tolist()) if i != group]
     assert scores[0][group] == min(scores[0].tolist())
@@ -178,7 +185,7 @@ def test_magnitude_head_pruning_removes_the_weakest_heads():
     for m in (model, masked):
         zero_o_columns(m, 0, head_cols([3]))
         zero_o_columns(m, 1, head_cols([0]))
-    pruner = st.HeadPruning(amount=0.25, method="magnitude")
+    pruner = HeadPruning(amount=0.25, method="magnitude")
     pruner.prepare_model(model, tokenizer=None)
     pruner.finalize(model)
     summary = pruner.summary()
@@ -198,7 +205,7 @@ def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_pa
     with torch.no_grad():
         for layer in ls:
             _, (p, n) = layout.mlp(layer)
-            st.as_out_in(getattr(p, n))[:, weak_neurons] *= 1e-3
+            as_out_in(getattr(p, n))[:, weak_neurons] *= 1e-3
             if qkv:
                 q, _, v, _ = layout.qkvo(layer)
                 rows = [h * HEAD_DIM + t for h in range(HEADS) for t in weak_dims]
@@ -209,16 +216,17 @@ def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_pa
     with torch.no_grad():
         for layer in masked_layers:
             _, (p, n) = layout.mlp(layer)
-            st.as_out_in(getattr(p, n))[:, weak_neurons] = 0.0
+            as_out_in(getattr(p, n))[:, weak_neurons] = 0.0
             if qkv:  # q_t = 0 removes q·k's term t; o ignoring v's dim t removes v_t
                 rows = [h * HEAD_DIM + t for h in range(HEADS) for t in weak_dims]
                 q, _, _, o = layout.qkvo(layer)
                 q[rows] = 0.0
                 o[:, rows] = 0.0
-                q_module = layer.attention.self.query if kind == "bert" else layer.attn.c_attn
+                q_module = {"bert": lambda: layer.attention.self.query, "gpt2": lambda: layer.attn.c_attn,
+                            "opt": lambda: layer.self_attn.q_proj}[kind]()
                 q_module.bias[rows] = 0.0  # GPT-2's fused bias starts with q's
     before = models.count_params(model)[0]
-    pruner = st.RowPruning(mlp_amount=len(weak_neurons), qkv_amount=len(weak_dims) if qkv else 0)
+    pruner = RowPruning(mlp_amount=len(weak_neurons), qkv_amount=len(weak_dims) if qkv else 0)
     pruner.prepare_model(model, tokenizer=None)
 
     torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
@@ -250,7 +258,7 @@ def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_pa
 ])
 def test_bad_settings_fail_when_built(kwargs, match):
     with pytest.raises(SqueezeError, match=match):
-        st.HeadPruning(**kwargs)
+        HeadPruning(**kwargs)
 
 
 @pytest.mark.parametrize("kind,kwargs,match", [
@@ -259,7 +267,7 @@ def test_bad_settings_fail_when_built(kwargs, match):
     ("bert", {"layers": ["*.layer.7"]}, r"pattern '\*.layer.7' matches no layer; layers are numbered 0–1"),
     ("llama", {"amount": 1}, "whole groups of 2"),
     ("llama", {"amount": 0.5, "layers": [0]}, "one num_attention_heads for all layers"),
-    ("distilbert", {}, "supports bert, gpt2, llama models, not distilbert"),
+    ("distilbert", {}, "DistilBERT has no reloadable pruned-attention twin"),
 ])
 def test_bad_requests_fail_before_anything_is_cut(kind, kwargs, match):
     if kind == "distilbert":
@@ -270,7 +278,7 @@ def test_bad_requests_fail_before_anything_is_cut(kind, kwargs, match):
         model = tiny(kind)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SqueezeError, match=match) as error:
-        st.HeadPruning(method="magnitude", **kwargs).prepare_model(model, tokenizer=None)
+        HeadPruning(method="magnitude", **kwargs).prepare_model(model, tokenizer=None)
     assert "\n" not in str(error.value)
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
@@ -278,16 +286,16 @@ def test_bad_requests_fail_before_anything_is_cut(kind, kwargs, match):
 def test_a_llama_head_count_its_config_cannot_hold_is_refused():
     model = tiny("llama", num_key_value_heads=4)  # 4 heads of 16 dims: keeping 3 would need 64 % 3 == 0
     with pytest.raises(SqueezeError, match=r"hidden_size \(64\) to be a multiple of num_attention_heads"):
-        st.HeadPruning(amount=1, method="magnitude").prepare_model(model, tokenizer=None)
+        HeadPruning(amount=1, method="magnitude").prepare_model(model, tokenizer=None)
 
 
 def test_bad_row_requests():
     with pytest.raises(SqueezeError, match="rotary position embeddings"):
-        st.RowPruning(qkv_amount=0.25).prepare_model(tiny("llama"), tokenizer=None)
+        RowPruning(qkv_amount=0.25).prepare_model(tiny("llama"), tokenizer=None)
     with pytest.raises(SqueezeError, match="MLP widths would differ between layers"):
-        st.RowPruning(layers=["0"]).prepare_model(tiny("gpt2"), tokenizer=None)
+        RowPruning(layers=["0"]).prepare_model(tiny("gpt2"), tokenizer=None)
     with pytest.raises(SqueezeError, match="would leave none of the 16 dims of each head"):
-        st.RowPruning(qkv_amount=0.99).prepare_model(tiny("bert"), tokenizer=None)
+        RowPruning(qkv_amount=0.99).prepare_model(tiny("bert"), tokenizer=None)
 
 
 # -- the real pipeline ---------------------------------------------------------------------------
@@ -295,7 +303,7 @@ SHORT = FAST + ["task=rotten_tomatoes", "trainer.max_steps=3", "trainer.limit_va
                 "trainer.limit_test_batches=1", "perf=null"]
 
 
-@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2", "tiny_opt"])
 def test_train_with_heads_saves_a_model_that_evaluate_reloads(model, tmp_path):
     cfg = compose_cfg("train", SHORT + [f"model={model}", "compress=heads", "compress.heads.importance_batches=2"],
                       tmp_path)
@@ -330,6 +338,33 @@ def test_heads_then_rows_on_llama_reload_with_stock_transformers(tmp_path):
     evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_llama", f"ckpt={tmp_path}"], tmp_path / "eval"))
     assert evaluated["status"] == "ok", evaluated.get("error")
     assert evaluated["params"] == saved["params"] == saved["compress"]["rows"]["params_after"]
+    for key, value in saved["metrics"].items():
+        assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
+
+
+def test_heads_then_rows_on_opt_reload_with_squeeze_and_with_trust_remote_code(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_opt", "compress=[heads,rows]", "compress.heads.amount=1",
+                                        "compress.heads.method=magnitude", "compress.rows.qkv_amount=4"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    saved = read_result(tmp_path)
+    assert saved["compress"]["heads"]["heads_kept_per_layer"] == [3, 3]
+    assert saved["compress"]["rows"]["intermediate_after"] == [96, 96]
+    assert saved["compress"]["rows"]["head_dim_after"] == [12, 12]
+    assert saved["compress"]["rows"]["reload"] == "trust_remote_code"
+    model_dir = tmp_path / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["attention_layout"] == [[3, 12], [3, 12]] and config["ffn_dim"] == 96
+    assert (model_dir / "pruned_attention.py").exists()
+
+    # squeeze's loader (its own copy of the classes) and plain transformers (the copy in the directory) agree.
+    ours = formats.load(model_dir, "sequence_classification").eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    assert models.count_params(ours)[0] == models.count_params(plain)[0] == saved["params"]
+    torch.testing.assert_close(logits(plain), logits(ours), rtol=0, atol=0)
+
+    evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_opt", f"ckpt={tmp_path}"], tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated.get("error")
     for key, value in saved["metrics"].items():
         assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5)
 

@@ -52,3 +52,24 @@ def convert_conv1d(model: nn.Module, names: Sequence[str] | None = None) -> list
     for name in chosen:
         replace_module(model, name, conv1d_to_linear(model.get_submodule(name)))
     return chosen
+
+
+def sliced(module: nn.Module, index: torch.Tensor, out: bool) -> nn.Module:
+    """A copy of a Linear or Conv1D keeping only the output (`out`) or input features in `index`."""
+    w = module.weight.detach()
+    transposed = is_transposed(module)
+    out_dim = 1 if transposed else 0  # Conv1D's weight is [in, out]
+    index = index.to(w.device)
+    weight = w.index_select(out_dim if out else 1 - out_dim, index).clone()
+    bias = None
+    if module.bias is not None:
+        bias = module.bias.detach().index_select(0, index).clone() if out else module.bias.detach().clone()
+    with torch.device("meta"):  # shapes only; the sliced tensors replace the parameters below
+        if transposed:
+            new = Conv1D(weight.shape[1], weight.shape[0])
+        else:
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
+    return new

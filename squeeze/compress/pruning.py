@@ -1,8 +1,8 @@
 """Iterative magnitude pruning (`compress=imp`): what to prune, when, and keeping it pruned.
 
 What: the weight matrices whose names match `include` and no `exclude` pattern (regular expressions,
-case-insensitive; by default the attention and MLP projections of BERT, GPT-2 and Llama, never the
-embeddings or norms), ranked by |w| over all of them (`global`), within each matrix (`layer`), or
+case-insensitive; by default the model family's attention and MLP projections, never the embeddings
+or norms: squeeze.arch's adapter says which names those are), ranked by |w| over all of them (`global`), within each matrix (`layer`), or
 within each output row (`row`: the incoming weights of one unit; GPT-2's Conv1D stores those as
 columns).
 When: a schedule, a pure function of the optimizer step (`fixed`, `cubic`) or of the validation
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from squeeze.arch import adapter_for
+from squeeze.arch.linear import is_transposed
 from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 
@@ -37,10 +39,6 @@ log = logging.getLogger("squeeze")
 
 SCHEDULES = ("fixed", "cubic", "adaptive")
 GRANULARITIES = ("global", "layer", "row")
-# Attention and MLP projections: BERT (attention.*, intermediate.dense, output.dense), GPT-2 (attn,
-# mlp), Llama (self_attn, mlp), DistilBERT (attention, ffn). Embeddings and norms stay dense.
-DEFAULT_INCLUDE = r"attention|attn|mlp|intermediate|output\.dense|ffn"
-DEFAULT_EXCLUDE = r"embed|wte|wpe|norm|ln_"
 _EPS = 1e-9
 
 
@@ -98,8 +96,6 @@ def select_weights(model: nn.Module, include: Sequence[str], exclude: Sequence[s
     """(name → parameter, names stored transposed): the ≥2-D `*.weight` parameters that match an
     `include` pattern and no `exclude` pattern. Each include pattern must match something: a typo
     would otherwise prune nothing and the run would look fine."""
-    from transformers.pytorch_utils import Conv1D
-
     candidates: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -118,7 +114,7 @@ def select_weights(model: nn.Module, include: Sequence[str], exclude: Sequence[s
                 f"(not excluded by {list(exclude)}; e.g. {examples}); fix the pattern"
             )
         selected.update(hits)
-    transposed = {n for n in selected if isinstance(model.get_submodule(n.rpartition(".")[0]), Conv1D)}
+    transposed = {n for n in selected if is_transposed(model.get_submodule(n.rpartition(".")[0]))}
     return selected, transposed
 
 
@@ -200,8 +196,8 @@ class IterativeMagnitudePruning(Compressor):
         target: float = 0.7,
         schedule: str = "cubic",
         granularity: str = "global",
-        include: Sequence[str] | str = (DEFAULT_INCLUDE,),
-        exclude: Sequence[str] | str = (DEFAULT_EXCLUDE,),
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
         start_step: int = 0,
         end_step: int = 70,
         frequency: int = 10,
@@ -212,8 +208,9 @@ class IterativeMagnitudePruning(Compressor):
         self.target = target
         self.schedule = schedule
         self.granularity = granularity
-        self.include = [include] if isinstance(include, str) else list(include)
-        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        # None: the model family's default, filled in when the model is seen (prepare_model).
+        self.include = None if include is None else [include] if isinstance(include, str) else list(include)
+        self.exclude = None if exclude is None else [exclude] if isinstance(exclude, str) else list(exclude)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.fraction, self.threshold, self.rewind_step = fraction, threshold, rewind_step
         self._check_settings()
@@ -259,9 +256,10 @@ class IterativeMagnitudePruning(Compressor):
             if self.schedule != "adaptive" and self.rewind_step > self.first_step():
                 raise bad("rewind_step", self.rewind_step, f"comes after the first pruning step "
                                                            f"({self.first_step()}); rewind to an earlier step")
-        if not self.include:
-            raise bad("include", self.include, "selects nothing; give at least one parameter-name pattern")
-        for field, patterns in (("include", self.include), ("exclude", self.exclude)):
+        if self.include is not None and not self.include:
+            raise bad("include", self.include, "selects nothing; give at least one parameter-name pattern, or null "
+                                               "for the model family's attention and MLP weights")
+        for field, patterns in (("include", self.include or []), ("exclude", self.exclude or [])):
             for p in patterns:
                 try:
                     re.compile(p)
@@ -297,6 +295,7 @@ class IterativeMagnitudePruning(Compressor):
 
     # -- the run's hooks -----------------------------------------------------------------------------
     def prepare_model(self, model, tokenizer):
+        self._default_patterns(model)
         select_weights(model, self.include, self.exclude)  # bad patterns fail before training starts
         return model
 
@@ -350,6 +349,7 @@ class IterativeMagnitudePruning(Compressor):
 
     def finalize(self, model):
         """Fold the masks in (the weights are already zero there) and measure what was achieved."""
+        self._default_patterns(model)
         weights, _ = select_weights(model, self.include, self.exclude)
         layer_sparsity, zeros, total = {}, 0, 0
         with torch.no_grad():
@@ -377,7 +377,17 @@ class IterativeMagnitudePruning(Compressor):
         }
 
     # -- the work --------------------------------------------------------------------------------------
+    def _default_patterns(self, model: nn.Module) -> None:
+        """Fill in the family's patterns for those left null; the record then shows the ones used."""
+        if self.include is None or self.exclude is None:
+            adapter = adapter_for(model)
+            if self.include is None:
+                self.include = [adapter.prune_include]
+            if self.exclude is None:
+                self.exclude = [adapter.prune_exclude]
+
     def _bind(self, model: nn.Module) -> None:
+        self._default_patterns(model)
         self._weights, self._transposed = select_weights(model, self.include, self.exclude)
         restored, self._restored = self._restored, None
         if restored is not None:

@@ -23,12 +23,11 @@ from pathlib import Path
 from torch import nn
 
 from squeeze import models
+from squeeze.arch.pruned_attention import LAYOUT
 from squeeze.formats import compressed, packed, sparse
 from squeeze.formats.common import model_class, normal_mode
 from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear
 
-# TODO(arch merge): squeeze.arch.pruned_attention.LAYOUT once squeeze/compress/pruned_attention.py moves.
-PRUNED_ATTENTION_LAYOUT = "attention_layout"
 
 
 def has_quantized_weights(model: nn.Module) -> bool:
@@ -37,7 +36,7 @@ def has_quantized_weights(model: nn.Module) -> bool:
 
 def why_not_compressed(model: nn.Module) -> str | None:
     """Why compressed-tensors cannot hold this quantized model so that stock transformers loads it, or None."""
-    if getattr(model.config, PRUNED_ATTENTION_LAYOUT, None):
+    if getattr(model.config, LAYOUT, None):
         return ("its attention heads were removed (BERT/GPT-2): transformers builds that model only from the "
                 "directory's pruned_attention.py, which compressed-tensors' loader does not quantize")
     conv = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.from_conv1d]
@@ -90,7 +89,7 @@ def load(directory: str | Path, head: str):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(directory))
-    if getattr(config, PRUNED_ATTENTION_LAYOUT, None):  # heads removed (BERT, GPT-2): squeeze's own classes
+    if getattr(config, LAYOUT, None):  # heads removed (BERT, GPT-2): squeeze's own classes
         return model_class(config, head, directory).from_pretrained(str(directory))
     return models.load_saved(directory, head)
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from squeeze import models
+from squeeze.arch.loading import loading_class
 from squeeze.errors import SqueezeError
 
 
@@ -18,9 +19,6 @@ def model_class(config, head: str, directory: Path) -> type:
     """The concrete class a saved model loads as with `head` (the Auto classes build from a checkpoint
     name, the formats fill the model themselves): the stock class, or squeeze's own twin for BERT/GPT-2
     with removed heads."""
-    # TODO(arch merge): squeeze.arch.pruned_attention.loading_class once squeeze/compress/pruned_attention.py moves.
-    from squeeze.compress.structured import loading_class
-
     try:
         return loading_class(config, models.HEADS[head])
     except (KeyError, ValueError) as e:

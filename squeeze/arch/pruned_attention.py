@@ -1,15 +1,18 @@
-"""BERT and GPT-2 with a different attention size in each layer: how a model whose heads (or head
+"""BERT, GPT-2 and OPT with a different attention size in each layer: how a model whose heads (or head
 dims) were removed by squeeze's structured pruning loads again.
 
 transformers 5 sizes every layer's attention from hidden_size / num_attention_heads (there is no
-head_dim setting for these two architectures, and config.pruned_heads is gone), so stock classes
+head_dim setting for these architectures, and config.pruned_heads is gone), so stock classes
 cannot express fewer heads. The saved config.json keeps the stock sizes, adds `attention_layout`
 ([heads, head_dim] per layer) and an `auto_map` naming a class below, and this file is copied next to
 the weights. Plain transformers then loads it:
 
     AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)
 
-This file imports only torch and transformers, because it travels with every such model.
+This file imports only torch and transformers, because it travels with every such model. That is why
+it finds each family's attention modules itself instead of asking squeeze.arch's adapters: the one
+place outside the adapters where family-specific code is accepted. squeeze.arch.loading picks these
+classes when squeeze itself loads such a directory.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from transformers import (
     GPT2ForTokenClassification,
     GPT2LMHeadModel,
     GPT2Model,
+    OPTForCausalLM,
+    OPTForSequenceClassification,
+    OPTModel,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -31,10 +37,12 @@ LAYOUT = "attention_layout"
 
 
 def attention_blocks(model) -> list:
-    """Each layer's attention: BertAttention (self + output) or GPT2Attention."""
+    """Each layer's attention: BertAttention (self + output), GPT2Attention or OPTAttention."""
     base = getattr(model, model.base_model_prefix, model)
     if hasattr(base, "encoder"):  # BERT
         return [layer.attention for layer in base.encoder.layer]
+    if hasattr(base, "decoder"):  # OPT
+        return [layer.self_attn for layer in base.decoder.layers]
     return [block.attn for block in base.h]  # GPT-2
 
 
@@ -46,6 +54,9 @@ def set_sizes(attention, heads: int, head_dim: int) -> None:
         attention.self.num_attention_heads = heads
         attention.self.attention_head_size = head_dim
         attention.self.all_head_size = heads * head_dim
+    elif hasattr(attention, "q_proj"):  # OPT: forward reshapes with (num_heads, head_dim)
+        attention.num_heads = heads
+        attention.head_dim = head_dim
     else:  # GPT-2: forward splits the fused projection at split_size, reshapes with head_dim
         attention.num_heads = heads
         attention.head_dim = head_dim
@@ -62,6 +73,11 @@ def resize(model) -> None:
             for name in ("query", "key", "value"):
                 setattr(attention.self, name, nn.Linear(hidden, width))
             attention.output.dense = nn.Linear(width, hidden)
+        elif hasattr(attention, "q_proj"):
+            bias = model.config.enable_bias
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attention, name, nn.Linear(hidden, width, bias=bias))
+            attention.out_proj = nn.Linear(width, hidden, bias=bias)
         else:
             attention.c_attn = Conv1D(3 * width, hidden)
             attention.c_proj = Conv1D(hidden, width)
@@ -106,6 +122,18 @@ class PrunedGPT2ForTokenClassification(_Resized, GPT2ForTokenClassification):
     pass
 
 
+class PrunedOPTModel(_Resized, OPTModel):
+    pass
+
+
+class PrunedOPTForCausalLM(_Resized, OPTForCausalLM):
+    pass
+
+
+class PrunedOPTForSequenceClassification(_Resized, OPTForSequenceClassification):
+    pass
+
+
 # stock class → (its resized twin, the Auto class that loads it)
 TWINS = {
     BertModel: (PrunedBertModel, "AutoModel"),
@@ -116,4 +144,7 @@ TWINS = {
     GPT2LMHeadModel: (PrunedGPT2LMHeadModel, "AutoModelForCausalLM"),
     GPT2ForSequenceClassification: (PrunedGPT2ForSequenceClassification, "AutoModelForSequenceClassification"),
     GPT2ForTokenClassification: (PrunedGPT2ForTokenClassification, "AutoModelForTokenClassification"),
+    OPTModel: (PrunedOPTModel, "AutoModel"),
+    OPTForCausalLM: (PrunedOPTForCausalLM, "AutoModelForCausalLM"),
+    OPTForSequenceClassification: (PrunedOPTForSequenceClassification, "AutoModelForSequenceClassification"),
 }

@@ -1,0 +1,52 @@
+"""OPT (model_type opt: facebook/opt-125m …): a decoder.
+
+Each layer: self_attn.{q,k,v,out}_proj (nn.Linear) and the MLP as the layer's own fc1/fc2 (which the
+old shared pruning patterns missed). The MLP width is config.ffn_dim; no config field can express
+removed heads, so a pruned OPT carries pruned_attention.py like BERT and GPT-2. transformers has no
+OPT token-classification head.
+"""
+
+from __future__ import annotations
+
+from squeeze.arch import pruned_attention
+from squeeze.arch.base import DecoderAdapter, HeadLayout
+
+
+class OPTAdapter(DecoderAdapter):
+    family = "opt"
+    model_types = ("opt",)
+    heads = ("sequence_classification", "causal_lm")
+    stack_path = "decoder.layers"
+    intermediate_key = "ffn_dim"
+    prune_include = r"self_attn\.(q|k|v|out)_proj|fc1|fc2"
+    prune_exclude = r"embed|norm"
+
+    def shape(self, layer):
+        a = layer.self_attn
+        return HeadLayout(a.num_heads, a.num_heads, a.head_dim, layer.fc1.out_features)
+
+    def qkvo(self, layer):
+        a = layer.self_attn
+        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.out_proj.weight
+
+    def o_proj(self, layer):
+        return layer.self_attn.out_proj
+
+    def cut_attention(self, cutter, layer, q, k, v, o, heads, head_dim):
+        a = layer.self_attn
+        cutter.keep(a, "q_proj", q, out=True)
+        cutter.keep(a, "k_proj", k, out=True)
+        cutter.keep(a, "v_proj", v, out=True)
+        cutter.keep(a, "out_proj", o, out=False)
+        pruned_attention.set_sizes(a, heads, head_dim)
+
+    def mlp(self, layer):
+        return [(layer, "fc1")], (layer, "fc2")
+
+    def prepare_tokenizer(self, tokenizer):
+        # OPT was trained with its BOS (</s>) in front of every sequence, and its own tokenizer adds it;
+        # a GPT-2 BPE standing in for it (tiny_opt) must do the same.
+        tokenizer = super().prepare_tokenizer(tokenizer)
+        if tokenizer.bos_token is not None and not getattr(tokenizer, "add_bos_token", True):
+            tokenizer.add_bos_token = True
+        return tokenizer

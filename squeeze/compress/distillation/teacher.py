@@ -1,0 +1,34 @@
+"""Where the teacher comes from: whatever squeeze.artifacts resolves (a finished run directory, a saved
+model directory, an offline asset or a hub id), or the run's own model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer
+
+from squeeze import artifacts, formats, models
+from squeeze.errors import SqueezeError
+
+
+def load_teacher(source, head: str, model: nn.Module, tokenizer) -> tuple[nn.Module, str, Path | None]:
+    """(teacher, what to call it, its directory or None); the teacher's tokenizer must be the run's."""
+    if source is None:
+        return model, "the configured model", None
+    source = str(source)
+    found = artifacts.resolve(source, "teacher", accept=artifacts.MODELS)
+    artifacts.require_head(found, head, "teacher")
+    try:
+        teacher = (formats.load(found.model_dir, head) if found.model_dir is not None
+                   else models.HEADS[head].from_pretrained(found.location))
+        teacher_tokenizer = AutoTokenizer.from_pretrained(found.location)
+    except (OSError, ValueError) as e:
+        raise artifacts.load_error(found, e, "teacher") from e
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SqueezeError(
+            f"teacher {source} uses another tokenizer than the run's model ({len(teacher_tokenizer)} vs "
+            f"{len(tokenizer)} tokens, or other ids); pass the model= the teacher was trained from, or "
+            "student.from=model with a model of the teacher's tokenizer"
+        )
+    return teacher, source, found.model_dir

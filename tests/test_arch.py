@@ -1,0 +1,158 @@
+"""The family adapters (squeeze.arch) on each family's tiny random-init model, built from its real
+conf/model/*.yaml: layer stack, attention and MLP shapes, orientation, pooling, pruning defaults."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import CONF
+from omegaconf import OmegaConf
+from torch import nn
+
+from squeeze import models
+from squeeze.arch import adapter_for, find_adapter
+from squeeze.arch.linear import as_out_in, features, is_transposed
+from squeeze.arch.tokenizers import word_split_kwargs
+from squeeze.compress.pruning import select_weights
+from squeeze.errors import SqueezeError
+
+# model config → (family, kind, pool, layer-stack name, transposed projections)
+FAMILIES = {
+    "tiny_bert": ("bert", "encoder", "first", "bert.encoder.layer", False),
+    "tiny_gpt2": ("gpt2", "decoder", "last", "transformer.h", True),
+    "tiny_llama": ("llama", "decoder", "last", "model.layers", False),
+    "tiny_opt": ("opt", "decoder", "last", "model.decoder.layers", False),
+}
+TINY = list(FAMILIES)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(name: str) -> models.RandomInit:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    cfg.pop("_target_")
+    return models.RandomInit(**cfg)
+
+
+def _tiny(name: str, head: str = "sequence_classification"):
+    torch.manual_seed(0)
+    return _spec(name).build(head, ["neg", "pos"] if head != "causal_lm" else None)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_lookup_from_model_config_or_model_type(name):
+    model = _tiny(name)
+    family, kind, pool, _, _ = FAMILIES[name]
+    adapter = adapter_for(model)
+    assert adapter.family == family and adapter.kind == kind and adapter.pool == pool
+    assert type(adapter_for(model.config)) is type(adapter) is type(adapter_for(model.config.model_type))
+    assert kind == _spec(name).family  # the config's model.family agrees with the adapter
+
+
+def test_an_unknown_architecture_is_refused_naming_the_families():
+    with pytest.raises(SqueezeError, match=r"'t5'.*bert \(bert\).*gpt2 \(gpt2\).*llama \(llama\).*opt \(opt\)") as error:
+        adapter_for("t5")
+    assert "\n" not in str(error.value)
+    assert find_adapter("t5") is None
+
+
+@pytest.mark.parametrize("head", ["sequence_classification", "causal_lm"])
+@pytest.mark.parametrize("name", TINY)
+def test_layers_attention_and_mlp_shapes(name, head):
+    if head not in adapter_for(_spec(name).model_type()).heads:
+        pytest.skip(f"{name} has no {head} head")
+    model = _tiny(name, head)
+    adapter, config = adapter_for(model), model.config
+    _, _, _, stack, transposed = FAMILIES[name]
+    layers = adapter.layers(model)
+    assert len(layers) == config.num_hidden_layers == 2
+    hidden = config.hidden_size
+    for i, (layer_name, layer) in enumerate(layers):
+        if head == "sequence_classification":  # a headed model: the stack sits under the base model
+            assert layer_name == f"{stack}.{i}"
+        assert model.get_submodule(layer_name) is layer
+        s = adapter.shape(layer)
+        assert s.heads == config.num_attention_heads and s.heads * s.head_dim == hidden
+        assert s.kv_heads == getattr(config, "num_key_value_heads", s.heads)
+        q, k, v, o = adapter.qkvo(layer)
+        assert q.shape == (s.heads * s.head_dim, hidden)
+        assert k.shape == v.shape == (s.kv_heads * s.head_dim, hidden)
+        assert o.shape == (hidden, s.heads * s.head_dim)
+        assert is_transposed(adapter.o_proj(layer)) is transposed
+        assert as_out_in(adapter.o_proj(layer)).data_ptr() == o.data_ptr()  # views, not copies
+        ins, (out_parent, out_name) = adapter.mlp(layer)
+        for parent, attr in ins:
+            assert features(getattr(parent, attr)) == (s.intermediate, hidden)
+            assert is_transposed(getattr(parent, attr)) is transposed
+        assert features(getattr(out_parent, out_name)) == (hidden, s.intermediate)
+        assert getattr(config, adapter.intermediate_key) in (s.intermediate, None)  # GPT-2's n_inner: None = 4×
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_pruning_defaults_select_attention_and_mlp_only(name):
+    model = _tiny(name)
+    adapter = adapter_for(model)
+    selected, transposed = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
+    expected = set()
+    for _, layer in adapter.layers(model):
+        expected |= {_storage(w) for w in adapter.qkvo(layer)}
+        ins, (p, n) = adapter.mlp(layer)
+        expected |= {_storage(getattr(q, m).weight) for q, m in [*ins, (p, n)]}
+    assert {_storage(w) for w in selected.values()} == expected
+    for param_name in selected:
+        module = model.get_submodule(param_name.rpartition(".")[0])
+        assert not isinstance(module, (nn.Embedding, nn.LayerNorm)) and "norm" not in type(module).__name__.lower()
+    assert bool(transposed) is FAMILIES[name][4]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_cut_keeps_the_chosen_layers(name):
+    model = _tiny(name)
+    adapter = adapter_for(model)
+    cut = adapter.keep_layers(model, [1])
+    assert cut.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
+    (_, kept), = adapter.layers(cut)
+    assert kept is not adapter.layers(model)[1][1]  # a copy: the model itself is untouched
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), adapter.layers(model)[1][1].state_dict().values()))
+
+
+def test_word_split_input_needs_a_prefix_space_for_byte_level_bpe():
+    tokenizer = _spec("tiny_gpt2").tokenizer()
+    extra = word_split_kwargs(tokenizer)
+    assert extra == {"add_prefix_space": True}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_tokenizer_can_pad(name):
+    tokenizer = _spec(name).tokenizer()
+    assert tokenizer.pad_token is not None
+
+
+def test_tiny_opt_speaks_the_gpt2_bpe_with_a_bos_in_front_like_opt():
+    tokenizer = _spec("tiny_opt").tokenizer()
+    ids = tokenizer("good film")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 50256 and ids[1:] == [11274, 2646]  # the GPT-2 BPE, after BOS
+    model = _tiny("tiny_opt", "causal_lm")
+    config = model.config
+    assert config.vocab_size == len(tokenizer) == 50257
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # OPT has no token-classification head in transformers: refused by name, before any weights exist.
+    with pytest.raises(SqueezeError, match="tiny_opt \\(opt\\) has no token_classification head"):
+        _spec("tiny_opt").build("token_classification", ["O", "B-x"])
+
+
+def test_opt_default_patterns_take_its_mlp_which_the_old_shared_ones_missed():
+    # The one-size-fits-all patterns squeeze used before each family had its own.
+    old_include, old_exclude = r"attention|attn|mlp|intermediate|output\.dense|ffn", r"embed|wte|wpe|norm|ln_"
+    model = _tiny("tiny_opt")
+    adapter = adapter_for(model)
+    new, _ = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
+    old, _ = select_weights(model, [old_include], [old_exclude])
+    assert {n for n in new if ".fc1." in n or ".fc2." in n} and not {n for n in old if ".fc1." in n or ".fc2." in n}
+    assert len(new) == 2 * 6  # q, k, v, out_proj, fc1, fc2 in each of 2 layers
