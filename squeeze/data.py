@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from squeeze import assets
-from squeeze.arch.tokenizers import word_split_kwargs
+from squeeze.arch.tokenizers import words_as_in_text
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, perplexity_windows
 from squeeze.models import max_positions
@@ -352,8 +352,8 @@ class TokenClassificationData(_Labelled):
                 raise SqueezeError(f"the data has no column {column!r} (has {rows.column_names})")
         words = [list(map(str, w)) for w in rows[self.tokens_column]]
         tags = [[self.label_id(t) for t in seq] for seq in rows[self.tags_column]]
-        extra = word_split_kwargs(self.tokenizer)  # e.g. GPT-2's BPE must be told words start with a space
-        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length, **extra)
+        enc = self.tokenizer(words_as_in_text(self.tokenizer, words), is_split_into_words=True, truncation=True,
+                             max_length=self.max_length)
         out = []
         for i in range(len(words)):
             item = {k: enc[k][i] for k in enc.keys()}

@@ -14,7 +14,7 @@ from torch import nn
 from squeeze import models
 from squeeze.arch import adapter_for, find_adapter
 from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.arch.tokenizers import word_split_kwargs
+from squeeze.arch.tokenizers import words_as_in_text, words_need_space
 from squeeze.compress.pruning import select_weights
 from squeeze.errors import SqueezeError
 
@@ -121,10 +121,16 @@ def test_a_cut_keeps_the_chosen_layers(name):
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), adapter.layers(model)[1][1].state_dict().values()))
 
 
-def test_word_split_input_needs_a_prefix_space_for_byte_level_bpe():
-    tokenizer = _spec("tiny_gpt2").tokenizer()
-    extra = word_split_kwargs(tokenizer)
-    assert extra == {"add_prefix_space": True}
+@pytest.mark.parametrize("name, needs_space", [("tiny_bert", False), ("tiny_gpt2", True), ("tiny_llama", True),
+                                               ("tiny_opt", True)])
+def test_pre_split_words_encode_as_in_running_text(name, needs_space):
+    # NER rows arrive as words; each must get the tokens it has inside a sentence ("Ġfilm", not "fil"+"m").
+    tokenizer = _spec(name).tokenizer()
+    words = ["Jane", "wrote", "Persuasion", "in", "Chawton"]
+    enc = tokenizer(words_as_in_text(tokenizer, [words]), is_split_into_words=True, add_special_tokens=False)
+    assert enc["input_ids"][0] == tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"]
+    assert sorted(set(enc.word_ids(0))) == list(range(len(words)))
+    assert words_need_space(tokenizer) is needs_space
 
 
 @pytest.mark.parametrize("name", TINY)
