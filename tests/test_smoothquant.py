@@ -52,6 +52,8 @@ def test_pairs_follow_each_family():
     norm, linears = smoothing_pairs(llama)[0]
     attn = llama.model.layers[0].self_attn
     assert norm is llama.model.layers[0].input_layernorm and linears == [attn.q_proj, attn.k_proj, attn.v_proj]
+    mlp = llama.model.layers[0].mlp
+    assert (mlp.up_proj, [mlp.down_proj]) in [(p, ls) for p, ls in smoothing_pairs(llama)]
     bert = tiny("bert")
     producer, linears = smoothing_pairs(bert)[0]
     # Post-norm BERT: its LayerNorms also feed the residual, so only value → output.dense folds exactly.

@@ -41,7 +41,8 @@ def calibration_windows(sequences: Iterable[Sequence[int]], samples: int = 128, 
                         seed: int = 0, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """`samples` windows of `seq_len` tokens at seeded random offsets of the concatenated sequences."""
     _check_counts(samples, seq_len, batch_size)
-    stream = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
+    pieces = [torch.as_tensor(seq, dtype=torch.long).reshape(-1) for seq in sequences]
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     if len(stream) < seq_len:
         raise SqueezeError(f"calibration needs at least seq_len={seq_len} tokens but the data has {len(stream)}; "
                            "lower seq_len or use a larger split")
@@ -122,16 +123,16 @@ class LayerStats:
     """Running input statistics of one layer (see the module docstring)."""
 
     in_features: int
-    hessian_wanted: bool = True
-    tokens: int = 0
-    absmax: torch.Tensor = field(default=None)
-    sq_sum: torch.Tensor = field(default=None)
-    hessian: torch.Tensor | None = None
+    with_hessian: bool = True
+    tokens: int = field(default=0, init=False)
+    absmax: torch.Tensor = field(init=False)
+    sq_sum: torch.Tensor = field(init=False)
+    hessian: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.absmax = torch.zeros(self.in_features)
         self.sq_sum = torch.zeros(self.in_features)
-        if self.hessian_wanted:
+        if self.with_hessian:
             self.hessian = torch.zeros(self.in_features, self.in_features)
 
     @property
@@ -168,10 +169,10 @@ def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def recording(layers: Mapping[str, nn.Module], hessian: bool = True, mask: type[_Mask] = _Mask):
+def recording(layers: Mapping[str, nn.Module], hessian: bool = True):
     """Hooks that feed every call's input of `layers` into a LayerStats per name (yielded)."""
     stats = {name: LayerStats(features(m)[1], hessian) for name, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(_real_tokens(args[0], mask.current)))
+    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(_real_tokens(args[0], _Mask.current)))
                for name, m in layers.items()]
     try:
         yield stats

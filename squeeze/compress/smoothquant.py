@@ -12,7 +12,10 @@ only these layers linearly (its rows and bias divided by s). Which producer feed
 family knowledge; `smoothing_pairs` knows BERT, GPT-2 and Llama (to move into the family adapters):
 
   GPT-2   ln_1 → attn.c_attn;  ln_2 → mlp.c_fc                    (pre-norm: exact)
-  Llama   input_layernorm → q/k/v_proj;  post_attention_layernorm → gate/up_proj
+  Llama   input_layernorm → q/k/v_proj;  post_attention_layernorm → gate/up_proj;
+          up_proj → down_proj (the MLP computes act(gate(x)) ⊙ up(x), elementwise per channel, so
+          up's rows divided by s divide down_proj's input by s exactly; down_proj's input carries
+          the largest outliers of all, see benchmarks/dq_perplexity.py)
   BERT    attention.self.value → attention.output.dense (per layer)
           BERT is post-norm: a LayerNorm's output is also the residual added after the next sublayer,
           so dividing it by s would change the residual path — not foldable. The value projection is:
@@ -81,6 +84,7 @@ def _llama_pairs(model: nn.Module) -> list[Pair]:
         attn, mlp = b.self_attn, b.mlp
         pairs.append((b.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
         pairs.append((b.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+        pairs.append((mlp.up_proj, [mlp.down_proj]))
     return pairs
 
 
