@@ -141,10 +141,13 @@ class LayerStats:
         return self.sq_sum.sqrt()
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if n == 0:
             return
+        if self.absmax.device != x.device:  # accumulate where the model runs (a GPU's matmul for H)
+            self.absmax, self.sq_sum = self.absmax.to(x.device), self.sq_sum.to(x.device)
+            self.hessian = None if self.hessian is None else self.hessian.to(x.device)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.sq_sum += (x * x).sum(0)
         if self.hessian is not None:

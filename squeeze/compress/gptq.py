@@ -52,7 +52,7 @@ def check_settings(bits: int, group_size: int | None, in_features: int | None = 
                                "per output channel")
         if in_features is not None and in_features % group_size:
             raise SqueezeError(f"gptq group_size={group_size} does not divide in_features={in_features}; pick a "
-                               "divisor of every layer's input size (e.g. 32, 64 or 128)")
+                               "divisor of every layer's input size (e.g. 32 or 64)")
     if not 0 < percdamp < 1:
         raise SqueezeError(f"gptq percdamp={percdamp} must be in (0, 1) (0.01 is the paper's)")
     if block_size < 1:
