@@ -2,7 +2,10 @@
 blocks of Persuasion (the austen test text), calibrated on `--samples` 128-token windows of Emma (a
 training novel). Every Linear of the 30 decoder blocks is compressed; embeddings and lm_head are not.
 
-  PYTHONPATH=. python benchmarks/ptq_smollm2.py [--blocks 20 --samples 32]
+  OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/ptq_smollm2.py [--blocks 20 --samples 32]
+
+(One thread on a shared 2-core machine: GPTQ/SparseGPT run many small column operations, and two
+OpenMP threads competing with another process for a core were 13× slower.)
 """
 
 from __future__ import annotations

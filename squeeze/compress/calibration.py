@@ -257,6 +257,8 @@ def sequential(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
                     _run(block, hidden, kwargs)
             compress_block(i, block, stats)
             del stats  # the Hessians of this block are no longer needed
+            if i == len(stack) - 1:
+                break  # nothing consumes the last block's outputs here
             outputs = []
             for hidden, kwargs, mask in inputs:
                 _Mask.current = mask
