@@ -6,6 +6,13 @@ training novel). Every Linear of the 30 decoder blocks is compressed; embeddings
 
 (One thread on a shared 2-core machine: GPTQ/SparseGPT run many small column operations, and two
 OpenMP threads competing with another process for a core were 13× slower.)
+
+Measured (20 blocks, 32 calibration windows; perplexity, compress time with evaluation):
+  fp32 53.96
+  int4 g64:         RTN 78.71   GPTQ 68.65 (50 s)   GPTQ act_order 61.44 (52 s)
+  int4 per-channel: RTN 112.13  GPTQ act_order 72.03
+  50% unstructured: magnitude 390.2   Wanda 99.5 (31 s)   SparseGPT 83.4 (86 s)
+  2:4:              magnitude 1360    Wanda 219.0         SparseGPT 125.4
 """
 
 from __future__ import annotations
