@@ -95,3 +95,13 @@ def test_gptq_model_quantizes_every_block_layer(family):
 def test_gptq_model_checks_groups_before_calibrating():
     with pytest.raises(SqueezeError, match="does not divide in_features=64"):
         gptq_model(tiny("llama"), token_batches(1), group_size=48)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_integers_load_like_squeeze_quantized_weights(symmetric):
+    # The layout contract for packing: quantization.py's dequantize reads the same codes, scales, zero points.
+    from squeeze.compress.quantization import dequantize
+
+    _, w, h = _case()
+    got = gptq_quantize(w, h, 4, 64, act_order=True, symmetric=symmetric)
+    assert torch.equal(dequantize(got.codes, got.scale, got.zero_point), got.dequantized)
