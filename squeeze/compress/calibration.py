@@ -1,0 +1,279 @@
+"""Calibration data for the post-training methods (SmoothQuant, GPTQ, Wanda, SparseGPT), and the
+statistics they read from it.
+
+Batches: `calibration_batches` takes either token-id sequences (a language-modelling corpus: seeded
+random windows of `seq_len` tokens from the concatenated stream, as GPTQ and SparseGPT sample C4) or a
+task's DataLoader (classification, NER: `samples` whole examples drawn with the seed, keeping the
+task's own format and attention masks). Either way a list of input dicts ready for `model(**batch)`.
+
+Statistics, per Linear (or GPT-2 Conv1D) input, over every real token (padding is skipped where the
+batch carries an attention mask):
+  absmax   max_t |x_tj|                 per input channel (SmoothQuant)
+  sq_sum   Σ_t x_tj²                    per input channel; sqrt = ||X_j||₂ (Wanda)
+  hessian  H = 2/n Σ_t x_t x_tᵀ         [in, in], a running mean in float32 (GPTQ, SparseGPT)
+
+`collect_stats` runs the batches through the model once. `sequential` is what GPTQ / SparseGPT /
+Wanda do instead: block by block through the layer stack, so block i is calibrated on the outputs of
+the already-compressed blocks before it (errors of earlier layers are seen, and compensated, by
+later ones). Memory: the inputs of one block for all samples are held (plus its outputs while it
+runs): 2 × samples × seq_len × hidden × 4 bytes — 2 × 128 × 512 × 576 × 4 ≈ 300 MB for SmolLM2-135M,
+~4 GB for a 4096-wide 7B model; the Hessians of one block's layers come on top (in² × 4 bytes each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from squeeze.arch.linear import features
+from squeeze.errors import SqueezeError
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# -- calibration batches ---------------------------------------------------------------------------
+def calibration_windows(sequences: Iterable[Sequence[int]], samples: int = 128, seq_len: int = 512,
+                        seed: int = 0, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """`samples` windows of `seq_len` tokens at seeded random offsets of the concatenated sequences."""
+    _check_counts(samples, seq_len, batch_size)
+    pieces = [torch.as_tensor(seq, dtype=torch.long).reshape(-1) for seq in sequences]
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if len(stream) < seq_len:
+        raise SqueezeError(f"calibration needs at least seq_len={seq_len} tokens but the data has {len(stream)}; "
+                           "lower seq_len or use a larger split")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=generator)
+    windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+
+
+def calibration_examples(loader: Iterable[Mapping[str, torch.Tensor]], samples: int = 128, seq_len: int = 512,
+                         seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """`samples` examples drawn with the seed from a task's batches (model inputs only, cut to `seq_len`),
+    rebatched by `batch_size`; padding columns that no chosen example uses are dropped."""
+    _check_counts(samples, seq_len, batch_size)
+    rows: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        keys = [k for k in MODEL_INPUTS if k in batch]
+        if "input_ids" not in keys:
+            raise SqueezeError("calibration batches need an 'input_ids' entry; pass the task's train DataLoader")
+        for i in range(len(batch["input_ids"])):
+            rows.append({k: batch[k][i, :seq_len] for k in keys})
+    if not rows:
+        raise SqueezeError("the calibration data is empty; check the task's train split")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(rows), generator=generator)[:samples].tolist()
+    out = []
+    for i in range(0, len(chosen), batch_size):
+        group = [rows[j] for j in chosen[i:i + batch_size]]
+        width = max(r["input_ids"].shape[-1] for r in group)
+        batch = {k: torch.stack([_pad(r[k], width) for r in group]) for k in group[0]}
+        if "attention_mask" in batch:  # examples cut or padded unevenly: keep only columns some row uses
+            used = int(batch["attention_mask"].any(0).nonzero().max()) + 1
+            batch = {k: v[:, :used] for k, v in batch.items()}
+        out.append(batch)
+    return out
+
+
+def calibration_batches(source, samples: int = 128, seq_len: int = 512, seed: int = 0,
+                        batch_size: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Calibration inputs from token-id sequences (windows) or from a DataLoader of dict batches (examples)."""
+    items = source if isinstance(source, (list, tuple)) else None
+    if items is not None and (not items or not isinstance(items[0], Mapping)):
+        return calibration_windows(items, samples, seq_len, seed, batch_size or 1)
+    return calibration_examples(source, samples, seq_len, seed, batch_size or 8)
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # zeros: pad id 0 under a zero mask
+
+
+def _check_counts(samples: int, seq_len: int, batch_size: int) -> None:
+    for name, value in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SqueezeError(f"calibration {name}={value!r} must be a positive integer")
+
+
+# -- which layers ----------------------------------------------------------------------------------
+def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv1D layers inside `module`, by name relative to it."""
+    return {n: m for n, m in module.named_modules() if type(m) in (nn.Linear, Conv1D)}
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The transformer's block list: the one nn.ModuleList of length config.num_hidden_layers.
+    (To be replaced by the family adapter's own answer.)"""
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if depth is None or len(found) != 1:
+        raise SqueezeError(f"cannot find the layer stack of {type(model).__name__}: expected one ModuleList of "
+                           f"config.num_hidden_layers={depth} blocks, found {len(found)}")
+    return found[0]
+
+
+# -- statistics ------------------------------------------------------------------------------------
+@dataclass
+class LayerStats:
+    """Running input statistics of one layer (see the module docstring)."""
+
+    in_features: int
+    with_hessian: bool = True
+    tokens: int = field(default=0, init=False)
+    absmax: torch.Tensor = field(init=False)
+    sq_sum: torch.Tensor = field(init=False)
+    hessian: torch.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.absmax = torch.zeros(self.in_features)
+        self.sq_sum = torch.zeros(self.in_features)
+        if self.with_hessian:
+            self.hessian = torch.zeros(self.in_features, self.in_features)
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """||X_j||₂ per input channel (Wanda's activation term)."""
+        return self.sq_sum.sqrt()
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.absmax.device != x.device:  # accumulate where the model runs (a GPU's matmul for H)
+            self.absmax, self.sq_sum = self.absmax.to(x.device), self.sq_sum.to(x.device)
+            self.hessian = None if self.hessian is None else self.hessian.to(x.device)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.sq_sum += (x * x).sum(0)
+        if self.hessian is not None:
+            # H stays the mean of 2·x xᵀ: rescale the old mean, add the new rows scaled by sqrt(2/total).
+            total = self.tokens + n
+            self.hessian *= self.tokens / total
+            x = x * (2.0 / total) ** 0.5
+            self.hessian += x.t() @ x
+        self.tokens += n
+
+
+class _Mask:
+    """The attention mask of the batch running now, so hooks can skip padded tokens."""
+
+    current: torch.Tensor | None = None
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device).bool()]
+    return x
+
+
+@contextlib.contextmanager
+def recording(layers: Mapping[str, nn.Module], hessian: bool = True):
+    """Hooks that feed every call's input of `layers` into a LayerStats per name (yielded)."""
+    stats = {name: LayerStats(features(m)[1], hessian) for name, m in layers.items()}
+    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(_real_tokens(args[0], _Mask.current)))
+               for name, m in layers.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
+                  layers: Mapping[str, nn.Module] | None = None, hessian: bool = True) -> dict[str, LayerStats]:
+    """Stream `batches` through `model` once; input statistics of `layers` (default: every Linear/Conv1D)."""
+    layers = linear_layers(model) if layers is None else layers
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with recording(layers, hessian) as stats:
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                _Mask.current = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        _Mask.current = None
+        model.train(was_training)
+    return stats
+
+
+class _Captured(Exception):
+    """Raised by the hook on block 0 once its inputs are stored: nothing after it needs to run."""
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def sequential(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
+               compress_block: Callable[[int, nn.Module, dict[str, LayerStats]], None],
+               hessian: bool = True, stack: nn.ModuleList | None = None) -> None:
+    """Calibrate and compress the layer stack block by block.
+
+    Block 0's inputs (hidden states and the keyword arguments the model passes every block: masks,
+    rotary embeddings) are captured for every batch; then for each block i: its Linear layers' input
+    statistics are recorded on those inputs, `compress_block(i, block, stats)` rewrites the block in
+    place, and the block is run again so its compressed outputs become block i+1's inputs."""
+    stack = layer_stack(model) if stack is None else stack
+    device = _device(model)
+    inputs: list[tuple[torch.Tensor, dict, torch.Tensor | None]] = []
+
+    def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        inputs.append((hidden, {**kwargs, **({"_args": args[1:]} if len(args) > 1 else {})}, _Mask.current))
+        raise _Captured
+
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        config.use_cache = False  # no key/value cache is built for a pass that stops at block 0
+    model.eval()
+    handle = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _Mask.current = batch.get("attention_mask")
+            with contextlib.suppress(_Captured):
+                model(**batch)
+        handle.remove()
+        for i, block in enumerate(stack):
+            with recording(linear_layers(block), hessian) as stats:
+                for hidden, kwargs, mask in inputs:
+                    _Mask.current = mask
+                    _run(block, hidden, kwargs)
+            compress_block(i, block, stats)
+            del stats  # the Hessians of this block are no longer needed
+            if i == len(stack) - 1:
+                break  # nothing consumes the last block's outputs here
+            outputs = []
+            for hidden, kwargs, mask in inputs:
+                _Mask.current = mask
+                outputs.append((_run(block, hidden, kwargs), kwargs, mask))
+            inputs = outputs
+    finally:
+        handle.remove()
+        _Mask.current = None
+        if use_cache is not None:
+            config.use_cache = use_cache
+        model.train(was_training)
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    kwargs = dict(kwargs)
+    extra = kwargs.pop("_args", ())
+    return _block_output(block(hidden, *extra, **kwargs))
+

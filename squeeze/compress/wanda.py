@@ -1,0 +1,63 @@
+"""Wanda (Sun et al. 2023): one-shot pruning by |W_ij| · ||X_j||₂, without weight updates.
+
+Magnitude pruning ignores that an input channel carrying large activations makes all of its weights
+matter more; Wanda weighs each weight by its input's L2 norm over calibration tokens, and compares
+weights within an output row (each output keeps the same fraction), which the paper found better
+than one comparison per layer for LLMs. No Hessian, no updates: one pass of statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from squeeze.arch.linear import as_out_in, features, is_transposed
+from squeeze.compress.calibration import LayerStats, layer_stack, linear_layers, sequential
+from squeeze.compress.sparsity_pattern import check_width, nm_mask, resolve_sparsity, row_mask
+from squeeze.errors import SqueezeError
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """|W| · ||X_j||₂ for a weight [out, in] and input norms [in]."""
+    if norms.shape != (weight.shape[1],):
+        raise SqueezeError(f"wanda: {norms.numel()} input norms for a weight taking {weight.shape[1]} inputs")
+    return weight.detach().abs().float() * norms.float().to(weight.device).unsqueeze(0)
+
+
+def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float | None = 0.5,
+               pattern: str = "unstructured") -> torch.Tensor:
+    """Keep-mask [out, in]: per row, the lowest-scoring round(sparsity·in) weights pruned, or N of every M kept."""
+    sparsity, nm = resolve_sparsity(sparsity, pattern)
+    check_width(weight.shape[1], nm)
+    scores = wanda_scores(weight, norms)
+    return row_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+
+
+@torch.no_grad()
+def prune_layer(module: nn.Module, stats: LayerStats, sparsity: float | None = 0.5,
+                pattern: str = "unstructured") -> torch.Tensor:
+    """Wanda-prune one Linear/Conv1D in place; its keep-mask in the weight's stored orientation."""
+    mask = wanda_mask(as_out_in(module), stats.norms, sparsity, pattern)
+    mask = mask.t() if is_transposed(module) else mask
+    module.weight.mul_(mask.to(module.weight.dtype))
+    return mask
+
+
+def wanda_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], sparsity: float | None = 0.5,
+                pattern: str = "unstructured") -> dict[str, torch.Tensor]:
+    """Wanda on every Linear/Conv1D of the layer stack, block by block on the pruned model's own inputs
+    (as the paper's code does); keep-masks by layer name, in each weight's stored orientation."""
+    _, nm = resolve_sparsity(sparsity, pattern)
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in linear_layers(layer_stack(model)).values():  # fail before any calibration runs
+        check_width(features(module)[1], nm, names[id(module)])
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
+        for short, module in linear_layers(block).items():
+            masks[names[id(module)]] = prune_layer(module, stats[short], sparsity, pattern)
+
+    sequential(model, batches, prune_block, hessian=False)
+    return masks
