@@ -52,7 +52,7 @@ def build(paths: Sequence[str | Path], out: str | Path | None = None, baseline: 
     cells_csv = _write_csv(out / CELLS_CSV, cell_columns(cells), cell_records(cells))
     csv_names = {}
     for g in groups:
-        csv_names[g.slug] = _write_csv(out / f"{g.slug}.csv", row_columns(), group_records(g)).name
+        csv_names[g.slug] = _write_csv(out / f"{g.slug}.csv", row_columns(g), group_records(g)).name
         if draw:
             from squeeze.report.plots import draw_plots
 

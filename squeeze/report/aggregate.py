@@ -1,9 +1,11 @@
-"""Grouping cells per model × task and aggregating each compression chain's cells (seeds, learning rates)
-as mean ± std with Δ% against the baseline chain; the pure math (Pareto sets, expected validation
-performance) the tables and plots use."""
+"""Grouping cells per model × task into rows (a compression chain and the compressor settings that tell
+its cells apart), aggregating each row's cells (seeds, learning rates) as mean ± std with Δ% against the
+baseline row over the same seeds and learning rates; the grid's totals; the pure math (Pareto sets,
+expected validation performance) the tables and plots use."""
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections.abc import Sequence
@@ -11,12 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from squeeze.report.cells import AGGREGATED, BASELINE
+from squeeze.report.cells import AGGREGATED, BASELINE, sort_per_batch
 
-# The markdown table, in the shape of the thesis tables: (figure, with a Δ% column).
-TABLE = (("quality", True), ("size_mb", True), ("nonzero_params", False), ("latency_ms", True),
-         ("throughput", False), ("train_s", True), ("energy_kwh", True), ("co2_kg", False))
+# The markdown table, in the shape of the thesis tables: (figure, with a Δ% column). The per-device and
+# per-batch figures (peak memory, decoding throughput) follow the latency; columns nobody recorded drop out.
+TABLE = (("quality", True), ("accuracy", False), ("f1", False), ("precision", False), ("recall", False),
+         ("last_word_accuracy", False), ("last_word_perplexity", False), ("size_mb", True),
+         ("nonzero_params", False), ("latency_ms", True), ("throughput", False), ("per_batch", False),
+         ("train_tokens_per_s", False), ("train_s", True), ("eval_s", False), ("energy_kwh", True),
+         ("co2_kg", False), ("spec_acceptance", False), ("spec_speedup", False))
 DELTAS = tuple(name for name, delta in TABLE if delta)
+# kg CO2 per kWh, as squeeze/energy.py's CO2_PRESETS (a test keeps them equal; the report imports no
+# training code): the grid's CO2 total is also given at each of them.
+CO2_PRESETS = {"epa": 0.430, "eea": 0.275}
 
 
 def pareto_set(points: Sequence[tuple[float, float]], direction: str = "max") -> list[int]:
@@ -65,8 +74,8 @@ def delta_pct(value: float | None, base: float | None) -> float | None:
 
 @dataclass
 class Group:
-    """The cells of one model × task and their rows: one per chain (per chain and hardware when the
-    cells ran on more than one), each with Δ% against the baseline row of its hardware."""
+    """The cells of one model × task and their rows: one per chain and compressor setting (per hardware
+    too when the cells ran on more than one), each with Δ% against the baseline row of its hardware."""
 
     model: str
     task: str
@@ -74,6 +83,7 @@ class Group:
     mode: str
     cells: list[dict]
     rows: list[dict] = field(default_factory=list)
+    per_batch: list[str] = field(default_factory=list)  # `<figure>.<device>.batch_<n>` the cells recorded
     notes: list[str] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
     skipped_plots: list[str] = field(default_factory=list)
@@ -86,6 +96,10 @@ class Group:
     def baseline_row(self) -> dict | None:
         return next((r for r in self.rows if r["is_baseline"]), None)
 
+    @property
+    def figures(self) -> tuple[str, ...]:
+        return (*AGGREGATED, *self.per_batch)
+
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
@@ -93,16 +107,107 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def chain_row(chain: str, hardware: str | None, cells: list[dict]) -> dict[str, Any]:
+def _figure(c: dict, name: str) -> float | None:
+    value = c["per_batch"].get(name) if "." in name else c[name]
+    return None if value is None else float(value)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+_ABSENT = "?"  # a setting a cell's config does not hold
+
+
+def varying_settings(cells: Sequence[dict]) -> dict[str, list[str]]:
+    """Per compressor: the keys of config.compress.<name> whose values differ between `cells` (one
+    chain's cells of one model × task), in config order."""
+    out = {}
+    for name in dict.fromkeys(n for c in cells for n in c["settings"]):
+        keys = dict.fromkeys(k for c in cells for k in c["settings"].get(name, {}))
+        varying = [k for k in keys if len({_text(c["settings"].get(name, {}).get(k, _ABSENT)) for c in cells}) > 1]
+        if varying:
+            out[name] = varying
+    return out
+
+
+def setting_values(c: dict, varying: dict[str, list[str]]) -> list[tuple[str, Any]]:
+    """(`key` or `name.key` in a chain of several, value) of the varying settings, for one cell."""
+    several = len(c["settings"]) > 1
+    return [((f"{name}.{key}" if several else key), c["settings"].get(name, {}).get(key, _ABSENT))
+            for name, keys in varying.items() for key in keys]
+
+
+def _sortable(value: Any) -> tuple:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, float(value), "") if is_number else (1, 0.0, _text(value))
+
+
+def row_name(chain: str, setting: str, labels: dict[str, str]) -> str:
+    """A row's name: its compressors' labels joined with '+' in chain order when any has one,
+    else the chain and its varying settings ('imp target=0.3')."""
+    if labels:
+        return "+".join(labels.values())
+    return f"{chain} {setting}" if setting else chain
+
+
+def pair_key(c: dict) -> tuple:
+    # What makes two rows' cells comparable: the same seed and learning rate.
+    return (c["seed"], c["lr"])
+
+
+def paired_delta(cells: Sequence[dict], base_cells: Sequence[dict], name: str) -> tuple[float | None, int, int, int]:
+    """Δ% of figure `name` over the (seed, lr) settings both rows finished: (Δ%, shared, row's, base's).
+    With none shared it compares the two means as they are."""
+    mine, theirs = _pair_means(cells, name), _pair_means(base_cells, name)
+    shared = [k for k in mine if k in theirs] or None
+    if shared is None:
+        value = delta_pct(_mean_std(list(mine.values()))[0], _mean_std(list(theirs.values()))[0])
+        return value, 0, len(mine), len(theirs)
+    value = delta_pct(statistics.fmean(mine[k] for k in shared), statistics.fmean(theirs[k] for k in shared))
+    return value, len(shared), len(mine), len(theirs)
+
+
+def _pair_means(cells: Sequence[dict], name: str) -> dict[tuple, float]:
+    values: dict[tuple, list[float]] = {}
+    for c in cells:
+        if c["status"] == "ok" and _figure(c, name) is not None:
+            values.setdefault(pair_key(c), []).append(_figure(c, name))
+    return {k: statistics.fmean(v) for k, v in values.items()}
+
+
+def chain_row(chain: str, hardware: str | None, cells: list[dict], figures: Sequence[str] = AGGREGATED,
+              name: str | None = None, setting: str = "") -> dict[str, Any]:
     ok = [c for c in cells if c["status"] == "ok"]
     failed = [c for c in cells if c["status"] != "ok"]
-    row: dict[str, Any] = {"chain": chain, "hardware": hardware,
-                           "label": chain if hardware is None else f"{chain} @ {hardware}",
+    name = name or chain
+    row: dict[str, Any] = {"chain": chain, "setting": setting, "name": name, "hardware": hardware,
+                           "label": name if hardware is None else f"{name} @ {hardware}",
                            "is_baseline": False, "n_ok": len(ok), "n_failed": len(failed),
                            "errors": "; ".join(dict.fromkeys(c["error"] for c in failed))}
-    for name in AGGREGATED:
-        row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([float(c[name]) for c in ok if c[name] is not None])
+    for figure in figures:
+        row[f"{figure}_mean"], row[f"{figure}_std"] = _mean_std(
+            [v for v in (_figure(c, figure) for c in ok) if v is not None])
     return row
+
+
+def _rows_of(members: list[dict], mixed: bool) -> dict[tuple, list[dict]]:
+    """The group's cells by row: (hardware, chain, setting values, labels)."""
+    by_chain: dict[str, list[dict]] = {}
+    for c in members:
+        by_chain.setdefault(c["chain"], []).append(c)
+    rows: dict[tuple, list[dict]] = {}
+    for chain, cells in by_chain.items():
+        varying = varying_settings(cells)
+        for c in cells:
+            values = tuple((k, _text(v), _sortable(v)) for k, v in setting_values(c, varying))
+            key = (str(c["hardware"]) if mixed else None, chain, values, tuple(c["labels"].values()))
+            rows.setdefault(key, []).append(c)
+    return rows
 
 
 def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
@@ -114,30 +219,85 @@ def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
         finished = [c for c in members if c["status"] == "ok"] or members
         metric = next((c["metric"] for c in finished if c["metric"]), None)
         mode = next((c["mode"] for c in finished if c["metric"]), "max")
-        group = Group(model, task, metric, mode, members)
+        group = Group(model, task, metric, mode, members,
+                      per_batch=sort_per_batch(n for c in members for n in c["per_batch"]))
         # Latency, throughput and energy on a CPU and on a GPU are not one population: split by hardware.
         mixed = len({c["hardware"] for c in members}) > 1
-        rows: dict[tuple[str, str | None], list[dict]] = {}
-        for c in members:
-            rows.setdefault((c["chain"], str(c["hardware"]) if mixed else None), []).append(c)
-        # Baseline first, then the chains by name.
-        order = sorted(rows, key=lambda k: (k[1] or "", k[0] != baseline, k[0]))
-        group.rows = [chain_row(chain, hw, rows[(chain, hw)]) for chain, hw in order]
-        for hw in dict.fromkeys(hw for _, hw in order):
-            where = f"{model} × {task}" + (f" on {hw}" if hw else "")
-            base = next((r for r in group.rows if r["chain"] == baseline and r["hardware"] == hw), None)
-            if base is None:
-                group.notes.append(f"no `{baseline}` cell for {where}, so Δ% is blank; run compress={baseline} "
-                                   "for it or pick another baseline chain with --baseline")
-            elif base["n_ok"] == 0:
-                group.notes.append(f"the `{baseline}` cells of {where} all failed, so Δ% is blank")
-            else:
-                base["is_baseline"] = True
-            for row in group.rows:
-                if row["hardware"] != hw:
-                    continue
-                for name in DELTAS:
-                    base_mean = base[f"{name}_mean"] if base is not None and base["is_baseline"] else None
-                    row[f"{name}_delta_pct"] = delta_pct(row[f"{name}_mean"], base_mean)
+        by_row = _rows_of(members, mixed)
+        names = {key: row_name(key[1], " ".join(f"{k}={t}" for k, t, _ in key[2]), by_row[key][0]["labels"])
+                 for key in by_row}
+        # Baseline first, then the chains by name, their settings in order (numbers by value).
+        order = sorted(by_row, key=lambda k: (k[0] or "", baseline not in (k[1], names[k]), k[1],
+                                              [s for _, _, s in k[2]], names[k]))
+        group.rows = []
+        for key in order:
+            setting = " ".join(f"{k}={t}" for k, t, _ in key[2])
+            name = names[key]
+            if sum(names[k] == name for k in by_row if k[0] == key[0]) > 1:  # one label on several rows
+                name = f"{name} ({key[1]}{' ' + setting if setting else ''})"
+            group.rows.append(chain_row(key[1], key[0], by_row[key], group.figures, name, setting))
+            for c in by_row[key]:
+                c["row"] = group.rows[-1]["label"]
+        cells_of = {row["label"]: by_row[key] for row, key in zip(group.rows, order)}
+        for hw in dict.fromkeys(k[0] for k in order):
+            _compare(group, [r for r in group.rows if r["hardware"] == hw], cells_of, baseline, hw)
         groups.append(group)
     return groups
+
+
+def _compare(group: Group, rows: list[dict], cells_of: dict[str, list[dict]], baseline: str,
+             hw: str | None) -> None:
+    """Δ% of each row against the baseline row of the same hardware, over the seeds and learning rates
+    both ran (the baseline named by its chain, or by its row name when the chain has several rows)."""
+    where = f"{group.model} × {group.task}" + (f" on {hw}" if hw else "")
+    candidates = [r for r in rows if r["name"] == baseline] or [r for r in rows if r["chain"] == baseline]
+    base = candidates[0] if len(candidates) == 1 else None
+    if len(candidates) > 1:
+        group.notes.append(f"`{baseline}` names {len(candidates)} rows of {where} "
+                           f"({', '.join(r['name'] for r in candidates)}), so Δ% is blank; pass one of them "
+                           "with --baseline")
+    elif base is None:
+        group.notes.append(f"no `{baseline}` cell for {where}, so Δ% is blank; run compress={baseline} "
+                           "for it or pick another baseline chain with --baseline")
+    elif base["n_ok"] == 0:
+        group.notes.append(f"the `{baseline}` cells of {where} all failed, so Δ% is blank")
+        base = None
+    if base is not None:
+        base["is_baseline"] = True
+    for row in rows:
+        for name in DELTAS:
+            row[f"{name}_delta_pct"] = None
+        if base is None or row["n_ok"] == 0:
+            continue
+        for name in DELTAS:
+            value, shared, mine, theirs = paired_delta(cells_of[row["label"]], cells_of[base["label"]], name)
+            row[f"{name}_delta_pct"] = value
+            if name != "quality" or row is base or shared == mine == theirs:
+                continue
+            if shared:
+                group.notes.append(f"Δ% of `{row['label']}` is over the {shared} seed/lr setting(s) it shares "
+                                   f"with `{base['label']}` (it has {mine}, the baseline {theirs})")
+            else:
+                group.notes.append(f"`{row['label']}` shares no seed/lr setting with `{base['label']}`: its Δ% "
+                                   "compares means over different seeds")
+
+
+def totals(cells: Sequence[dict]) -> dict[str, Any]:
+    """What the grid spent, every record counted (failed and evaluate.py ones too): sums of train and
+    eval seconds, facility kWh and CO2 as recorded, CO2 at each preset factor, the PUEs and factors used."""
+    spent = [c["spent"] for c in cells]
+
+    def total(key: str) -> float | None:
+        values = [float(s[key]) for s in spent if s.get(key) is not None]
+        return sum(values) if values else None
+
+    kwh = total("kwh")
+    return {
+        "records": len(cells),
+        "with_energy": sum(s.get("kwh") is not None for s in spent),
+        "train_s": total("train_s"), "eval_s": total("eval_s"), "kwh": kwh, "co2_kg": total("co2_kg"),
+        "co2_kg_at": {k: (None if kwh is None else kwh * v) for k, v in CO2_PRESETS.items()},
+        "pue": sorted({float(s["pue"]) for s in spent if s.get("pue") is not None}),
+        "factors": sorted({(str(s.get("co2")) if s.get("co2") is not None else "", float(s["co2_kg_per_kwh"]))
+                           for s in spent if s.get("co2_kg_per_kwh") is not None}, key=lambda f: f[1]),
+    }

@@ -34,9 +34,28 @@ def record_sparsity(record: dict) -> float | None:
     return next((s for s in reversed(found) if isinstance(s, (int, float))), None)
 
 
+def _metric(name: str) -> Callable[[dict], Any]:
+    return lambda r: _dig(r, "metrics", name)
+
+
+def _speculative(key: str) -> Callable[[dict], Any]:
+    # speculative.<key>, or where squeeze/speculative.py puts it today: speculative.speculative.<key>.
+    def read(r: dict) -> Any:
+        value = _dig(r, "speculative", key)
+        return value if value is not None else _dig(r, "speculative", "speculative", key)
+    return read
+
+
+# Test metrics beside the monitored one (the table leaves out the one that is the quality column).
+METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "f1": ("F1", "test/f1"),
+                  "precision": ("precision", "test/precision"), "recall": ("recall", "test/recall"),
+                  "last_word_accuracy": ("last-word acc", "test/last_word_accuracy"),
+                  "last_word_perplexity": ("last-word ppl", "test/last_word_perplexity")}
 # Figures read from every record (besides quality and the best validation value, which depend on the
-# task's metric): column -> (header, reader). Old records lack perf/energy/sparsity: None.
+# task's metric): column -> (header, reader). Old records lack perf/energy/sparsity: None. Records that
+# lack a figure leave its cell blank; a column nobody in a model × task recorded is left out of its table.
 FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
+    **{name: (header, _metric(metric)) for name, (header, metric) in METRIC_FIGURES.items()},
     "size_mb": ("size MB", lambda r: _scaled(r.get("checkpoint_bytes"), 1e-6)),
     "params": ("params", lambda r: r.get("params")),
     "nonzero_params": ("nonzero params", lambda r: r.get("nonzero_params")),
@@ -44,13 +63,98 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "latency_ms": ("latency ms (b1)", lambda r: _scaled(_dig(r, "perf", "latency", "batch_1", "median_s"), 1e3)),
     "throughput": ("throughput ex/s", lambda r: _dig(r, "perf", "throughput", "examples_per_s")),
     "tokens_per_s": ("tokens/s", lambda r: _dig(r, "perf", "throughput", "tokens_per_s")),
+    "train_tokens_per_s": ("train tokens/s", lambda r: r.get("train_tokens_per_s")),
     "train_s": ("train s", lambda r: r.get("train_seconds")),
     "eval_s": ("eval s", lambda r: r.get("eval_seconds")),
     "peak_memory_mb": ("peak memory MB", lambda r: _scaled(r.get("peak_memory_bytes"), 1e-6)),
     "energy_kwh": ("energy kWh", lambda r: _dig(r, "energy", "kwh")),
     "co2_kg": ("CO2 kg", lambda r: _dig(r, "energy", "co2_kg")),
+    "spec_acceptance": ("spec. acceptance", _speculative("acceptance_rate")),
+    "spec_speedup": ("spec. speed-up", _speculative("speedup")),
 }
 AGGREGATED = ("quality", "validation_best", *FIGURES)
+
+# Figures per device and batch size, named `<figure>.<device>.batch_<n>`: figure -> header.
+PER_BATCH = {"peak_memory_mb": "peak MB", "decode_tokens_per_s": "decode tok/s"}
+_PERF_KEYS = ("device", "threads", "latency", "throughput", "warmup", "peak_memory_bytes", "peak_memory_kind",
+              "by_device", "decode_tokens_per_s")
+
+
+def _perf_by_device(record: dict) -> dict[str, dict]:
+    """perf's figures per device: perf.by_device.<device>, perf.<device> (a dict under a device's name),
+    and perf itself for perf.device."""
+    perf = record.get("perf")
+    if not isinstance(perf, dict):
+        return {}
+    found: dict[str, dict] = {}
+    if perf.get("device"):
+        found[str(perf["device"])] = perf
+    for device, sub in (perf.get("by_device") or {}).items():
+        if isinstance(sub, dict):
+            found[str(device)] = sub
+    for key, sub in perf.items():
+        if key not in _PERF_KEYS and not key.startswith("batch_") and isinstance(sub, dict):
+            found[str(key)] = {**found.get(str(key), {}), **sub}
+    return found
+
+
+def per_batch_figures(record: dict) -> dict[str, float]:
+    """`peak_memory_mb.<device>.batch_<n>` from perf.<device>.batch_<n>.peak_memory_bytes (or
+    perf.<device>.latency.batch_<n>.peak_memory_bytes) and `decode_tokens_per_s.<device>.batch_<n>` from
+    perf.<device>.decode_tokens_per_s.batch_<n>; nothing for records without them."""
+    out: dict[str, float] = {}
+    for device, perf in _perf_by_device(record).items():
+        batches = {k: v for k, v in perf.items() if k.startswith("batch_") and isinstance(v, dict)}
+        for k, v in (perf.get("latency") or {}).items():
+            if isinstance(v, dict) and v.get("peak_memory_bytes") is not None:
+                batches.setdefault(k, v)
+        for batch, figures in batches.items():
+            if isinstance(figures.get("peak_memory_bytes"), (int, float)):
+                out[f"peak_memory_mb.{device}.{batch}"] = figures["peak_memory_bytes"] * 1e-6
+        for batch, value in (perf.get("decode_tokens_per_s") or {}).items():
+            if isinstance(value, (int, float)):
+                out[f"decode_tokens_per_s.{device}.{batch}"] = float(value)
+    return out
+
+
+def per_batch_header(name: str) -> str:
+    figure, device, batch = name.split(".", 2)
+    return f"{PER_BATCH[figure]} b{batch.removeprefix('batch_')} ({device})"
+
+
+def _batch_order(name: str) -> tuple:
+    figure, device, batch = name.split(".", 2)
+    size = batch.removeprefix("batch_")
+    return (list(PER_BATCH).index(figure), device, int(size) if size.isdigit() else 0, size)
+
+
+def sort_per_batch(names) -> list[str]:
+    return sorted(set(names), key=_batch_order)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def compress_settings(record: dict, chain: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Per compressor of the chain: its settings (config.compress.<name>, nested keys joined with dots,
+    `label` left out) and its `label` where it has one. A compressor the config does not hold (a
+    checkpoint's own compression in an evaluate.py record) has no settings."""
+    compress = _dig(record, "config", "compress") or {}
+    settings, labels = {}, {}
+    for name in ([] if chain == BASELINE else chain.split("+")):
+        node = compress.get(name) if isinstance(compress, dict) else None
+        flat = _flat(node) if isinstance(node, dict) else {}
+        label = flat.pop("label", None)
+        if label not in (None, ""):
+            labels[name] = str(label)
+        settings[name] = flat
+    return settings, labels
 WHERE = {"size_mb": "checkpoint_bytes", "latency_ms": "perf.latency.batch_1", "energy_kwh": "energy.kwh",
          "validation_best": "validation.best", "sparsity": "sparsity"}
 
@@ -113,6 +217,15 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
         "validation_best": _dig(record, "validation", "best"),
     }
     row.update({name: read(record) for name, (_, read) in FIGURES.items()})
+    # Per device and batch size (peak memory, decoding throughput): only the ones the record has.
+    row["per_batch"] = per_batch_figures(record)
+    row["settings"], row["labels"] = compress_settings(record, row["chain"])
+    row["row"] = None  # the report row it belongs to, set when grouped
+    # What the cell spent, evaluate.py records included (the grid's totals).
+    energy = record.get("energy") if isinstance(record.get("energy"), dict) else {}
+    row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),
+                    "kwh": energy.get("kwh"), "co2_kg": energy.get("co2_kg"), "pue": energy.get("pue"),
+                    "co2": energy.get("co2"), "co2_kg_per_kwh": energy.get("co2_kg_per_kwh")}
     row["energy_method"] = _dig(record, "energy", "method")
     # An evaluate.py record (a finished run quantized after training, or a zero-shot model) trained
     # nothing: its own energy is the evaluation's alone, so beside full runs' train+eval figures it

@@ -7,15 +7,18 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from squeeze.report.aggregate import DELTAS, TABLE, Group
-from squeeze.report.cells import AGGREGATED, FIGURES
+from squeeze.report.aggregate import CO2_PRESETS, DELTAS, TABLE, Group, totals
+from squeeze.report.cells import FIGURES, METRIC_FIGURES, per_batch_header, sort_per_batch
 
 CELLS_CSV = "cells.csv"
 
 
-def row_columns() -> list[str]:
-    cols = ["model", "task", "metric", "mode", "chain", "hardware", "baseline", "n_ok", "n_failed", "errors"]
-    for name in AGGREGATED:
+def row_columns(group: Group | None = None) -> list[str]:
+    """A group's CSV columns: the row (`label` names it: the chain and its varying settings, or its
+    compressors' labels), every figure's mean and std (per batch size too, where recorded), Δ%."""
+    cols = ["model", "task", "metric", "mode", "label", "chain", "setting", "hardware", "baseline", "n_ok",
+            "n_failed", "errors"]
+    for name in (group.figures if group is not None else Group("", "", None, "max", []).figures):
         cols += [f"{name}_mean", f"{name}_std"]
     return cols + [f"{name}_delta_pct" for name in DELTAS]
 
@@ -27,13 +30,20 @@ def group_records(group: Group) -> list[dict]:
 
 def cell_columns(cells: list[dict]) -> list[str]:
     metric_names = sorted({m for c in cells for m in c["metrics"]})
-    return ["run_dir", "status", "error", "model", "task", "chain", "hardware", "seed", "lr", "metric", "mode",
-            "quality", "validation_best", *FIGURES, "energy_method", "evaluated_from", "eval_energy_kwh",
-            *metric_names]
+    settings = sorted({f"compress.{n}.{k}" for c in cells for n, flat in c["settings"].items() for k in flat})
+    return ["run_dir", "status", "error", "model", "task", "chain", "row", "hardware", "seed", "lr", "metric",
+            "mode", "quality", "validation_best", *FIGURES, *sort_per_batch(n for c in cells for n in c["per_batch"]),
+            "energy_method", "evaluated_from", "eval_energy_kwh", *metric_names, *settings]
 
 
 def cell_records(cells: list[dict]) -> list[dict]:
-    return [{**{k: v for k, v in c.items() if k != "metrics"}, **c["metrics"]} for c in cells]
+    """One flat dict per cell: its figures, test metrics, per-batch figures and compressor settings."""
+    records = []
+    for c in cells:
+        settings = {f"compress.{n}.{k}": v for n, flat in c["settings"].items() for k, v in flat.items()}
+        plain = {k: v for k, v in c.items() if not isinstance(v, dict)}
+        records.append({**plain, **c["metrics"], **c["per_batch"], **settings})
+    return records
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
@@ -53,6 +63,10 @@ def _num(value: float | None, integer: bool = False) -> str:
     return f"{value:.4g}"
 
 
+def _hours(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 3600:.3g} h ({seconds:,.0f} s)"
+
+
 def _cell_text(row: dict, name: str) -> str:
     integer = name in ("params", "nonzero_params")
     mean, std = row[f"{name}_mean"], row[f"{name}_std"]
@@ -65,20 +79,37 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _columns(group: Group) -> list[tuple[str, str, bool]]:
+    """(figure, header, with Δ%) of the table, per-batch figures expanded; the other test metrics
+    only where they are not the quality column."""
+    quality_name = (group.metric or "").split("/", 1)[-1]
+    columns = []
+    for name, delta in TABLE:
+        if name == "per_batch":
+            columns += [(n, per_batch_header(n), False) for n in group.per_batch]
+        elif name == "quality":
+            columns.append((name, group.metric or "quality", delta))
+        elif name not in METRIC_FIGURES or name != quality_name:
+            columns.append((name, FIGURES[name][0], delta))
+    return columns
+
+
 def markdown_table(group: Group) -> str:
-    """The comparison table; columns nobody in the group recorded are left out."""
-    shown = [(name, delta) for name, delta in TABLE
+    """The comparison table; columns nobody in the group recorded are left out (a row without a figure
+    others have: blank)."""
+    columns = _columns(group)
+    shown = [(name, header, delta) for name, header, delta in columns
              if name == "quality" or any(r[f"{name}_mean"] is not None for r in group.rows)]
-    header = ["chain", "ok", "failed"]
-    for name, delta in shown:
-        header.append((group.metric or "quality") if name == "quality" else FIGURES[name][0])
+    header = ["row", "ok", "failed"]
+    for _, title, delta in shown:
+        header.append(title)
         if delta:
             header.append("Δ%")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in group.rows:
-        chain = f"**{row['label']}** (baseline)" if row["is_baseline"] else row["label"]
-        cells = [chain, str(row["n_ok"]), str(row["n_failed"])]
-        for name, delta in shown:
+        label = _md_escape(row["label"])
+        cells = [f"**{label}** (baseline)" if row["is_baseline"] else label, str(row["n_ok"]), str(row["n_failed"])]
+        for name, _, delta in shown:
             if name == "quality" and row["n_ok"] == 0:
                 cells.append(f"failed: {_md_escape(row['errors'])}")
             else:
@@ -87,12 +118,32 @@ def markdown_table(group: Group) -> str:
                 d = row[f"{name}_delta_pct"]
                 cells.append("" if d is None else f"{d:+.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
-    shown_names = {name for name, _ in shown}
-    missing = [FIGURES[name][0] for name, _ in TABLE if name not in shown_names]
+    # Said for the figures every run records (or did, before a feature was switched off); the optional
+    # ones (other metrics, decoding, speculative decoding) just stay out.
+    shown_names = {name for name, _, _ in shown}
+    missing = [FIGURES[name][0] for name in ("size_mb", "nonzero_params", "latency_ms", "throughput", "train_s",
+                                             "energy_kwh", "co2_kg") if name not in shown_names]
     if missing:
         lines.append("")
         lines.append(f"Not in these records (column left out): {', '.join(missing)}.")
     return "\n".join(lines)
+
+
+def totals_text(cells: list[dict], where: str) -> str:
+    """One paragraph: what the cells spent in all (not a mean), CO2 at the records' factor and each preset."""
+    t = totals(cells)
+    parts = [f"train time {_hours(t['train_s'])}" if t["train_s"] is not None else "train time not recorded",
+             f"eval time {_hours(t['eval_s'])}" if t["eval_s"] is not None else "eval time not recorded"]
+    if t["kwh"] is None:
+        parts.append("energy not recorded")
+    else:
+        pue = "/".join(f"{p:g}" for p in t["pue"]) or "?"
+        factors = ", ".join(f"{name} {f:.3f}" if name else f"{f:.3f}" for name, f in t["factors"]) or "?"
+        at = ", ".join(f"{t['co2_kg_at'][k]:.4g} kg at {k} {f:.3f}" for k, f in CO2_PRESETS.items())
+        parts.append(f"energy {t['kwh']:.4g} kWh (facility, PUE {pue}; {t['with_energy']} of {t['records']} records "
+                     f"measured it)")
+        parts.append(f"CO2 {_num(t['co2_kg'])} kg as recorded (kg/kWh: {factors}); {at}")
+    return f"Totals over {where} ({t['records']} records, failed ones included): " + "; ".join(parts) + "."
 
 
 def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: Sequence[str | Path],
@@ -102,11 +153,15 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
         "# squeeze report", "",
         (f"{len(cells)} records ({n_ok} ok, {len(cells) - n_ok} failed) from {', '.join(f'`{p}`' for p in paths)}. "
          f"Every record, one row: [{CELLS_CSV}]({CELLS_CSV})."), "",
-        ("Figures are mean ± std over a chain's finished cells (seeds, learning rates); "
-         "Δ% = (chain − baseline) / |baseline| × 100 against the baseline chain of the same model × task. "
+        ("A row is a compression chain with the settings that tell its cells apart in the model × task "
+         "(`imp target=0.3`: the keys of config.compress.<name> that differ between the chain's cells), or "
+         "the `label` its compressors carry. Figures are mean ± std over a row's finished cells (seeds, "
+         "learning rates); Δ% = (row − baseline) / |baseline| × 100 against the baseline row of the same "
+         "model × task, both averaged over the seeds and learning rates they share. "
          "Size is the saved model directory on disk; latency the median at batch size 1. "
          "Records of evaluate.py (post-training compression of a finished run) trained nothing: "
          "their train time and energy are left empty (the evaluation's own energy is in the cells CSV)."),
+        "", totals_text(cells, "the whole grid"),
     ]
     if skipped:
         text += ["", "Unreadable result.json files, left out:"] + [f"- {_md_escape(s)}" for s in skipped]
@@ -116,13 +171,14 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
         text += ["", f"## {g.model} × {g.task}", "",
                  f"Quality: `{g.metric}` ({better} is better). Table as CSV: [{table_csv}]({table_csv}).",
                  "", markdown_table(g)]
+        text += ["", totals_text(g.cells, f"{g.model} × {g.task}")]
         text += [f"\nNote: {note}." for note in g.notes]
         failed = [c for c in g.cells if c["status"] != "ok"]
         if failed:
             text += ["", "Failed cells:"]
             for c in failed:
                 what = ", ".join(f"{k} {c[k]}" for k in ("seed", "lr") if c[k] is not None)
-                text.append(f"- `{c['chain']}`{' (' + what + ')' if what else ''} in `{c['run_dir']}`: "
+                text.append(f"- `{c['row'] or c['chain']}`{' (' + what + ')' if what else ''} in `{c['run_dir']}`: "
                             f"{_md_escape(str(c['error']))}")
         if g.plots:
             text += [""] + [f"![{kind}]({path.relative_to(out).as_posix()})" for kind, path in g.plots.items()]

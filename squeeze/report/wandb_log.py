@@ -36,9 +36,8 @@ def log_wandb(report: Report, group: str) -> Path:
                            f"the report is in {report.out}; set WANDB_MODE=offline to log locally") from e
     try:
         data: dict[str, Any] = {}
-        columns = row_columns()
         for g in report.groups:
-            rows = group_records(g)
+            columns, rows = row_columns(g), group_records(g)
             data[f"report/{g.slug}"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows],
                                                    allow_mixed_types=True)
             for kind, path in g.plots.items():
