@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
+from matplotlib.text import Annotation, Text
 
 from squeeze.report.aggregate import Group, expected_validation_curve, pareto_set
 from squeeze.report.cells import WHERE
@@ -23,10 +26,9 @@ def draw_plots(group: Group, plot_dir: Path) -> None:
     arrow = "↑" if group.mode == "max" else "↓"
     ylabel = f"{group.metric or 'quality'} ({arrow} better)"
     chains = [r["label"] for r in group.rows]
-    mixed = any(r["hardware"] for r in group.rows)
 
-    def label(c: dict) -> str:
-        return f"{c['chain']} @ {c['hardware']}" if mixed else c["chain"]
+    def label(c: dict) -> str:  # the row a cell belongs to, as the tables name it
+        return c["row"] or c["chain"]
 
     rows = [r for r in group.rows if r["quality_mean"] is not None]
     for kind, cost, xlabel in TRADEOFFS:
@@ -72,6 +74,11 @@ def draw_plots(group: Group, plot_dir: Path) -> None:
         group.skipped_plots.append("sparsity vs quality (no finished record has sparsity)")
 
 
+def text_box(annotation: Annotation, renderer):
+    """The display-space box of an annotation's text alone (its own extent includes the leader line)."""
+    return Text.get_window_extent(annotation, renderer)
+
+
 # -- drawing ------------------------------------------------------------------------------------------
 SIZE = (6.4, 4.6)
 DPI = 110
@@ -80,29 +87,91 @@ DPI = 110
 def tradeoff(path: Path, labels: Sequence[str], cost: Sequence[float], cost_std: Sequence[float | None],
              quality: Sequence[float], quality_std: Sequence[float | None], front: Sequence[int],
              xlabel: str, ylabel: str, title: str, chains: Sequence[str] = ()) -> Path:
-    """Quality against a cost, one point per chain (mean ± std), the Pareto front joined and ringed."""
-    fig = Figure(figsize=SIZE, dpi=DPI)
+    """Quality against a cost, one point per row (mean ± std), the Pareto front joined and ringed."""
+    fig, _ = tradeoff_figure(labels, cost, cost_std, quality, quality_std, front, xlabel, ylabel, title, chains)
+    return _save(fig, path, layout=False)
+
+
+def tradeoff_figure(labels: Sequence[str], cost: Sequence[float], cost_std: Sequence[float | None],
+                    quality: Sequence[float], quality_std: Sequence[float | None], front: Sequence[int],
+                    xlabel: str, ylabel: str, title: str, chains: Sequence[str] = ()) -> tuple[Figure, list]:
+    """The trade-off figure, laid out, and its point labels."""
+    fig = _figure()
     ax = fig.add_subplot()
     for i, label in enumerate(labels):
         ax.errorbar(cost[i], quality[i], xerr=cost_std[i] or None, yerr=quality_std[i] or None,
-                    fmt="o", capsize=3, label=label, color=_color(label, chains))
-        ax.annotate(label, (cost[i], quality[i]), textcoords="offset points", xytext=(6, 5), fontsize=8)
+                    fmt="o", capsize=3, color=_color(label, chains))
     if front:
         # `front` comes sorted by cost, so the line walks the front from cheap to costly.
         ax.plot([cost[i] for i in front], [quality[i] for i in front], "--", color="0.4", zorder=0,
                 label="Pareto front")
         ax.scatter([cost[i] for i in front], [quality[i] for i in front], s=160, facecolors="none",
                    edgecolors="0.2", linewidths=1.2)
+        ax.legend(fontsize=7, loc="best")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    fig.tight_layout()
+    # The points are named on the plot (no legend to match colours against), the names kept apart.
+    texts = place_labels(ax, cost, quality, labels, [_color(label, chains) for label in labels])
+    return fig, texts
+
+
+def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str],
+                 colors: Sequence[str | None] = (), pad_px: float = 2.0) -> list[Annotation]:
+    """Name each point beside it so that no two names overlap: to its right (left in the axes' right
+    third), and where names would collide the higher point's name is pushed up, in display space, above
+    the one below, with a thin leader line back to its point. When the pushed names leave the axes, the
+    y range grows and the placement is redone. A greedy stack, not an optimiser: matplotlib has no label
+    placement of its own, and a few named points need no more."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    x0, x1 = ax.get_xlim()
+    annotations = []
+    for i, text in enumerate(texts):
+        right_third = x1 != x0 and (xs[i] - x0) / (x1 - x0) > 0.67
+        ann = ax.annotate(text, (xs[i], ys[i]), textcoords="offset points", xytext=(-6 if right_third else 6, 5),
+                          ha="right" if right_third else "left", va="bottom", fontsize=8,
+                          color=(colors[i] if i < len(colors) else None) or "black",
+                          arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 3})
+        annotations.append(ann)
+    points_per_px = 72.0 / fig.dpi
+    for _ in range(4):
+        for ann in annotations:
+            ann.xyann = (ann.xyann[0], 5)
+        fig.canvas.draw()
+        boxes = {id(a): text_box(a, renderer) for a in annotations}
+        anchors = {id(a): ax.transData.transform(a.xy) for a in annotations}
+        # The points themselves are obstacles too (a marker and its Pareto ring): no name covers a point.
+        radius = 6.0 / points_per_px
+        placed: list = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+                        for x, y in anchors.values()]
+        shifts = {}
+        for ann in sorted(annotations, key=lambda a: (anchors[id(a)][1], anchors[id(a)][0])):
+            box, shift = boxes[id(ann)], 0.0
+            for _ in range(len(placed) + 1):
+                hit = next((b for b in placed if b.x0 - pad_px < box.x1 and box.x0 < b.x1 + pad_px
+                            and b.y0 - pad_px < box.y1 + shift and box.y0 + shift < b.y1 + pad_px), None)
+                if hit is None:
+                    break
+                shift = hit.y1 + pad_px - box.y0
+            shifts[id(ann)] = shift
+            placed.append(box.translated(0, shift))
+        for ann in annotations:
+            ann.xyann = (ann.xyann[0], 5 + shifts[id(ann)] * points_per_px)
+            ann.arrow_patch.set_visible(shifts[id(ann)] > 1.0)
+        top = max((b.y1 for b in placed[len(anchors):]), default=0.0)
+        axes_box = ax.get_window_extent(renderer)
+        if top <= axes_box.y1 - pad_px:
+            break
+        y0, y1 = ax.get_ylim()
+        ax.set_ylim(y0, y1 + (top - axes_box.y1 + 4 * pad_px) / axes_box.height * (y1 - y0) * 1.2)
+    return annotations
 
 
 def expected_validation(path: Path, curves: dict[str, Sequence[float]], ylabel: str, title: str,
                         chains: Sequence[str] = ()) -> Path:
     """Expected best validation figure against the number of cells tried, one curve per chain."""
-    fig = Figure(figsize=SIZE, dpi=DPI)
+    fig = _figure()
     ax = fig.add_subplot()
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label, color=_color(label, chains))
@@ -116,7 +185,7 @@ def expected_validation(path: Path, curves: dict[str, Sequence[float]], ylabel: 
 def sparsity(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], baseline: float | None,
              ylabel: str, title: str, chains: Sequence[str] = ()) -> Path:
     """Quality against the pruned layers' fraction of zero weights, every cell a point."""
-    fig = Figure(figsize=SIZE, dpi=DPI)
+    fig = _figure()
     ax = fig.add_subplot()
     for label, (xs, ys) in series.items():
         ax.scatter(xs, ys, label=label, color=_color(label, chains))
@@ -133,8 +202,16 @@ def _color(label: str, chains: Sequence[str]) -> str | None:
     return f"C{list(chains).index(label) % 10}" if label in chains else None
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _figure() -> Figure:
+    fig = Figure(figsize=SIZE, dpi=DPI)
+    FigureCanvasAgg(fig)  # a renderer to measure text with (label placement), without pyplot
+    return fig
+
+
+def _save(fig: Figure, path: Path, layout: bool = True) -> Path:
+    # A figure with placed labels is laid out already: a new layout would move the points under them.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, format="png")
     return path
