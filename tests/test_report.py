@@ -26,15 +26,17 @@ def write_cell(sweep: Path, name: str, model: str = "tiny_bert", task: str = "ro
                chain: str = "none", quality: float | None = 0.8, status: str = "ok", error: str | None = None,
                seed: int = 0, lr: float | None = 5e-5, size_mb: float = 100.0, latency_ms: float | None = None,
                train_s: float = 100.0, kwh: float | None = None, validation: float | None = None,
-               sparsity: float | None = None, **extra) -> Path:
-    """A result.json shaped like squeeze/record.py's, with the optional perf/energy/sparsity keys."""
+               sparsity: float | None = None, settings: dict | None = None, **extra) -> Path:
+    """A result.json shaped like squeeze/record.py's, with the optional perf/energy/sparsity keys;
+    `settings` is config.compress (the chain's compressors' settings, `label` included)."""
     monitor, mode = TASKS[task]
     metric = "test/" + monitor.split("/")[1]
     record = {
         "schema": 1, "status": status, "error": error, "run_dir": str(sweep / name),
         "choices": {"model": model, "task": task, "compress": chain, "hardware": "cpu"}, "seed": seed,
         "config": {"seed": seed, "optimizer": {"lr": lr}, "task": {"name": task, "monitor": monitor,
-                                                                   "monitor_mode": mode}},
+                                                                   "monitor_mode": mode},
+                   **({} if settings is None else {"compress": settings})},
         "metrics": {} if status != "ok" else {"test/loss": 0.5, **({} if quality is None else {metric: quality})},
         "validation": None if validation is None else {"monitor": monitor, "mode": mode, "best": validation},
         "params": 1000, "nonzero_params": 1000 if sparsity is None else int(1000 * (1 - sparsity)),
@@ -47,7 +49,8 @@ def write_cell(sweep: Path, name: str, model: str = "tiny_bert", task: str = "ro
                                                                    "p90_s": 1.0, "repeats": 5}},
                           "throughput": {"examples_per_s": 1000.0 / latency_ms, "tokens_per_s": 64000.0 / latency_ms}}
     if kwh is not None:
-        record["energy"] = {"kwh": kwh, "co2_kg": kwh * 0.43, "method": "estimated", "pue": 1.59}
+        record["energy"] = {"kwh": kwh, "co2_kg": kwh * 0.43, "method": "estimated", "pue": 1.59, "co2": "epa",
+                            "co2_kg_per_kwh": 0.43}
     if sparsity is not None:
         record["sparsity"] = sparsity
     record.update(extra)
@@ -66,11 +69,13 @@ def sweep(tmp_path: Path) -> Path:
                validation=0.81)
     write_cell(root, "1", chain="none", quality=0.90, seed=1, size_mb=100, latency_ms=12, train_s=120, kwh=0.03,
                validation=0.88)
+    imp = {"imp": {"_target_": "squeeze.compress.pruning.IterativeMagnitudePruning", "target": 0.5}}
     write_cell(root, "2", chain="imp", quality=0.76, seed=0, size_mb=50, latency_ms=8, train_s=150, kwh=0.02,
-               validation=0.75, sparsity=0.5)
+               validation=0.75, sparsity=0.5, settings=imp)
     write_cell(root, "3", chain="imp", quality=0.78, seed=1, size_mb=50, latency_ms=8, train_s=150, kwh=0.02,
-               validation=0.79, compress={"chain": ["imp"], "imp": {"sparsity": 0.6}})  # the pruner's own figure
-    write_cell(root, "4", chain="imp", status="failed", error="RuntimeError: imp blew up", seed=2)
+               validation=0.79, compress={"chain": ["imp"], "imp": {"sparsity": 0.6}},  # the pruner's own figure
+               settings=imp)
+    write_cell(root, "4", chain="imp", status="failed", error="RuntimeError: imp blew up", seed=2, settings=imp)
     write_cell(root, "5", chain="pkd+dq", status="failed", error="SqueezeError: dq needs | a CPU", seed=0)
     write_cell(root, "6", model="tiny_gpt2", task="austen", chain="imp", quality=120.0, size_mb=40)
     write_cell(root, "7", model="tiny_gpt2", task="austen", chain="dq", quality=150.0, size_mb=20)
@@ -135,7 +140,10 @@ def test_table_delta_percent_against_the_baseline(sweep, tmp_path):
     assert float(imp["train_s_delta_pct"]) == pytest.approx(36.363636, rel=1e-5)
     assert float(imp["energy_kwh_delta_pct"]) == pytest.approx(0.0, abs=1e-9)
     assert (imp["n_ok"], imp["n_failed"]) == ("2", "1")
-    assert float(imp["sparsity_mean"]) == pytest.approx(0.55)  # top-level 0.5 and compress.imp.sparsity 0.6
+    # One setting (imp target=0.5) over seeds 0 and 1: the sparsity each seed reached (top-level 0.5, the
+    # pruner's own compress.imp.sparsity 0.6) averages. Another target would be another row (below).
+    assert imp["setting"] == "" and imp["label"] == "imp"
+    assert float(imp["sparsity_mean"]) == pytest.approx(0.55)
 
     text = built.markdown.read_text()
     section = text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0]
@@ -143,6 +151,124 @@ def test_table_delta_percent_against_the_baseline(sweep, tmp_path):
     assert "-9.4%" in imp_line and "-50.0%" in imp_line and "-27.3%" in imp_line and "+36.4%" in imp_line
     assert "0.85 ± 0.07071" in section
     assert "| test/accuracy | Δ% | size MB | Δ% |" in section
+
+
+def imp_at(target: float, **more) -> dict:
+    return {"imp": {"_target_": "squeeze.compress.pruning.IterativeMagnitudePruning", "target": target,
+                    "schedule": "cubic", **more}}
+
+
+def test_a_sweep_over_a_setting_gets_a_row_per_setting_with_delta_over_the_same_seeds(tmp_path):
+    # compress.imp.target=0.3,0.5 seed=0,1 beside compress=none seed=0,1,2.
+    root = tmp_path / "sweep"
+    for seed, q in ((0, 0.80), (1, 0.90), (2, 0.50)):
+        write_cell(root, f"none{seed}", chain="none", quality=q, seed=seed, size_mb=100, validation=q)
+    for target, qs in ((0.3, (0.84, 0.86)), (0.5, (0.70, 0.74))):
+        for seed, q in enumerate(qs):
+            write_cell(root, f"imp{target}-{seed}", chain="imp", quality=q, seed=seed, size_mb=100 * (1 - target),
+                       validation=q, sparsity=target, settings=imp_at(target))
+    out = tmp_path / "out"
+    built = report.build([root], out)
+    rows = {r["label"]: r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv")}
+    assert list(rows) == ["none", "imp target=0.3", "imp target=0.5"]
+    low, high = rows["imp target=0.3"], rows["imp target=0.5"]
+    assert (low["chain"], low["setting"], low["n_ok"]) == ("imp", "target=0.3", "2")
+    assert float(low["quality_mean"]) == pytest.approx(0.85)
+    assert float(low["quality_std"]) == pytest.approx(0.0141421, rel=1e-5)
+    assert float(high["quality_mean"]) == pytest.approx(0.72)
+    # Δ% against `none` over the seeds both ran (0 and 1: 0.85), not over its three seeds (0.7333).
+    assert float(rows["none"]["quality_mean"]) == pytest.approx(0.733333, rel=1e-5)
+    assert float(low["quality_delta_pct"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(high["quality_delta_pct"]) == pytest.approx((0.72 - 0.85) / 0.85 * 100)
+    assert float(high["size_mb_delta_pct"]) == pytest.approx(-50.0)
+    text = built.markdown.read_text()
+    assert "| imp target=0.5 | 2 | 0 | 0.72 ± 0.02828 | -15.3% |" in text
+    assert "Δ% of `imp target=0.3` is over the 2 seed/lr setting(s) it shares with `none`" in text
+    # The expected-validation curves and sparsity series run per row, over its seeds.
+    cells = read_csv(out / "cells.csv")
+    assert {c["row"] for c in cells} == {"none", "imp target=0.3", "imp target=0.5"}
+    assert {c["compress.imp.target"] for c in cells if c["chain"] == "imp"} == {"0.3", "0.5"}
+    assert set(built.groups[0].plots) >= {"expected validation performance", "sparsity vs quality"}
+
+
+def test_learning_rates_pair_like_seeds(tmp_path):
+    root = tmp_path / "sweep"
+    write_cell(root, "a", chain="none", quality=0.90, seed=0, lr=1e-4)
+    write_cell(root, "b", chain="none", quality=0.80, seed=0, lr=5e-5)
+    write_cell(root, "c", chain="imp", quality=0.80, seed=0, lr=5e-5, settings=imp_at(0.5))
+    [group] = report.build([root], tmp_path / "out", draw=False).groups
+    imp = next(r for r in group.rows if r["chain"] == "imp")
+    assert imp["label"] == "imp" and imp["quality_delta_pct"] == pytest.approx(0.0, abs=1e-9)  # vs lr 5e-5 only
+
+
+def test_a_label_names_a_row(tmp_path):
+    root = tmp_path / "sweep"
+    write_cell(root, "0", chain="none", quality=0.80)
+    write_cell(root, "1", chain="imp", quality=0.78, settings=imp_at(0.9, label="pr .9"))
+    write_cell(root, "2", chain="imp", quality=0.70, settings=imp_at(0.95))
+    distil = {"pkd": {"alpha": 0.5, "label": "Distil"}, **imp_at(0.9, label="90")}
+    write_cell(root, "3", chain="pkd+imp", quality=0.75, settings=distil)
+    write_cell(root, "4", chain="pkd+imp", quality=0.74, settings={**distil, "pkd": {"alpha": 0.9, "label": "Distil"}})
+    out = tmp_path / "out"
+    built = report.build([root], out, draw=False)
+    labels = [r["label"] for r in built.groups[0].rows]
+    # A labelled row takes its label; chained labels join with '+'; one label on several settings keeps
+    # them apart with the chain and its settings (named `<compressor>.<key>` in a chain of several).
+    # Rows of a chain come in the order of their settings' values.
+    assert labels == ["none", "pr .9", "imp target=0.95", "Distil+90 (pkd+imp pkd.alpha=0.5)",
+                      "Distil+90 (pkd+imp pkd.alpha=0.9)"]
+    assert "| pr .9 | 1 | 0 | 0.78 | -2.5% |" in built.markdown.read_text()
+    assert "compress.imp.label" not in read_csv(out / "cells.csv")[0]  # a name, not a setting
+
+
+def test_optional_columns_are_shown_where_recorded_and_blank_where_not(tmp_path):
+    root = tmp_path / "sweep"
+    write_cell(root, "0", chain="none", quality=0.80, train_s=10.0)
+    perf = {"device": "cpu", "latency": {"batch_1": {"median_s": 0.01, "peak_memory_bytes": 3e8}},
+            "throughput": {"batch_size": 12, "examples_per_s": 100.0, "tokens_per_s": 6400.0},
+            "batch_12": {"peak_memory_bytes": 9e8}, "decode_tokens_per_s": {"batch_1": 50.0, "batch_12": 400.0},
+            "by_device": {"cuda": {"batch_1": {"peak_memory_bytes": 1e9}}}}
+    write_cell(root, "1", chain="dq", quality=0.79, perf=perf, train_tokens_per_s=2000.0, eval_seconds=4.0,
+               metrics={"test/accuracy": 0.79, "test/f1": 0.78, "test/precision": 0.77, "test/recall": 0.76},
+               speculative={"speedup": 1.8, "speculative": {"acceptance_rate": 0.7}})  # today's layout
+    write_cell(root, "2", chain="qat", quality=0.78, speculative={"acceptance_rate": 0.6, "speedup": 1.5})
+    write_cell(root, "3", model="tiny_gpt2", task="austen", chain="none", quality=30.0)
+    out = tmp_path / "out"
+    built = report.build([root], out, draw=False)
+    text = built.markdown.read_text()
+    bert, gpt = (text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0], text.split("## tiny_gpt2 × austen")[1])
+    header = next(line for line in bert.splitlines() if line.startswith("| row |"))
+    assert header == ("| row | ok | failed | test/accuracy | Δ% | F1 | precision | recall | size MB | Δ% | "
+                      "nonzero params | latency ms (b1) | Δ% | throughput ex/s | peak MB b1 (cpu) | peak MB b12 (cpu) | "
+                      "peak MB b1 (cuda) | decode tok/s b1 (cpu) | decode tok/s b12 (cpu) | train tokens/s | train s | "
+                      "Δ% | eval s | spec. acceptance | spec. speed-up |")
+    dq = next(line for line in bert.splitlines() if line.startswith("| dq |"))
+    assert "| 0.78 | 0.77 | 0.76 |" in dq and "| 300 | 900 | 1000 | 50 | 400 | 2000 |" in dq and "| 0.7 | 1.8 |" in dq
+    none = next(line for line in bert.splitlines() if line.startswith("| **none** (baseline) |"))
+    assert "| 0.8 | +0.0% |  |  |  |" in none  # no F1/precision/recall in its record: blank
+    qat = next(line for line in bert.splitlines() if line.startswith("| qat |"))
+    assert qat.endswith("| 0.6 | 1.5 |")
+    # The language-modelling table shows none of them.
+    assert "precision" not in gpt and "decode tok/s" not in gpt and "spec." not in gpt
+    rows = {r["label"]: r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv")}
+    assert float(rows["dq"]["peak_memory_mb.cuda.batch_1_mean"]) == pytest.approx(1000.0)
+    assert rows["none"]["decode_tokens_per_s.cpu.batch_12_mean"] == "" and rows["none"]["precision_mean"] == ""
+    cell = next(c for c in read_csv(out / "cells.csv") if c["chain"] == "dq")
+    assert float(cell["decode_tokens_per_s.cpu.batch_1"]) == 50.0 and float(cell["train_tokens_per_s"]) == 2000.0
+
+
+def test_totals_over_the_grid_and_the_co2_presets(sweep, tmp_path):
+    from squeeze.energy import CO2_PRESETS
+
+    assert report.CO2_PRESETS == CO2_PRESETS == {"epa": 0.430, "eea": 0.275}  # what the README names
+    built = report.build([sweep], tmp_path / "out", draw=False)
+    text = built.markdown.read_text()
+    # Train 100+120+150+150 (bert) + 100+100 (gpt2) s; eval 1 s × 8; 0.01+0.03+0.02+0.02 kWh.
+    grid = next(line for line in text.splitlines() if line.startswith("Totals over the whole grid"))
+    assert grid.startswith("Totals over the whole grid (8 records, failed ones included): train time 0.2 h (720 s); "
+                           "eval time 0.00222 h (8 s); energy 0.08 kWh (facility, PUE 1.59; 4 of 8 records")
+    assert "CO2 0.0344 kg as recorded (kg/kWh: epa 0.430); 0.0344 kg at epa 0.430, 0.022 kg at eea 0.275." in grid
+    assert "Totals over tiny_gpt2 × austen (2 records, failed ones included): train time 0.0556 h (200 s)" in text
 
 
 def test_an_evaluated_checkpoint_has_no_train_cost_of_its_own(sweep, tmp_path):
@@ -241,6 +367,34 @@ def test_plots_are_valid_pngs_and_missing_figures_are_said(sweep, tmp_path):
     assert "Plots not drawn: quality vs latency (no finished record has perf.latency.batch_1)" in text
     # Old records without perf/energy: their columns are left out of the table, and said so.
     assert "Not in these records (column left out): latency ms (b1), throughput ex/s, energy kWh, CO2 kg." in text
+
+
+def _overlaps(boxes) -> list:
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes) if i < j and a.overlaps(b)]
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.0])
+def test_point_labels_do_not_overlap(spread):
+    from squeeze.report import plots
+
+    # Rows whose sizes and accuracies nearly coincide (spread 0: on one spot), one far away.
+    labels = ["none", "imp target=0.3", "imp target=0.5", "heads amount=0.1", "heads amount=0.2", "AH90", "qat bits=4"]
+    cost = [100, 100 - 0.5 * spread, 100 - spread, 98.7, 100 - 2.5 * spread, 99.9, 30]
+    quality = [0.85, 0.85 - 0.005 * spread, 0.84, 0.85, 0.85 - 0.02 * spread, 0.849, 0.80]
+    front = report.pareto_set(list(zip(cost, quality)), "max")
+    fig, texts = plots.tradeoff_figure(labels, cost, [None] * 7, quality, [None] * 7, front, "size MB",
+                                       "accuracy", "t", labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [plots.text_box(t, renderer) for t in texts]
+    assert [t.get_text() for t in texts] == labels
+    assert _overlaps(boxes) == []
+    ax_box = fig.axes[0].get_window_extent(renderer)
+    assert all(ax_box.x0 <= b.x0 and b.x1 <= ax_box.x1 and ax_box.y0 <= b.y0 and b.y1 <= ax_box.y1 for b in boxes)
+    # No name covers a point; a moved name has its leader line.
+    points = [fig.axes[0].transData.transform((x, y)) for x, y in zip(cost, quality)]
+    assert not any(b.contains(x, y) for b in boxes for x, y in points)
+    assert any(t.arrow_patch.get_visible() for t in texts)
 
 
 # -- bad input and the command line -------------------------------------------------------------------------

@@ -3,10 +3,11 @@
     python -m squeeze.report multirun/2026-11-23_10-00-00              # a sweep, searched recursively
     python -m squeeze.report outputs/tiny_bert/rotten_tomatoes/* --out report --wandb
 
-Per model × task: one row per compressor chain, its cells (seeds, learning rates) aggregated as
-mean ± std, Δ% against the baseline chain (`none`), a markdown section and a CSV; PNG plots of
-quality against size, latency and energy with the Pareto front, expected validation performance
-(Dodge et al. 2019) and sparsity against quality. Reads only result.json files: it knows records,
+Per model × task: one row per compressor chain and setting (the config.compress keys that tell the
+chain's cells apart, `imp target=0.3`, or the compressors' `label`), its cells (seeds, learning rates)
+aggregated as mean ± std, Δ% against the baseline chain (`none`) over the same seeds and learning rates,
+the grid's totals, a markdown section and a CSV; PNG plots of quality against size, latency and energy
+with the Pareto front, expected validation performance (Dodge et al. 2019) and sparsity against quality. Reads only result.json files: it knows records,
 never models.
 """
 
@@ -16,18 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squeeze.report.aggregate import (BASELINE, Group, build_groups, delta_pct, expected_best,
-                                      expected_validation_curve, pareto_set)
+from squeeze.report.aggregate import (BASELINE, CO2_PRESETS, Group, build_groups, delta_pct, expected_best,
+                                      expected_validation_curve, pareto_set, totals)
 from squeeze.report.cells import cell, find_results, load_cells, quality_metric, record_sparsity
 from squeeze.report.tables import (CELLS_CSV, _write_csv, cell_columns, cell_records, group_records, markdown,
                                    markdown_table, row_columns)
 from squeeze.report.wandb_log import log_wandb, wandb_mode
 from squeeze.report.cli import main
 
-__all__ = ["BASELINE", "CELLS_CSV", "REPORT_DIR", "REPORT_MD", "Group", "Report", "build", "build_groups", "cell",
-           "cell_columns", "cell_records", "default_out", "delta_pct", "expected_best", "expected_validation_curve",
+__all__ = ["BASELINE", "CELLS_CSV", "CO2_PRESETS", "REPORT_DIR", "REPORT_MD", "Group", "Report", "build",
+           "build_groups", "cell", "cell_columns", "cell_records", "default_out", "delta_pct", "expected_best", "expected_validation_curve",
            "find_results", "group_records", "load_cells", "log_wandb", "main", "markdown", "markdown_table",
-           "pareto_set", "quality_metric", "record_sparsity", "row_columns", "wandb_mode"]
+           "pareto_set", "quality_metric", "record_sparsity", "row_columns", "totals", "wandb_mode"]
 REPORT_DIR = "report"
 REPORT_MD = "report.md"
 
