@@ -236,11 +236,13 @@ def test_optional_columns_are_shown_where_recorded_and_blank_where_not(tmp_path)
     out = tmp_path / "out"
     built = report.build([root], out, draw=False)
     text = built.markdown.read_text()
-    bert, gpt = (text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0], text.split("## tiny_gpt2 × austen")[1])
+    bert = text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0]
+    gpt = text.split("## tiny_gpt2 × austen")[1]
     header = next(line for line in bert.splitlines() if line.startswith("| row |"))
     assert header == ("| row | ok | failed | test/accuracy | Δ% | F1 | precision | recall | size MB | Δ% | "
-                      "nonzero params | latency ms (b1) | Δ% | throughput ex/s | peak MB b1 (cpu) | peak MB b12 (cpu) | "
-                      "peak MB b1 (cuda) | decode tok/s b1 (cpu) | decode tok/s b12 (cpu) | train tokens/s | train s | "
+                      "nonzero params | latency ms (b1) | Δ% | throughput ex/s | peak MB b1 (cpu) | "
+                      "peak MB b12 (cpu) | peak MB b1 (cuda) | decode tok/s b1 (cpu) | decode tok/s b12 (cpu) | "
+                      "train tokens/s | train s | "
                       "Δ% | eval s | spec. acceptance | spec. speed-up |")
     dq = next(line for line in bert.splitlines() if line.startswith("| dq |"))
     assert "| 0.78 | 0.77 | 0.76 |" in dq and "| 300 | 900 | 1000 | 50 | 400 | 2000 |" in dq and "| 0.7 | 1.8 |" in dq
@@ -266,7 +268,7 @@ def test_totals_over_the_grid_and_the_co2_presets(sweep, tmp_path):
     # Train 100+120+150+150 (bert) + 100+100 (gpt2) s; eval 1 s × 8; 0.01+0.03+0.02+0.02 kWh.
     grid = next(line for line in text.splitlines() if line.startswith("Totals over the whole grid"))
     assert grid.startswith("Totals over the whole grid (8 records, failed ones included): train time 0.2 h (720 s); "
-                           "eval time 0.00222 h (8 s); energy 0.08 kWh (facility, PUE 1.59; 4 of 8 records")
+                           "eval time 0.00222 h (8 s); energy 0.08 kWh (facility, PUE 1.59; 4 of 8 records have it)")
     assert "CO2 0.0344 kg as recorded (kg/kWh: epa 0.430); 0.0344 kg at epa 0.430, 0.022 kg at eea 0.275." in grid
     assert "Totals over tiny_gpt2 × austen (2 records, failed ones included): train time 0.0556 h (200 s)" in text
 

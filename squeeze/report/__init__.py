@@ -7,8 +7,8 @@ Per model × task: one row per compressor chain and setting (the config.compress
 chain's cells apart, `imp target=0.3`, or the compressors' `label`), its cells (seeds, learning rates)
 aggregated as mean ± std, Δ% against the baseline chain (`none`) over the same seeds and learning rates,
 the grid's totals, a markdown section and a CSV; PNG plots of quality against size, latency and energy
-with the Pareto front, expected validation performance (Dodge et al. 2019) and sparsity against quality. Reads only result.json files: it knows records,
-never models.
+with the Pareto front, expected validation performance (Dodge et al. 2019) and sparsity against quality.
+Reads only result.json files: it knows records, never models.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from squeeze.report.wandb_log import log_wandb, wandb_mode
 from squeeze.report.cli import main
 
 __all__ = ["BASELINE", "CELLS_CSV", "CO2_PRESETS", "REPORT_DIR", "REPORT_MD", "Group", "Report", "build",
-           "build_groups", "cell", "cell_columns", "cell_records", "default_out", "delta_pct", "expected_best", "expected_validation_curve",
-           "find_results", "group_records", "load_cells", "log_wandb", "main", "markdown", "markdown_table",
-           "pareto_set", "quality_metric", "record_sparsity", "row_columns", "totals", "wandb_mode"]
+           "build_groups", "cell", "cell_columns", "cell_records", "default_out", "delta_pct", "expected_best",
+           "expected_validation_curve", "find_results", "group_records", "load_cells", "log_wandb", "main",
+           "markdown", "markdown_table", "pareto_set", "quality_metric", "record_sparsity", "row_columns", "totals", "wandb_mode"]
 REPORT_DIR = "report"
 REPORT_MD = "report.md"
 
