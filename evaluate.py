@@ -5,10 +5,13 @@
     python evaluate.py model=smollm2 task=austen task.data.protocol=sliding task.data.stride=128
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from squeeze import run
+from squeeze.config import lenient_compressor_settings
 from squeeze.errors import SqueezeError
 
 
@@ -22,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = lenient_compressor_settings(sys.argv[1:])  # compress.<name>.<key>=v for a mixed sweep
     main()

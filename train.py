@@ -5,10 +5,13 @@
     python train.py -m model=tiny_bert,tiny_gpt2 task=rotten_tomatoes,wnut16   # a sweep
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from squeeze import run
+from squeeze.config import lenient_compressor_settings
 from squeeze.errors import SqueezeError
 
 
@@ -24,4 +27,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = lenient_compressor_settings(sys.argv[1:])  # compress.<name>.<key>=v for a mixed sweep
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from omegaconf import OmegaConf
@@ -9,8 +10,7 @@ from omegaconf import OmegaConf
 
 def chain_name(compress_cfg: Mapping | None) -> str:
     """'none', 'imp', 'pkd+imp+dq': how a compressor chain is named in directories, tags and tables."""
-    names = [str(k) for k, v in (compress_cfg or {}).items() if v is not None]
-    return "+".join(names) or "none"
+    return "+".join(used_compressors(compress_cfg)) or "none"
 
 
 # Hydra records no single choice for a group given as a list (compress=[pkd,imp]), so sweep
@@ -74,3 +74,23 @@ def check_counts(trainer_cfg: Mapping, data_cfg: Mapping | None = None) -> None:
     for split, limit in dict(d.get("max_examples") or {}).items():
         if limit is not None and not (whole(limit) and limit >= 1):
             raise bad(f"task.data.max_examples.{split}", limit, "a row count ≥ 1 or null (all)")
+
+
+# -- compressor settings in a mixed sweep --------------------------------------------------------------
+_COMPRESSOR_SETTING = re.compile(r"^compress\.[A-Za-z_][\w-]*\.")
+
+
+def lenient_compressor_settings(argv: list[str]) -> list[str]:
+    """`compress.<name>.<key>=v` set once for a whole command line: `python train.py -m compress=none,imp
+    compress.imp.end_step=10`. The `none` cell has no `compress.imp` node, and Hydra refuses a key that is not
+    in the config, so such overrides are made `++` (set or add); a node that holds settings but no
+    `_target_` is a compressor this cell does not use, and build_chain skips it. The sweeper
+    (squeeze.sweeper) also drops them from the cells that do not use them, so no duplicate cells run."""
+    return [f"++{arg}" if _COMPRESSOR_SETTING.match(arg) else arg for arg in argv]
+
+
+def used_compressors(compress_cfg: Mapping | None) -> dict:
+    """The entries of cfg.compress that build a compressor (a `_target_`), in order; settings given for
+    a compressor the cell does not use are left out."""
+    return {str(k): v for k, v in (compress_cfg or {}).items()
+            if v is not None and (not isinstance(v, Mapping) or "_target_" in v)}

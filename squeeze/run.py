@@ -187,7 +187,8 @@ def _restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
 def _finalize(chain, module: L.LightningModule, record: dict[str, Any]) -> None:
     for compressor in chain:
         module.model = compressor.finalize(module.model)
-    record["compress"] = {"chain": [c.name for c in chain], **{c.name: c.summary() for c in chain}}
+    record["compress"] = {"chain": [c.name for c in chain],
+                          **{c.name: {**c.summary(), **({"label": c.label} if c.label else {})} for c in chain}}
     # The global sparsity a pruner reached, at the top level where reports look for it.
     sparsities = [record["compress"][c.name].get("sparsity") for c in chain]
     record["sparsity"] = next((s for s in reversed(sparsities) if s is not None), None)

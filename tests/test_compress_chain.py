@@ -48,7 +48,8 @@ def _probe(tag, **kw):
 
 def test_chain_names_and_baseline():
     assert chain_name({"none": None}) == "none"
-    assert chain_name({"pkd": {}, "imp": {}, "dq": {}}) == "pkd+imp+dq"
+    assert chain_name({"pkd": {"_target_": "a.B"}, "imp": {"_target_": "a.C"}, "dq": {"_target_": "a.D"}}) == "pkd+imp+dq"
+    assert chain_name({"pkd": {"_target_": "a.B"}, "imp": {"target": 0.5}}) == "pkd"  # settings only: not in the chain
     assert build_chain({"none": None}) == []
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import lightning as L
-from squeeze.config import chain_name  # noqa: F401  (re-exported: the run names chains with it)
+from squeeze.config import chain_name, used_compressors  # noqa: F401  (chain_name re-exported for the run)
 from squeeze.errors import SqueezeError
 
 
@@ -34,6 +34,7 @@ class Compressor(L.Callback):
     """One compression technique. Subclasses override the hooks they need; the defaults do nothing."""
 
     name: str = "compressor"
+    label: str | None = None  # compress.<name>.label: the report row's name for this setting (e.g. AH90)
     trains: bool = False  # needs gradient steps on float weights (pruning, QAT, distillation)
     integer_weights: bool = False  # finalize leaves integer weights (dq, weight-only, converted QAT)
     replaces_objective: bool = False  # wrap_module returns a module with another loss (distillation)
@@ -56,14 +57,16 @@ class Compressor(L.Callback):
 
 
 def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
-    """Instantiate cfg.compress's entries in order; `none` (null) entries are the baseline."""
+    """Instantiate cfg.compress's entries in order; `none` (null) entries are the baseline, and settings
+    for a compressor this cell does not use (no `_target_`: a mixed sweep's shared settings) are skipped."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     chain: list[Compressor] = []
-    for key, node in (compress_cfg or {}).items():
-        if node is None:
-            continue
+    for key, node in used_compressors(compress_cfg).items():
+        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        label = node.pop("label", None)  # the report's, not the compressor's
         try:
             compressor = instantiate(node, _convert_="all")
         except InstantiationException as e:  # Hydra wraps the compressor's own one-line error: unwrap it
@@ -74,6 +77,7 @@ def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
             raise SqueezeError(f"compress.{key} built a {type(compressor).__name__}, not a squeeze Compressor; "
                                "check its _target_")
         compressor.name = str(key)
+        compressor.label = None if label is None else str(label)
         chain.append(compressor)
     check_order(chain)
     return chain
