@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchmetrics.text import Perplexity
 
 from squeeze.errors import SqueezeError
@@ -121,12 +121,14 @@ class FineTune(L.LightningModule):
 
 
 class SequenceClassification(FineTune):
-    """Accuracy and macro-F1 over whole-text labels."""
+    """Accuracy, and macro precision, recall and F1 (each the unweighted mean over classes), over
+    whole-text labels."""
 
     def make_metrics(self):
         n = self.model.config.num_labels
         return MetricCollection(
-            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro"),
+             "precision": MulticlassPrecision(n, average="macro"), "recall": MulticlassRecall(n, average="macro")}
         )
 
     def update_metrics(self, metrics, batch, outputs):

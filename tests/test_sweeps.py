@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from squeeze import loggers
 
 TEST_METRICS = {
-    "rotten_tomatoes": {"test/accuracy", "test/f1", "test/loss"},
+    "rotten_tomatoes": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "austen": {"test/perplexity", "test/loss"},
 }
 
