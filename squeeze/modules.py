@@ -14,9 +14,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from torchmetrics.text import Perplexity
 
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX, EntityF1
+from squeeze.metrics import IGNORE_INDEX, EntityF1, LastWord
 
 STAGES = ("val", "test")
+# Batch entries that say what to score, not model inputs (LastWordData's target_mask).
+SCORING_KEYS = ("target_mask",)
 
 
 class NonFiniteLossError(SqueezeError):
@@ -71,7 +73,7 @@ class FineTune(L.LightningModule):
 
     # -- the loop --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> Any:
-        return self.model(**batch)
+        return self.model(**{k: v for k, v in batch.items() if k not in SCORING_KEYS})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
@@ -176,3 +178,23 @@ class CausalLM(FineTune):
         logits = outputs.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         metrics.update(logits, target)
+
+
+class LastWordLM(CausalLM):
+    """LAMBADA: last-word accuracy and perplexity (squeeze.metrics.LastWord) of passages scored one by one,
+    plus the perplexity over all their tokens; training batches (blocks of text) are plain causal LM."""
+
+    def make_metrics(self):
+        return nn.ModuleDict({"perplexity": Perplexity(ignore_index=IGNORE_INDEX), "last_word": LastWord()})
+
+    def update_metrics(self, metrics, batch, outputs):
+        metrics["perplexity"].update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
+        if "target_mask" in batch:
+            metrics["last_word"].update(outputs.logits, batch["input_ids"], batch["target_mask"])
+
+    def compute_metrics(self, metrics):
+        out = {"perplexity": metrics["perplexity"].compute()}
+        if int(metrics["last_word"].passages) > 0:
+            last = metrics["last_word"].compute()
+            out.update(last_word_accuracy=last["accuracy"], last_word_perplexity=last["perplexity"])
+        return out

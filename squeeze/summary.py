@@ -37,6 +37,11 @@ def summary(record: dict[str, Any]) -> str:
     lines = [f"test: {metrics}"]
     if record.get("perplexity"):
         p = record["perplexity"]
-        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
+        if p.get("last_word"):
+            w = p["last_word"]
+            lines.append(f"last word: {w['passages']} passages scored one by one (up to {w['max_length']} tokens, "
+                         f"{w['truncated']} cut); perplexity {w['perplexity']}")
+        else:
+            lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
     lines.append(f"record: {record['run_dir']}/result.json")
     return "\n".join(lines)

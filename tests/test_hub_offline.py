@@ -31,6 +31,7 @@ CELLS = [("gpt2", task) for task in HUB_TASKS] + [(m, t) for m in ENCODERS for t
 TEST_METRICS = {
     "imdb": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "conll2003": {"test/precision", "test/recall", "test/f1", "test/token_accuracy", "test/loss"},
+    "lambada": {"test/loss", "test/perplexity", "test/last_word_accuracy", "test/last_word_perplexity"},
     "personachat": {"test/loss", "test/perplexity", "test/hits@1", "test/hits@5", "test/hits@10", "test/bleu",
                     "test/ter"},
 }
