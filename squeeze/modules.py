@@ -13,6 +13,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchmetrics.text import Perplexity
 
+from squeeze import measure
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX, EntityF1, LastWord
 
@@ -55,6 +56,8 @@ class FineTune(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
         self.scheduler_factory = scheduler
         self.metrics = nn.ModuleDict({stage: self.make_metrics() for stage in STAGES})
+        self.train_tokens: int | None = None  # non-padding input tokens of this fit's training steps
+        self._tokens_seen: int | torch.Tensor = 0
 
     # -- what a head defines -------------------------------------------------------------------
     def make_metrics(self) -> nn.Module:
@@ -70,6 +73,14 @@ class FineTune(L.LightningModule):
         # transformers' from_pretrained returns models in eval mode; Lightning keeps the mode it
         # finds, so without this a pretrained model would fine-tune with dropout switched off.
         self.model.train()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Summed on the device, read once at the end: no sync per step.
+        self._tokens_seen = self._tokens_seen + measure.batch_tokens(batch)
+
+    def on_train_end(self) -> None:
+        seen = torch.as_tensor(self._tokens_seen, device=self.device)
+        self.train_tokens = int(self.trainer.strategy.reduce(seen, reduce_op="sum"))  # every rank's
 
     # -- the loop --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> Any:
