@@ -74,6 +74,9 @@ class FineTune(L.LightningModule):
         # finds, so without this a pretrained model would fine-tune with dropout switched off.
         self.model.train()
 
+    def on_train_start(self) -> None:
+        self._tokens_seen = 0  # this fit's (a resumed run counts from where it resumed, as train_seconds does)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Summed on the device, read once at the end: no sync per step.
         self._tokens_seen = self._tokens_seen + measure.batch_tokens(batch)
