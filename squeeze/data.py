@@ -1,4 +1,5 @@
-"""Data modules, one per task kind: sequence classification, token classification, language modelling.
+"""Data modules, one per task kind: sequence classification, token classification, language modelling
+(and LAMBADA's last-word passages).
 
 Each loads its splits with `datasets` — from the hub (`source: imdb`), from local files through a
 generic builder (`source: csv|json|text` + `data_files`), or from a CoNLL file (`source: conll`) —
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from squeeze import assets
 from squeeze.arch.tokenizers import words_as_in_text
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, perplexity_windows
+from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, encode_last_word, perplexity_windows
 from squeeze.models import max_positions
 
 SPLITS = ("train", "validation", "test")
@@ -453,3 +454,73 @@ class LanguageModelingData(TaskData):
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class LastWordData(LanguageModelingData):
+    """LAMBADA: trains on blocks of the text stream like any LM task; validation and test are passages
+    scored one by one (no stream, no context across passages): the last word (its tokens, with the space
+    before it) is the target, everything before it the context (squeeze.metrics.encode_last_word).
+
+    A passage is one example: input_ids, labels (every token, for the passages' perplexity) and
+    target_mask (1 on the target's tokens, for squeeze.modules.LastWordLM). A passage longer than
+    `max_length` tokens loses context from the left (how many did is recorded); `max_length=None` is the
+    model's context, as the harness has it (block_size until the run hands the model to check_model).
+    """
+
+    def __init__(self, tokenizer, max_length: int | None = None, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        if max_length is not None and max_length < 2:
+            raise SqueezeError(f"task.data.max_length={max_length} must be at least 2 (a context and a word)")
+        self.max_length = max_length
+        self.passages: dict[str, dict[str, int]] = {}
+
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        limit = max_positions(model.config)
+        if self.max_length is not None and limit is not None and self.max_length > limit:
+            raise SqueezeError(f"task.data.max_length={self.max_length} is above the model's context of {limit} "
+                               f"tokens; set task.data.max_length<={limit} or null (the model's context)")
+        if self.max_length is None and limit is not None:
+            self.max_length = limit
+
+    @property
+    def passage_length(self) -> int:
+        return self.max_length or self.block_size
+
+    @property
+    def protocol_record(self) -> dict[str, Any]:
+        return {
+            "protocol": "last_word",
+            "block_size": self.block_size,
+            "stride": None,
+            "scored_tokens": self.scored_tokens.get("test"),
+            "last_word": {**self.passages.get("test", {}), "max_length": self.passage_length,
+                          "perplexity": "per passage (the harness's)"},
+        }
+
+    def encode(self, rows, split):
+        if split == "train":
+            return super().encode(rows, split)
+        if self.text_column not in rows.column_names:
+            raise SqueezeError(f"the data has no column {self.text_column!r} (has {rows.column_names})")
+        out, cut, targets = [], 0, 0
+        for i, text in enumerate(rows[self.text_column]):
+            try:
+                ids, start, truncated = encode_last_word(self.tokenizer, str(text or ""), self.passage_length)
+            except ValueError as e:
+                raise SqueezeError(f"{split} passage {i}: {e}; LAMBADA passages end in a word") from e
+            out.append({"input_ids": ids, "labels": ids, "target_mask": [0] * start + [1] * (len(ids) - start)})
+            cut += truncated
+            targets += len(ids) - start
+        self.scored_tokens[split] = sum(len(x["input_ids"]) - 1 for x in out)
+        self.passages[split] = {"passages": len(out), "target_tokens": targets, "truncated": cut}
+        return out
+
+    def collate(self, features):
+        batch = super().collate(features)
+        if "target_mask" in features[0]:
+            mask = torch.zeros_like(batch["input_ids"])
+            for i, f in enumerate(features):
+                mask[i, : len(f["target_mask"])] = torch.tensor(f["target_mask"])
+            batch["target_mask"] = mask
+        return batch

@@ -1,17 +1,30 @@
-"""Inference performance of a model: latency per batch, throughput, peak memory.
+"""Performance of a model: latency per batch, throughput, peak memory per batch size, decoding speed,
+and the training throughput of a fit.
 
 Latency is the wall time of one forward pass (no labels, no gradients) on real test examples, after
 warm-up passes, repeated; the median is reported with the 10th/90th percentiles so a noisy machine shows
 as spread instead of a wrong number. On a GPU every timing waits for the device (`synchronize`): CUDA
 calls return before the work is done.
+
+Peak memory per batch size is taken over that batch size's timed passes: on a GPU the most memory
+allocated by tensors (`max_memory_allocated`, after `reset_peak_memory_stats`); on CPU the process's
+resident set high-water mark (Linux: VmHWM, reset before the batch through /proc/self/clear_refs, so
+nothing perturbs the timing; elsewhere the resident set sampled every millisecond). The CPU figure is the
+whole process (weights, data, Python, allocator caches), so `peak_increase_bytes` (peak minus what was
+resident just before) is the batch's own working memory.
+
+Decoding speed is greedy `generate` of exactly `new_tokens` tokens from the first tokens of real test
+examples, timed like latency; models that cannot generate (encoders, classification heads) skip it.
 """
 
 from __future__ import annotations
 
 import resource
 import statistics
+import threading
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -70,8 +83,11 @@ def measure_inference(
     warmup: int = 3,
     repeats: int = 10,
     device: str = "cpu",
+    decode: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Latency per batch size and throughput at the largest one, on `device`."""
+    """Latency per batch size and throughput at the largest one, on `device`; under the key `device`,
+    peak memory per batch size and greedy decoding speed (`decode`: the keyword arguments of
+    measure_decoding; None skips decoding)."""
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise SqueezeError(f"perf.batch_sizes={list(batch_sizes)} must be positive integers")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -80,16 +96,20 @@ def measure_inference(
     original = next(model.parameters()).device
     model.eval().to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    latency, tokens = {}, {}
+    process_peak = process_peak_rss()  # before the per-batch resets below
+    latency, tokens, memory = {}, {}, {}
+    decoding = None
     try:
         with torch.inference_mode():
             for size in sorted(set(batch_sizes)):
                 batch = {k: v.to(device) for k, v in example_batch(dataloader, size).items()}
-                latency[f"batch_{size}"] = time_call(lambda: model(**batch), warmup, repeats, sync)
+                with PeakMemory(device) as peak:
+                    latency[f"batch_{size}"] = time_call(lambda: model(**batch), warmup, repeats, sync)
+                memory[f"batch_{size}"] = peak.record()
                 mask = batch.get("attention_mask")
                 tokens[size] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            if decode is not None and can_generate(model):
+                decoding = measure_decoding(model, dataloader, device=device, **decode)
     finally:
         model.to(original)
         model.train(was_training)
@@ -107,13 +127,199 @@ def measure_inference(
         "warmup": warmup,
     }
     if device.startswith("cuda"):
-        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        # The most allocated over all batch sizes (each was reset before its own timing).
+        out["peak_memory_bytes"] = max(m["peak_memory_bytes"] for m in memory.values())
         out["peak_memory_kind"] = "cuda_max_allocated"
     else:
-        out["peak_memory_bytes"], out["peak_memory_kind"] = process_peak_rss(), "cpu_rss"
+        out["peak_memory_bytes"], out["peak_memory_kind"] = max(process_peak, process_peak_rss()), "cpu_rss"
+    out[device] = {
+        **memory,
+        "decode_tokens_per_s": None if decoding is None else
+        {name: timing["tokens_per_s"] for name, timing in decoding["latency"].items()},
+        "decode": decoding,
+    }
     return out
 
 
+# -- decoding -----------------------------------------------------------------------------------------
+def can_generate(model: torch.nn.Module) -> bool:
+    """A model `generate` can decode with (a causal LM head, not an encoder or a classifier)."""
+    check = getattr(model, "can_generate", None)
+    return bool(check()) if callable(check) else False
+
+
+def decode_prompts(dataloader, batch_size: int, prompt_tokens: int) -> torch.Tensor:
+    """(batch_size, length) prompt ids: the first tokens of the first test examples, all cut to the
+    shortest of them (at most `prompt_tokens`), so the batch needs no padding."""
+    batch = example_batch(dataloader, batch_size)
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    rows = [row[keep] for row, keep in zip(ids, mask)]
+    length = min(prompt_tokens, *(len(r) for r in rows))
+    if length < 1:
+        raise SqueezeError("decoding speed: a test example has no tokens to prompt with")
+    return torch.stack([r[:length] for r in rows])
+
+
+def decode_settings(perf: Mapping[str, Any]) -> dict[str, Any] | None:
+    """measure_decoding's arguments from the `perf` config; None when perf.decode_batch_sizes is empty."""
+    sizes = perf.get("decode_batch_sizes", (1, 12))
+    if not sizes:
+        return None
+    return {"batch_sizes": [int(b) for b in sizes], "new_tokens": int(perf.get("decode_new_tokens", 32)),
+            "prompt_tokens": int(perf.get("decode_prompt_tokens", 32)), "repeats": int(perf.get("decode_repeats", 3)),
+            "warmup": min(1, int(perf.get("warmup", 1)))}
+
+
+def measure_decoding(
+    model: torch.nn.Module,
+    dataloader,
+    batch_sizes: Sequence[int] = (1, 12),
+    new_tokens: int = 32,
+    prompt_tokens: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Greedy decoding of exactly `new_tokens` tokens per prompt (no early stop at end-of-text), timed per
+    batch size: new tokens per second = batch size × new_tokens / median seconds, prompt included."""
+    if any(b < 1 for b in batch_sizes) or new_tokens < 1 or prompt_tokens < 1:
+        raise SqueezeError(f"perf.decode_batch_sizes={list(batch_sizes)}, perf.decode_new_tokens={new_tokens} and "
+                           f"perf.decode_prompt_tokens={prompt_tokens} must be positive")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "num_beams": 1,
+                "pad_token_id": pad}
+    latency: dict[str, Any] = {}
+    for size in sorted(set(batch_sizes)):
+        prompts = decode_prompts(dataloader, size, prompt_tokens).to(device)
+        mask = torch.ones_like(prompts)
+        produced: list[int] = []
+
+        def generate():
+            out = model.generate(input_ids=prompts, attention_mask=mask, **settings)
+            produced.append(out.shape[1] - prompts.shape[1])
+
+        with PeakMemory(device) as peak:
+            timing = time_call(generate, warmup, repeats, sync)
+        if produced[-1] != new_tokens:
+            raise SqueezeError(f"decoding speed: generate made {produced[-1]} tokens, not {new_tokens}")
+        latency[f"batch_{size}"] = {**timing, "prompt_tokens": prompts.shape[1],
+                                    "tokens_per_s": size * new_tokens / timing["median_s"], **peak.record()}
+    return {"new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "warmup": warmup, "latency": latency}
+
+
+# -- memory ------------------------------------------------------------------------------------------
+_peak_before_resets = 0  # the process's peak RSS before PeakMemory first reset the kernel's high-water mark
+
+
 def process_peak_rss() -> int:
-    # ru_maxrss is KiB on Linux: the process's peak resident set so far (model, data and all).
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    # ru_maxrss is KiB on Linux: the process's peak resident set so far (model, data and all). Resetting
+    # the high-water mark (PeakMemory) lowers it, so the peak seen before the resets is kept.
+    return max(_peak_before_resets, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024)
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the process's resident-set high-water mark (Linux ≥ 4.0); False where that is not possible."""
+    global _peak_before_resets
+    _peak_before_resets = process_peak_rss()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _proc_status_bytes("VmHWM") is not None
+
+
+def _current_rss() -> int | None:
+    rss = _proc_status_bytes("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        import psutil  # not a dependency: only where /proc is missing (macOS)
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # no psutil, or it cannot read the process
+        return None
+
+
+class PeakMemory:
+    """Peak memory while the block runs (see the module docstring): `record()` gives peak_memory_bytes,
+    peak_increase_bytes (the peak minus what was in use at the start) and peak_memory_kind."""
+
+    def __init__(self, device: str = "cpu", sample_every_s: float = 0.001):
+        self.device, self.sample_every_s = device, sample_every_s
+        self.before = self.peak = None
+        self.kind = "unavailable"
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before, self.kind = int(torch.cuda.memory_allocated(self.device)), "cuda_max_allocated"
+            return self
+        self.before = _current_rss()
+        if self.before is None:
+            return self
+        if _reset_rss_peak():
+            self.kind = "cpu_rss"
+        else:
+            self.kind, self.peak = "cpu_rss_sampled", self.before
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.sample_every_s):
+            rss = _current_rss()
+            if rss is not None and rss > self.peak:
+                self.peak = rss
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self.kind == "cpu_rss":
+            self.peak = _proc_status_bytes("VmHWM")
+        elif self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            self.peak = max(self.peak, _current_rss() or 0)
+
+    def record(self) -> dict[str, Any]:
+        if self.peak is None or self.before is None:
+            return {"peak_memory_bytes": None, "peak_increase_bytes": None, "peak_memory_kind": self.kind}
+        return {"peak_memory_bytes": int(self.peak), "peak_increase_bytes": max(0, int(self.peak - self.before)),
+                "peak_memory_kind": self.kind}
+
+
+# -- training -----------------------------------------------------------------------------------------
+def batch_tokens(batch: Mapping[str, Any]) -> int | torch.Tensor:
+    """Non-padding input tokens of a batch (the attention mask's ones; every input id without a mask)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is not None:
+        return mask.sum()
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return ids.numel() if ids is not None else 0
+
+
+def tokens_per_s(tokens: int | None, seconds: float | None) -> float | None:
+    if not tokens or not seconds:
+        return None
+    return tokens / seconds

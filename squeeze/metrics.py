@@ -1,7 +1,9 @@
-"""Metrics torchmetrics does not have: the perplexity evaluation protocols and entity-level F1.
+"""Metrics torchmetrics does not have: the perplexity evaluation protocols, entity-level F1 and
+LAMBADA's last-word scores.
 
 Accuracy, F1 and perplexity themselves come from torchmetrics; what is written here is how an LM
-test set is cut into windows (the protocol decides the number) and seqeval-style entity matching.
+test set is cut into windows (the protocol decides the number), seqeval-style entity matching, and
+the last word of a passage scored as a whole (all its tokens right, its summed log-likelihood).
 """
 
 from __future__ import annotations
@@ -121,3 +123,71 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> 
             labels.append(int(word_labels[word]))
         previous = word
     return labels
+
+
+# -- LAMBADA: the last word of a passage, given the rest ---------------------------------------------
+def split_last_word(text: str) -> tuple[str, str]:
+    """(context, target) as lm-evaluation-harness splits a LAMBADA passage: the target is the text after
+    the last space, with that space. Trailing whitespace is dropped first (a local file's newline is not
+    part of the word; the hub passages have none)."""
+    text = text.rstrip()
+    context, _, word = text.rpartition(" ")
+    if not word:
+        raise ValueError(f"a LAMBADA passage needs a last word: {text[:60]!r}")
+    return context, " " + word
+
+
+def encode_last_word(tokenizer, text: str, max_length: int) -> tuple[list[int], int, bool]:
+    """A passage as (token ids, index of the target's first token, whether the context was cut).
+
+    As the harness encodes a (context, continuation) pair: the target's tokens are those the whole text
+    has beyond the context's own tokens (so a BPE merge across the boundary is scored as the text has it);
+    an empty context is the end-of-text token. A passage longer than `max_length` loses context from
+    the left, never target tokens."""
+    context, target = split_last_word(text)
+    whole = tokenizer(context + target, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    if not context_ids:
+        start_token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        context_ids, whole = [start_token], [start_token] + whole
+    target_ids = whole[len(context_ids):]
+    if not target_ids or len(target_ids) >= max_length:
+        raise ValueError(f"the last word {target!r} is {len(target_ids)} tokens; it needs 1 to {max_length - 1}")
+    ids = context_ids + target_ids
+    cut = len(ids) > max_length
+    ids = ids[-max_length:]
+    return ids, len(ids) - len(target_ids), cut
+
+
+class LastWord(Metric):
+    """LAMBADA's two scores, per passage as lm-evaluation-harness computes them: accuracy = the fraction
+    of passages whose every target token is the model's argmax given the gold prefix (greedy decoding of
+    the word); perplexity = exp(mean over passages of the target's summed NLL), so a perplexity per word,
+    not per token. Written here because torchmetrics scores tokens, not a span as one unit."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("passages", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> None:
+        """logits (batch, length, vocab) from input_ids (batch, length); target_mask marks target tokens."""
+        # Position t predicts token t+1.
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        gold = input_ids[:, 1:]
+        scored = target_mask[:, 1:].bool()
+        nll = -logprobs.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+        right = (logprobs.argmax(-1) == gold) | ~scored
+        has_target = scored.any(-1)
+        self.correct += (right.all(-1) & has_target).sum()
+        self.passages += has_target.sum()
+        self.nll += (nll * scored).sum(-1).double().sum()
+        self.tokens += scored.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        passages = self.passages.clamp(min=1)
+        return {"accuracy": self.correct.float() / passages, "perplexity": torch.exp(self.nll / passages).float()}

@@ -10,13 +10,16 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchmetrics.text import Perplexity
 
+from squeeze import measure
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX, EntityF1
+from squeeze.metrics import IGNORE_INDEX, EntityF1, LastWord
 
 STAGES = ("val", "test")
+# Batch entries that say what to score, not model inputs (LastWordData's target_mask).
+SCORING_KEYS = ("target_mask",)
 
 
 class NonFiniteLossError(SqueezeError):
@@ -53,6 +56,8 @@ class FineTune(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
         self.scheduler_factory = scheduler
         self.metrics = nn.ModuleDict({stage: self.make_metrics() for stage in STAGES})
+        self.train_tokens: int | None = None  # non-padding input tokens of this fit's training steps
+        self._tokens_seen: int | torch.Tensor = 0
 
     # -- what a head defines -------------------------------------------------------------------
     def make_metrics(self) -> nn.Module:
@@ -69,9 +74,20 @@ class FineTune(L.LightningModule):
         # finds, so without this a pretrained model would fine-tune with dropout switched off.
         self.model.train()
 
+    def on_train_start(self) -> None:
+        self._tokens_seen = 0  # this fit's (a resumed run counts from where it resumed, as train_seconds does)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Summed on the device, read once at the end: no sync per step.
+        self._tokens_seen = self._tokens_seen + measure.batch_tokens(batch)
+
+    def on_train_end(self) -> None:
+        seen = torch.as_tensor(self._tokens_seen, device=self.device)
+        self.train_tokens = int(self.trainer.strategy.reduce(seen, reduce_op="sum"))  # every rank's
+
     # -- the loop --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> Any:
-        return self.model(**batch)
+        return self.model(**{k: v for k, v in batch.items() if k not in SCORING_KEYS})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
@@ -121,12 +137,14 @@ class FineTune(L.LightningModule):
 
 
 class SequenceClassification(FineTune):
-    """Accuracy and macro-F1 over whole-text labels."""
+    """Accuracy, and macro precision, recall and F1 (each the unweighted mean over classes), over
+    whole-text labels."""
 
     def make_metrics(self):
         n = self.model.config.num_labels
         return MetricCollection(
-            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro"),
+             "precision": MulticlassPrecision(n, average="macro"), "recall": MulticlassRecall(n, average="macro")}
         )
 
     def update_metrics(self, metrics, batch, outputs):
@@ -174,3 +192,23 @@ class CausalLM(FineTune):
         logits = outputs.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         metrics.update(logits, target)
+
+
+class LastWordLM(CausalLM):
+    """LAMBADA: last-word accuracy and perplexity (squeeze.metrics.LastWord) of passages scored one by one,
+    plus the perplexity over all their tokens; training batches (blocks of text) are plain causal LM."""
+
+    def make_metrics(self):
+        return nn.ModuleDict({"perplexity": Perplexity(ignore_index=IGNORE_INDEX), "last_word": LastWord()})
+
+    def update_metrics(self, metrics, batch, outputs):
+        metrics["perplexity"].update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
+        if "target_mask" in batch:
+            metrics["last_word"].update(outputs.logits, batch["input_ids"], batch["target_mask"])
+
+    def compute_metrics(self, metrics):
+        out = {"perplexity": metrics["perplexity"].compute()}
+        if int(metrics["last_word"].passages) > 0:
+            last = metrics["last_word"].compute()
+            out.update(last_word_accuracy=last["accuracy"], last_word_perplexity=last["perplexity"])
+        return out

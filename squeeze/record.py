@@ -4,22 +4,36 @@ Keys (schema 1; later features add keys, never change these):
   schema, status ("ok" | "failed"), error (one line or null), run_dir, created,
   choices      {model, task, compress, hardware}: the config options the cell was built from
   config       the fully resolved config
-  metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...)
+  metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...); sentiment adds
+               test/precision and test/recall (macro, like test/f1), LAMBADA test/last_word_accuracy and
+               test/last_word_perplexity
   compress     {chain: [names in order], <name>: what that compressor records}
   sparsity     global fraction of pruned weights (the last pruner in the chain), null without pruning
   validation   {monitor, mode, best}: the best validation value of the monitored metric (for
                expected-validation-performance curves), null without validation
-  perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity
+  perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity; LAMBADA
+               (protocol "last_word") adds last_word: {passages, target_tokens, truncated, max_length,
+               perplexity: how it is averaged}
   params, nonzero_params          parameter counts (tied tensors once)
   checkpoint_bytes                size on disk of the saved model directory
   train_seconds, eval_seconds     wall time of fit and of test
+  train_tokens, train_tokens_per_s  non-padding input tokens of the fit's training steps (all ranks), and
+               that over train_seconds (validation and checkpointing included); null without training
   peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
   energy       {kwh, co2_kg, method ("measured" | "estimated" | "partly measured"), pue, co2,
                co2_kg_per_kwh, phases: {train|eval: {kwh, co2_kg, kwh_it, seconds, cpu_kwh, ram_kwh,
                gpu_kwh, methods, method}}}  (facility kWh = IT kWh × PUE), null when not measured
   perf         {device, threads, latency: {batch_<n>: {median_s, p10_s, p90_s, mean_s, repeats}},
                throughput: {batch_size, examples_per_s, tokens_per_s}, peak_memory_bytes,
-               peak_memory_kind, by_device: {<device>: same}}, null with perf=null
+               peak_memory_kind, by_device: {<device>: same},
+               <device>: {batch_<n>: {peak_memory_bytes, peak_increase_bytes, peak_memory_kind}  (inference
+                         peak over that batch size's timed passes; kind "cpu_rss" (process VmHWM),
+                         "cpu_rss_sampled" or "cuda_max_allocated"; increase = peak minus in use before),
+                         decode_tokens_per_s: {batch_<n>: greedy new tokens/s} or null (cannot generate),
+                         decode: {new_tokens, prompt_tokens, warmup, latency: {batch_<n>: {median_s, p10_s,
+                         p90_s, mean_s, repeats, prompt_tokens, tokens_per_s, peak_memory_bytes,
+                         peak_increase_bytes, peak_memory_kind}}} or null}  (one per measured device)},
+               null with perf=null
   versions     python and library versions;  seed;  git_commit
 """
 
@@ -59,6 +73,8 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "checkpoint_bytes": None,
         "train_seconds": None,
         "eval_seconds": None,
+        "train_tokens": None,
+        "train_tokens_per_s": None,
         "peak_memory_bytes": None,
         "peak_memory_kind": None,
         "energy": None,

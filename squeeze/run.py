@@ -74,6 +74,8 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
         with _readable_checkpoint_errors(cfg.get("ckpt_path")):
             trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg.get("ckpt_path")))
         record["train_seconds"] = time.perf_counter() - start
+        record["train_tokens"] = getattr(module, "train_tokens", None)
+        record["train_tokens_per_s"] = measure.tokens_per_s(record["train_tokens"], record["train_seconds"])
         record["validation"] = _best_validation(cfg, trainer)
         if all(c.test_best_checkpoint for c in chain):
             _restore_best(trainer, module)
@@ -228,12 +230,13 @@ def _measure(cfg: DictConfig, trainer: L.Trainer, model, data, record: dict[str,
     devices = list(perf.get("devices") or [trainer.strategy.root_device.type])
     by_device = {
         device: measure.measure_inference(model, data.test_dataloader(), list(perf.batch_sizes),
-                                          int(perf.warmup), int(perf.repeats), device)
+                                          int(perf.warmup), int(perf.repeats), device, measure.decode_settings(perf))
         for device in devices
     }
-    record["perf"] = by_device[devices[0]]
+    record["perf"] = dict(by_device[devices[0]])  # a copy: by_device holds the original
     if len(by_device) > 1:
         record["perf"]["by_device"] = by_device
+    record["perf"].update({device: figures[device] for device, figures in by_device.items()})
 
 
 def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:

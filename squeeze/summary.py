@@ -18,6 +18,14 @@ def headline_figures(record: dict[str, Any]) -> dict[str, float]:
         out[f"perf/latency_{name}_ms"] = timing["median_s"] * 1000
     for name, value in perf.get("throughput", {}).items():
         out[f"perf/{name}"] = value
+    on_device = perf.get(perf.get("device"), {}) if perf else {}  # the run's device: per batch size
+    for name, figures in on_device.items():
+        if name.startswith("batch_") and figures.get("peak_memory_bytes") is not None:
+            out[f"perf/peak_memory_{name}_bytes"] = figures["peak_memory_bytes"]
+    for name, value in (on_device.get("decode_tokens_per_s") or {}).items():
+        out[f"perf/decode_tokens_per_s_{name}"] = value
+    if record.get("train_tokens_per_s") is not None:
+        out["perf/train_tokens_per_s"] = record["train_tokens_per_s"]
     energy = record.get("energy") or {}
     if energy:
         out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
@@ -37,6 +45,11 @@ def summary(record: dict[str, Any]) -> str:
     lines = [f"test: {metrics}"]
     if record.get("perplexity"):
         p = record["perplexity"]
-        lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
+        if p.get("last_word"):
+            w = p["last_word"]
+            lines.append(f"last word: {w['passages']} passages scored one by one (up to {w['max_length']} tokens, "
+                         f"{w['truncated']} cut); perplexity {w['perplexity']}")
+        else:
+            lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
     lines.append(f"record: {record['run_dir']}/result.json")
     return "\n".join(lines)

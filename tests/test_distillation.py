@@ -338,7 +338,7 @@ def test_pkd_from_a_finished_run_trains_a_smaller_student_and_leaves_the_teacher
     defaults = OmegaConf.load(CONF / "compress" / "pkd.yaml").pkd
     assert (summary["alpha"], summary["temperature"], summary["beta"], summary["strategy"]) == \
         (defaults.alpha, defaults.temperature, defaults.beta, defaults.strategy) and summary["beta"] > 0
-    assert set(record["metrics"]) == {"test/accuracy", "test/f1", "test/loss"}
+    assert set(record["metrics"]) == {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"}
     # The teacher is in no Lightning checkpoint; the saved student reloads with plain transformers.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     student_keys = {f"model.{k}" for k in spy._module.model.state_dict()}

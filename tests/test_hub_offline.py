@@ -29,8 +29,9 @@ CLASSIFICATION = ["imdb", "conll2003"]
 # Every cell a hub model can do: encoders have no LM head (models.HEADS_FOR_FAMILY).
 CELLS = [("gpt2", task) for task in HUB_TASKS] + [(m, t) for m in ENCODERS for t in CLASSIFICATION]
 TEST_METRICS = {
-    "imdb": {"test/accuracy", "test/f1", "test/loss"},
+    "imdb": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "conll2003": {"test/precision", "test/recall", "test/f1", "test/token_accuracy", "test/loss"},
+    "lambada": {"test/loss", "test/perplexity", "test/last_word_accuracy", "test/last_word_perplexity"},
     "personachat": {"test/loss", "test/perplexity", "test/hits@1", "test/hits@5", "test/hits@10", "test/bleu",
                     "test/ter"},
 }

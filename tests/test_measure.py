@@ -10,7 +10,9 @@ import torch
 from squeeze import measure, models, run
 from squeeze.errors import SqueezeError
 
-from conftest import compose_cfg, fast
+from squeeze.summary import headline_figures
+
+from conftest import compose_cfg, fast, read_result
 
 
 def test_time_call_reports_median_and_spread_of_the_repeats():
@@ -40,6 +42,14 @@ def test_a_run_measures_latency_and_throughput_of_the_tested_model(tmp_path):
     assert perf["throughput"]["examples_per_s"] == pytest.approx(8 / b8["median_s"])
     assert perf["throughput"]["tokens_per_s"] > perf["throughput"]["examples_per_s"]
     assert perf["peak_memory_kind"] == "cpu_rss" and perf["peak_memory_bytes"] > 0
+    # Inference memory per batch size, apart from the training peak; a classifier cannot decode.
+    for name in ("batch_1", "batch_8"):
+        memory = perf["cpu"][name]
+        assert memory["peak_memory_kind"] == "cpu_rss"
+        assert 0 <= memory["peak_increase_bytes"] <= memory["peak_memory_bytes"] <= perf["peak_memory_bytes"]
+    assert perf["cpu"]["decode_tokens_per_s"] is None and perf["cpu"]["decode"] is None
+    assert record["train_tokens"] > 0 and record["train_tokens_per_s"] == pytest.approx(
+        record["train_tokens"] / record["train_seconds"])
 
     # Measured again on the same model, the median agrees within the noise of a shared CPU.
     model = models.load_saved(tmp_path / "model", "sequence_classification")
@@ -68,3 +78,74 @@ def test_bad_perf_settings_are_named():
     if not torch.cuda.is_available():
         with pytest.raises(SqueezeError, match="no CUDA device"):
             measure.measure_inference(torch.nn.Linear(2, 2), None, [1], device="cuda")
+
+
+def test_a_decoder_run_measures_decoding_and_training_throughput(tmp_path):
+    overrides = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.max_steps=2", "callbacks.energy=null",
+                 "perf.batch_sizes=[1,4]", "perf.decode_batch_sizes=[1,3]", "perf.decode_new_tokens=5",
+                 "perf.decode_prompt_tokens=7", "perf.devices=[cpu,'cpu:0']"]
+    run.train(compose_cfg("train", overrides, tmp_path))
+    record = read_result(tmp_path)
+    assert record["status"] == "ok", record["error"]
+    # Two steps of 8 full blocks of 32 tokens: no padding, so every input token counts.
+    assert record["train_tokens"] == 2 * 8 * 32 and record["train_tokens_per_s"] > 0
+    perf = record["perf"]
+    assert set(perf["by_device"]) == {"cpu", "cpu:0"} and {"cpu", "cpu:0"} <= set(perf)  # and it is written
+    for device in ("cpu", "cpu:0"):
+        figures = perf[device]
+        assert set(figures["decode_tokens_per_s"]) == {"batch_1", "batch_3"}
+        decode = figures["decode"]
+        assert decode["new_tokens"] == 5 and decode["prompt_tokens"] == 7
+        for name, timing in decode["latency"].items():
+            size = int(name.removeprefix("batch_"))
+            assert timing["prompt_tokens"] == 7 and timing["repeats"] == 3
+            assert figures["decode_tokens_per_s"][name] == pytest.approx(size * 5 / timing["median_s"])
+            assert timing["peak_memory_bytes"] > 0
+        assert {"batch_1", "batch_4"} <= set(figures) and figures["batch_4"]["peak_memory_bytes"] > 0
+    figures = headline_figures(record)
+    assert figures["perf/decode_tokens_per_s_batch_3"] == perf["cpu"]["decode_tokens_per_s"]["batch_3"]
+    assert figures["perf/peak_memory_batch_4_bytes"] == perf["cpu"]["batch_4"]["peak_memory_bytes"]
+    assert figures["perf/train_tokens_per_s"] == record["train_tokens_per_s"]
+
+
+def test_decode_prompts_are_real_tokens_cut_to_the_shortest():
+    class Loader:
+        dataset = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}]
+
+        @staticmethod
+        def collate_fn(rows):
+            ids = torch.zeros(len(rows), 4, dtype=torch.long)
+            mask = torch.zeros(len(rows), 4, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+                mask[i, : len(r["input_ids"])] = 1
+            return {"input_ids": ids, "attention_mask": mask}
+
+    assert measure.decode_prompts(Loader, 3, 3).tolist() == [[5, 6], [9, 10], [5, 6]]
+    assert measure.decode_prompts(Loader, 1, 3).tolist() == [[5, 6, 7]]
+
+
+def test_decoding_is_skipped_for_a_model_that_cannot_generate():
+    assert not measure.can_generate(torch.nn.Linear(2, 2))
+    assert measure.decode_settings({"decode_batch_sizes": []}) is None
+    assert measure.decode_settings({})["batch_sizes"] == [1, 12]
+    with pytest.raises(SqueezeError, match="decode_new_tokens=0"):
+        measure.measure_decoding(torch.nn.Linear(2, 2), None, new_tokens=0)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["vmhwm-reset", "sampled"])
+def test_peak_memory_sees_a_batch_s_allocation_and_keeps_the_process_peak(reset, monkeypatch):
+    if not reset:
+        monkeypatch.setattr(measure, "_reset_rss_peak", lambda: False)
+    process_peak = measure.process_peak_rss()
+    size = 64 * 2**20
+    with measure.PeakMemory("cpu") as peak:
+        block = torch.ones(size // 4)  # written, so resident
+        time.sleep(0.05)  # the sampler's turn
+        del block
+    figures = peak.record()
+    if figures["peak_memory_kind"] == "unavailable":
+        pytest.skip("this system reports no resident set size")
+    assert figures["peak_memory_kind"] == ("cpu_rss" if reset else "cpu_rss_sampled")
+    assert figures["peak_increase_bytes"] >= 0.9 * size
+    assert measure.process_peak_rss() >= process_peak  # the kernel's reset does not lower the process peak

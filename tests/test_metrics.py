@@ -108,3 +108,29 @@ def test_labels_go_to_first_subtoken_only():
     # [CLS] New York ##er is [SEP] with words New / Yorker / is
     word_ids = [None, 0, 1, 1, 2, None]
     assert align_labels(word_ids, [3, 4, 0]) == [X, 3, 4, X, 0, X]
+
+
+class _FixedClassifier(torch.nn.Module):
+    """Predicts the class given in the batch's `input_ids[:, 0]` (so the test chooses the predictions)."""
+
+    config = SimpleNamespace(num_labels=3)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids[:, 0], 3).float(), loss=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_sentiment_precision_and_recall_are_macro_like_f1(stage):
+    from squeeze.modules import SequenceClassification
+
+    gold = [0, 0, 0, 1, 1, 2]
+    pred = [0, 0, 1, 1, 2, 2]
+    module = SequenceClassification(_FixedClassifier())
+    batch = {"input_ids": torch.tensor(pred)[:, None], "labels": torch.tensor(gold)}
+    module.update_metrics(module.metrics[stage], batch, module(batch))
+    out = module.compute_metrics(module.metrics[stage])
+    # per class: precision 2/2, 1/2, 1/2; recall 2/3, 1/2, 1/1; F1 4/5, 1/2, 2/3
+    assert out["precision"].item() == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert out["recall"].item() == pytest.approx((2 / 3 + 0.5 + 1) / 3)
+    assert out["f1"].item() == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert out["accuracy"].item() == pytest.approx(4 / 6)

@@ -18,7 +18,7 @@ TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama"]
 OFFLINE_TASKS = ["rotten_tomatoes", "wnut16", "austen"]
 TEST_METRICS = {
-    "sequence_classification": {"test/accuracy", "test/f1", "test/loss"},
+    "sequence_classification": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "token_classification": {"test/precision", "test/recall", "test/f1", "test/token_accuracy", "test/loss"},
     "causal_lm": {"test/perplexity", "test/loss"},
 }

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from squeeze import loggers
 
 TEST_METRICS = {
-    "rotten_tomatoes": {"test/accuracy", "test/f1", "test/loss"},
+    "rotten_tomatoes": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "austen": {"test/perplexity", "test/loss"},
 }
 
@@ -171,6 +171,8 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
     trainer_cfg = ddp_record["config"]["trainer"]
     assert (trainer_cfg["strategy"], trainer_cfg["devices"], trainer_cfg["accelerator"]) == ("ddp", 2, "cpu")
     assert set(ddp_record["metrics"]) == set(cpu_record["metrics"]) == TEST_METRICS["rotten_tomatoes"]
+    # Training tokens are summed over the ranks: two ranks of 2 steps see twice the examples of one.
+    assert ddp_record["train_tokens"] > cpu_record["train_tokens"] > 0
 
 
 # -- 4. W&B without a key: offline, inside the run directory ------------------------------------------
