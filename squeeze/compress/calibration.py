@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from squeeze.arch import adapter_for
 from squeeze.arch.linear import features
 from squeeze.errors import SqueezeError
 
@@ -106,15 +107,8 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList:
-    """The transformer's block list: the one nn.ModuleList of length config.num_hidden_layers.
-    (To be replaced by the family adapter's own answer.)"""
-    config = getattr(model, "config", None)
-    depth = getattr(config, "num_hidden_layers", None)
-    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
-    if depth is None or len(found) != 1:
-        raise SqueezeError(f"cannot find the layer stack of {type(model).__name__}: expected one ModuleList of "
-                           f"config.num_hidden_layers={depth} blocks, found {len(found)}")
-    return found[0]
+    """The transformer's block list, as the model family's adapter knows it."""
+    return adapter_for(model).layer_stack(model)[1]
 
 
 # -- statistics ------------------------------------------------------------------------------------
