@@ -31,7 +31,7 @@ from torch import nn
 
 from squeeze.arch.linear import as_out_in, features, is_transposed
 from squeeze.arch import adapter_for
-from squeeze.compress.calibration import collect_stats
+from squeeze.compress.calibration import Calibrated, collect_stats
 from squeeze.errors import SqueezeError
 
 Pair = tuple[nn.Module, list[nn.Module]]  # (producer: a norm or a Linear/Conv1D, its consuming layers)
@@ -102,3 +102,30 @@ def smooth(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], alph
         apply_smoothing(producer, linears, scales)
         applied[name] = scales
     return applied
+
+
+class SmoothQuant(Calibrated):
+    """SmoothQuant (`compress=[smoothquant,dq]`, or before qat / int8wo / gptq): per-channel scales folded
+    into each family's smoothing pairs, calibrated on the run's train split; the float model computes
+    the same function, with activation outliers moved into the weights for the quantizer after it."""
+
+    float_weights = True
+
+    def __init__(self, alpha: float = 0.8):
+        super().__init__()
+        check_alpha(alpha)
+        self.alpha = alpha
+        self._figures: dict = {}
+
+    def check(self, model):
+        smoothing_pairs(model)  # a family without pairs fails before anything runs
+
+    def apply(self, model, batches):
+        scales = smooth(model, batches, self.alpha)
+        all_scales = torch.cat([s.flatten() for s in scales.values()]) if scales else torch.ones(1)
+        self._figures = {"alpha": self.alpha, "smoothed_layers": len(scales),
+                         "scale_range": [round(float(all_scales.min()), 6), round(float(all_scales.max()), 6)]}
+        return model
+
+    def summary(self):
+        return {"alpha": self.alpha, **self._figures, **super().summary()}
