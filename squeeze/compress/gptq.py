@@ -218,7 +218,7 @@ class GPTQ(Calibrated):
 
     integer_weights = True
 
-    def __init__(self, bits: int = 4, group_size: int | None = 128, act_order: bool = True, symmetric: bool = True,
+    def __init__(self, bits: int = 4, group_size: int | None = 64, act_order: bool = True, symmetric: bool = True,
                  damping: float = 0.01, block_size: int = 128):
         super().__init__()
         self.bits, self.group_size, self.act_order, self.symmetric = bits, group_size, bool(act_order), bool(symmetric)
