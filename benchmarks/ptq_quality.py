@@ -17,7 +17,24 @@ the metric, its ratio to fp32 (perplexity: method / fp32; accuracy: the differen
 seconds each method took to compress (calibration included); then CPU latency of fp32, dq and
 [smoothquant,dq] (batch 1 × 128 tokens, median of `--repeats`).
 
-Measured (see the report of the run that committed this file for the full table).
+Measured: see MEASURED below (filled in from this script's run).
+
+Earlier single-variable measurements that found the dq loss (folded in from the former
+benchmarks/dq_perplexity.py and ptq_smollm2.py; SmolLM2, first 20 / 64 128-token blocks of the 600-line
+slice, perplexity; 2-core AVX512-VNNI CPU, torch 2.13):
+  fp32                                                   53.96 / 53.42
+  int8 weights only (int8wo, per-channel)                54.17 / 53.52   weights are not the problem
+  only the embeddings int8 | only lm_head int8            53.96 | 58.22
+  torch quantize_dynamic per-tensor | per-channel        224.0 | 191.0 / 187.0
+  squeeze dq with 7-bit activations (before the fix)     185.7 / 182.1   same kernel and scheme as torch's
+  squeeze dq with 8-bit activations (the fix)             96.9 / 92.8
+  squeeze dq, 8-bit, mlp.down_proj float                  58.3 / 57.4
+  simulated per-token int8 | int7 activations             56.4 | 63.1
+  SmoothQuant a=0.5 | a=0.8 + dq 8-bit                    65.7 | 58.0
+  (32 calibration windows of Emma) int4 g64: RTN 78.71, GPTQ 68.65, GPTQ act_order 61.44;
+  50%: magnitude 390.2, Wanda 99.5, SparseGPT 83.4;  2:4: magnitude 1360, Wanda 219.0, SparseGPT 125.4
+The loss is the per-tensor dynamic activation scale: one int8 grid for a whole [tokens, channels] input
+whose outlier channels (largest at down_proj's input) take the range; 7-bit activations halve it again.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ family knowledge, so each family adapter answers it (squeeze/arch/<family>.py, `
   Llama   input_layernorm → q/k/v_proj;  post_attention_layernorm → gate/up_proj;
           up_proj → down_proj (the MLP computes act(gate(x)) ⊙ up(x), elementwise per channel, so
           up's rows divided by s divide down_proj's input by s exactly; down_proj's input carries
-          the largest outliers of all, see benchmarks/dq_perplexity.py)
+          the largest outliers of all, see benchmarks/ptq_quality.py)
   BERT    attention.self.value → attention.output.dense (per layer)
           BERT is post-norm: a LayerNorm's output is also the residual added after the next sublayer,
           so dividing it by s would change the residual path — not foldable. The value projection is:
