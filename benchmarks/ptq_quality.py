@@ -206,13 +206,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=600, help="first lines of Persuasion scored")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
+    parser.add_argument("--train-lines", type=int, default=None,
+                        help="calibrate on the first N lines of the train split (default: all of it)")
     parser.add_argument("--minilm-run", default=None, help="a finished `python train.py` run (minilm)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 lines, 8 samples, 6 methods")
     parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.lines, args.samples, args.repeats = 40, 8, 2
+        args.lines, args.samples, args.repeats, args.train_lines = 40, 8, 2, args.train_lines or 2000
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); dq activations: "
           f"{'7' if quantized_layers.reduce_range() else '8'}-bit on this CPU")
 
@@ -221,6 +223,8 @@ def main() -> None:
         tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         data = task_data("austen", tokenizer, block_size=128, **{"max_examples.test": args.lines,
+                                                                  "max_examples.train": args.train_lines,
+                                                                  "max_examples.validation": 10,
                                                                   "eval_batch_size": 8})
         start = time.perf_counter()
         batches = calibration_from_data(data, samples=args.samples, seq_len=128, seed=0, batch_size=8)
