@@ -279,6 +279,10 @@ class TaskData(L.LightningDataModule):
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
 
+    def calibration_source(self):
+        """What post-training calibration draws its samples from: the train split's batches, in order."""
+        return self._loader("train", shuffle=False)
+
     def val_dataloader(self):
         return self._loader("validation", shuffle=False)
 
@@ -441,6 +445,10 @@ class LanguageModelingData(TaskData):
         windows = list(perplexity_windows(ids, self.block_size, self.protocol, self.stride))
         self.scored_tokens[split] = sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in windows)
         return [{"input_ids": w, "labels": lab} for w, lab in windows]
+
+    def calibration_source(self):
+        """The training text as token sequences (its blocks, in order): calibration cuts its own windows."""
+        return [f["input_ids"] for f in self.datasets["train"]]
 
     def collate(self, features):
         width = max(len(f["input_ids"]) for f in features)

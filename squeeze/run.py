@@ -58,6 +58,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     chain = compression.build_chain(cfg.compress)
     spec, tokenizer, data = _prepare(cfg)
+    compression.calibrate(chain, data, cfg.get("calibration"))  # post-training methods calibrate on its train split
     model = spec.build(cfg.task.head, data_labels(data))
     models.finish_model(model, tokenizer)
     for compressor in chain:
@@ -109,6 +110,7 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     speculative.check_draft(cfg.get("draft"), model, tokenizer)  # fails before testing, which can be long
     data.tokenizer = tokenizer
     data.check_model(model)
+    compression.calibrate(chain, data, cfg.get("calibration"))
     for compressor in chain:
         model = compressor.prepare_model(model, tokenizer)
     module = _module(cfg, model)

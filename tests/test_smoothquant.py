@@ -46,8 +46,8 @@ def test_smoothing_keeps_outputs_and_shrinks_the_activation_range(family):
 
 def test_pairs_follow_each_family():
     gpt2 = tiny("gpt2")
-    assert [ls[0] for _, ls in smoothing_pairs(gpt2)][:2] == [gpt2.transformer.h[0].attn.c_attn,
-                                                               gpt2.transformer.h[1].attn.c_attn]
+    assert [ls[0] for _, ls in smoothing_pairs(gpt2)] == [gpt2.transformer.h[0].attn.c_attn, gpt2.transformer.h[0].mlp.c_fc,
+                                                           gpt2.transformer.h[1].attn.c_attn, gpt2.transformer.h[1].mlp.c_fc]
     llama = tiny("llama")
     norm, linears = smoothing_pairs(llama)[0]
     attn = llama.model.layers[0].self_attn
@@ -74,6 +74,6 @@ def test_bad_settings_name_the_fix():
     model = tiny("gpt2")
     with pytest.raises(SqueezeError, match=r"alpha=1.5 must be in \[0, 1\]"):
         smooth(model, token_batches(1), alpha=1.5)
-    model.config.model_type = "opt"
-    with pytest.raises(SqueezeError, match="pass pairs="):
+    model.config.model_type = "mamba"
+    with pytest.raises(SqueezeError, match="does not know the 'mamba' architecture"):
         smooth(model, token_batches(1))

@@ -123,6 +123,15 @@ class Adapter:
     def check_structured(self, model: nn.Module) -> None:
         """Refuse a model of this family that structured pruning cannot cut (e.g. with cross-attention)."""
 
+    def smoothing_pairs(self, layer: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """SmoothQuant's (producer, consumers) pairs in one layer: a norm or Linear whose output feeds only
+        `consumers`, linearly per channel, so dividing it by s and multiplying their input columns by s is
+        exactly the same function (squeeze/compress/smoothquant.py)."""
+        from squeeze.errors import SqueezeError
+
+        raise SqueezeError(f"smoothquant knows no smoothing pairs for the {self.family} family; "
+                           "add smoothing_pairs to its adapter in squeeze/arch/")
+
     # -- tokenizer ---------------------------------------------------------------------------------
     def prepare_tokenizer(self, tokenizer):
         # GPT-2, OPT and Llama tokenizers have no pad token; batching needs one. Reusing EOS is the

@@ -47,3 +47,9 @@ class BertAdapter(EncoderAdapter):
         if model.config.add_cross_attention:
             raise SqueezeError("structured pruning of BERT with cross-attention is not supported; "
                                "use an encoder-only BERT")
+
+    def smoothing_pairs(self, layer):
+        # Post-norm: a LayerNorm's output is also the residual of the next sublayer, so dividing it by s
+        # would change the residual path. The value projection folds exactly: attention mixes tokens,
+        # never channels, so softmax(QKᵀ)·(V/s) = (softmax(QKᵀ)·V)/s.
+        return [(layer.attention.self.value, [layer.attention.output.dense])]

@@ -18,3 +18,7 @@ class DistilBertAdapter(EncoderAdapter):
                               "(model=minilm, bert-base-uncased, tiny_bert) or use compress=imp")
     prune_include = r"attention|ffn"
     prune_exclude = r"embed|norm"
+
+    def smoothing_pairs(self, layer):
+        # Post-norm like BERT: only value → output projection folds exactly.
+        return [(layer.attention.v_lin, [layer.attention.out_lin])]

@@ -52,3 +52,7 @@ class GPT2Adapter(DecoderAdapter):
         if model.config.add_cross_attention:
             raise SqueezeError("structured pruning of GPT-2 with cross-attention is not supported; "
                                "use a decoder-only GPT-2")
+
+    def smoothing_pairs(self, layer):
+        # Pre-norm: ln_1 feeds only c_attn, ln_2 only c_fc (the residual bypasses the norms).
+        return [(layer.ln_1, [layer.attn.c_attn]), (layer.ln_2, [layer.mlp.c_fc])]

@@ -45,3 +45,12 @@ class LlamaAdapter(DecoderAdapter):
 
     def resized_mlp(self, layer, width: int) -> None:
         layer.mlp.intermediate_size = width  # LlamaMLP keeps it as an attribute; keep it true
+
+    def smoothing_pairs(self, layer):
+        # Pre-norm: each RMSNorm feeds only its sublayer's projections. up_proj → down_proj: the MLP
+        # computes act(gate(x)) ⊙ up(x), elementwise per channel, so up's rows divided by s divide
+        # down_proj's input by s exactly (and down_proj's input carries the largest outliers).
+        a, mlp = layer.self_attn, layer.mlp
+        return [(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]),
+                (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+                (mlp.up_proj, [mlp.down_proj])]

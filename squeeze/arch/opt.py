@@ -40,6 +40,13 @@ class OPTAdapter(DecoderAdapter):
         cutter.keep(a, "out_proj", o, out=False)
         pruned_attention.set_sizes(a, heads, head_dim)
 
+    def smoothing_pairs(self, layer):
+        a = layer.self_attn
+        pairs = [(a.v_proj, [a.out_proj])]  # attention mixes tokens, not channels: exact in any layout
+        if layer.do_layer_norm_before:  # pre-norm (all but opt-350m): the norms feed only their sublayer
+            pairs += [(layer.self_attn_layer_norm, [a.q_proj, a.k_proj, a.v_proj]), (layer.final_layer_norm, [layer.fc1])]
+        return pairs
+
     def mlp(self, layer):
         return [(layer, "fc1")], (layer, "fc2")
 

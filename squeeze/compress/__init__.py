@@ -10,12 +10,21 @@ and the run applies them in that order at four points of one run:
     finalize(model)        after fit, on the weights that are tested and saved (masks folded in,
                            fake-quant converted, post-training quantization applied)
 
+Post-training methods that read calibration data (SmoothQuant, GPTQ, Wanda, SparseGPT) are handed the
+run's data module first (`calibrate_with(data, settings)`, the shared `calibration:` settings): they
+calibrate on its train split.
+
 Order rules, checked before anything loads (`check_order`):
   - a compressor that trains (`trains=True`) cannot come after one that turns the weights into
     integers (`integer_weights=True`): gradients do not flow through int8 weights;
+  - a compressor that prepares float weights for quantization or prunes them once (`float_weights=True`:
+    smoothquant, wanda, sparsegpt) comes before every one that turns them into integers;
   - at most one compressor may replace the training objective (`replaces_objective=True`), and it comes
     first: distillation builds the student the later compressors prune or quantize, so whatever an
     earlier one planned on the model it started from would not apply to the student.
+A one-shot method followed by a compressor that trains is applied before training, so training starts
+from its result (`trained_after`, set here): `[wanda, imp]` fine-tunes from Wanda's mask, `[smoothquant,
+qat]` trains the smoothed model. Otherwise it is applied at finalize, to the weights that are saved.
 So `[pkd, imp, dq]` distills a pruned student and quantizes the result; `[dq, qat]` fails fast.
 
 A compressor never imports another one; chaining is the run's job (squeeze/run.py).
@@ -38,9 +47,15 @@ class Compressor(L.Callback):
     trains: bool = False  # needs gradient steps on float weights (pruning, QAT, distillation)
     integer_weights: bool = False  # finalize leaves integer weights (dq, weight-only, converted QAT)
     replaces_objective: bool = False  # wrap_module returns a module with another loss (distillation)
+    float_weights: bool = False  # works on float weights: comes before every integer_weights compressor
+    trained_after: bool = False  # set by check_order: a later compressor of the chain trains
     # The weights tested and saved: the best validation checkpoint, or the last weights. Pruning
     # wants the last ones: an early "best" checkpoint has not reached the target sparsity yet.
     test_best_checkpoint: bool = True
+
+    def calibrate_with(self, data, settings: Mapping | None = None) -> None:
+        """The run's data module and the shared `calibration:` settings, before prepare_model. Methods
+        that calibrate keep them (their train split is the calibration data); the rest ignore them."""
 
     def prepare_model(self, model, tokenizer):
         return model
@@ -83,11 +98,24 @@ def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
     return chain
 
 
+def calibrate(chain: Iterable[Compressor], data, settings: Mapping | None) -> None:
+    """Hand every compressor the run's data module and the calibration settings (the run calls this)."""
+    for c in chain:
+        c.calibrate_with(data, settings)
+
+
 def check_order(chain: Iterable[Compressor]) -> None:
     chain = list(chain)
     converted = None
     objective = None
-    for c in chain:
+    for i, c in enumerate(chain):
+        c.trained_after = any(later.trains for later in chain[i + 1:])
+        if c.float_weights and converted is not None:
+            raise SqueezeError(
+                f"compress order: {c.name} works on float weights but comes after {converted.name}, which has "
+                f"already turned them into integers; put {c.name} before {converted.name}, e.g. "
+                f"[{c.name},{converted.name}]"
+            )
         if c.trains and converted is not None:
             raise SqueezeError(
                 f"compress order: {c.name} trains the model but comes after {converted.name}, which has already "

@@ -23,6 +23,7 @@ runs): 2 × samples × seq_len × hidden × 4 bytes — 2 × 128 × 512 × 576 �
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +31,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from squeeze.arch import adapter_for
 from squeeze.arch.linear import features
+from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -106,15 +109,8 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList:
-    """The transformer's block list: the one nn.ModuleList of length config.num_hidden_layers.
-    (To be replaced by the family adapter's own answer.)"""
-    config = getattr(model, "config", None)
-    depth = getattr(config, "num_hidden_layers", None)
-    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
-    if depth is None or len(found) != 1:
-        raise SqueezeError(f"cannot find the layer stack of {type(model).__name__}: expected one ModuleList of "
-                           f"config.num_hidden_layers={depth} blocks, found {len(found)}")
-    return found[0]
+    """The transformer's block list, as the model family's adapter knows it."""
+    return adapter_for(model).layer_stack(model)[1]
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -277,3 +273,110 @@ def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     extra = kwargs.pop("_args", ())
     return _block_output(block(hidden, *extra, **kwargs))
 
+
+
+# -- the compressors that calibrate ------------------------------------------------------------------
+CALIBRATION = {"samples": 128, "seq_len": None, "seed": None, "batch_size": 8}  # conf/train.yaml's calibration:
+
+
+def calibration_from_data(data, samples: int = 128, seq_len: int | None = None, seed: int | None = None,
+                          batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from a run's data module: its train split (`calibration_source`), `samples`
+    drawn with `seed` (default: the data's), `seq_len` tokens each (default: the task's input length)."""
+    data.setup("fit")
+    if "train" not in getattr(data, "datasets", {}):
+        raise SqueezeError("calibration draws from the task's train split, which this data has none of; evaluate "
+                           "with the task's own splits (drop task.data.data_files=<one file>)")
+    seq_len = seq_len or getattr(data, "input_length", None) or 512
+    seed = getattr(data, "seed", 0) if seed is None else seed
+    return calibration_batches(data.calibration_source(), samples, seq_len, seed, batch_size)
+
+
+class Calibrated(Compressor):
+    """A post-training method that reads calibration data and rewrites the model once (`apply`).
+
+    It runs in prepare_model when a later compressor of the chain trains (`trained_after`: training
+    starts from its result), otherwise in finalize, on the weights that are tested and saved. The run
+    hands it its data module (`calibrate_with`); `use_batches` hands it ready batches instead
+    (benchmarks, tests)."""
+
+    def __init__(self):
+        self._data = None
+        self._settings = dict(CALIBRATION)
+        self._batches: list[dict[str, torch.Tensor]] | None = None
+        self.applied = False
+        self.calibration: dict = {}
+        self.layer_error: dict[str, float] = {}
+
+    @property
+    def where(self) -> str:
+        return f"compress.{self.name}"
+
+    def calibrate_with(self, data, settings=None) -> None:
+        unknown = set(settings or {}) - set(CALIBRATION)
+        if unknown:
+            raise SqueezeError(f"calibration.{sorted(unknown)[0]} is not a calibration setting (known: "
+                               f"{', '.join(CALIBRATION)})")
+        self._data = data
+        self._settings = {**CALIBRATION, **{k: v for k, v in (settings or {}).items()}}
+
+    def use_batches(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Calibrated:
+        self._batches = list(batches)
+        return self
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse settings this model cannot take, before anything is trained or calibrated."""
+
+    def apply(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_model(self, model, tokenizer):
+        self.check(model)
+        return self.run_once(model) if self.trained_after else model
+
+    def finalize(self, model):
+        return model if self.applied else self.run_once(model)
+
+    def run_once(self, model: nn.Module) -> nn.Module:
+        self.check(model)
+        start = time.perf_counter()
+        batches = self._batches
+        if batches is None:
+            if self._data is None:
+                raise SqueezeError(f"{self.where} needs calibration data: run it through train.py / evaluate.py "
+                                   "(the task's train split), or hand it batches with use_batches")
+            batches = calibration_from_data(self._data, **self._settings)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches)
+        model = self.apply(model, batches)
+        self.applied = True
+        self.calibration = {
+            "source": "train split" if self._batches is None else "given batches",
+            "samples": sum(len(b["input_ids"]) for b in batches),
+            "seq_len": max(b["input_ids"].shape[-1] for b in batches),
+            "tokens": tokens,
+            "seed": self._settings.get("seed"),
+            "applied": "before training" if self.trained_after else "after training",
+            "calibrate_seconds": round(time.perf_counter() - start, 3),
+        }
+        return model
+
+    def summary(self) -> dict:
+        out = {"calibration": self.calibration, "calibrate_seconds": self.calibration.get("calibrate_seconds")}
+        if self.layer_error:
+            out["layer_error"] = {k: round(v, 6) for k, v in self.layer_error.items()}
+            out["mean_layer_error"] = round(sum(self.layer_error.values()) / len(self.layer_error), 6)
+        return out
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats) -> float:
+    """||XWᵀ − XŴᵀ||² / ||XWᵀ||² over the calibration tokens, from their Hessian (exact: tr(ΔHΔᵀ) /
+    tr(WHWᵀ)); without a Hessian, its diagonal (Σ Δ_ij² ||X_j||², an estimate that ignores correlations)."""
+    w, delta = weight.detach().float(), weight.detach().float() - approx.detach().float()
+    if stats.hessian is not None:
+        h = stats.hessian.to(w.device)
+        num, den = ((delta @ h) * delta).sum(), ((w @ h) * w).sum()
+    else:
+        d = stats.sq_sum.to(w.device)
+        num, den = (delta * delta * d).sum(), (w * w * d).sum()
+    return float(num / den) if float(den) > 0 else 0.0

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from squeeze.arch.linear import as_out_in, features
-from squeeze.compress.calibration import LayerStats, layer_stack, linear_layers, sequential
+from squeeze.arch.linear import as_out_in, features, is_transposed, replace_module
+from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, relative_output_error, sequential
 from squeeze.errors import SqueezeError
+from squeeze.formats.quantized_layers import QuantizedLinear
 
 _TINY = 1e-12  # scale floor: an all-zero group quantizes to zeros
 
@@ -184,10 +185,12 @@ def quantize_layer(module: nn.Module, stats: LayerStats, **settings) -> GPTQResu
 
 def gptq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], bits: int = 4,
                group_size: int | None = 128, act_order: bool = False, symmetric: bool = True,
-               percdamp: float = 0.01, block_size: int = 128) -> dict[str, GPTQResult]:
+               percdamp: float = 0.01, block_size: int = 128,
+               errors: dict[str, float] | None = None) -> dict[str, GPTQResult]:
     """GPTQ every Linear/Conv1D of the layer stack, block by block on the compressed model's own inputs
     (calibration.sequential). Weights are replaced by their dequantized values; the integers, scales
-    and zero points are returned by layer name for packing. Embeddings and heads are left alone."""
+    and zero points are returned by layer name for packing. Embeddings and heads are left alone.
+    `errors`, if given, receives each layer's relative output error on its calibration inputs."""
     settings = dict(bits=bits, group_size=group_size, act_order=act_order, symmetric=symmetric,
                     percdamp=percdamp, block_size=block_size)
     check_settings(bits, group_size, None, percdamp, block_size)
@@ -198,7 +201,57 @@ def gptq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], 
 
     def compress_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
         for short, module in linear_layers(block).items():
+            original = as_out_in(module).detach().clone() if errors is not None else None
             results[names[id(module)]] = quantize_layer(module, stats[short], **settings)
+            if errors is not None:
+                errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
 
     sequential(model, batches, compress_block)
     return results
+
+
+class GPTQ(Calibrated):
+    """GPTQ (`compress=gptq`): every Linear/Conv1D of the layer stack to `bits`-bit integers with
+    `group_size` columns per scale, layer by layer on the run's calibration data (embeddings and the
+    output head stay float). The layers become QuantizedLinear (weight-only kernel), saved packed like
+    int4wo; nothing that trains may follow it."""
+
+    integer_weights = True
+
+    def __init__(self, bits: int = 4, group_size: int | None = 64, act_order: bool = True, symmetric: bool = True,
+                 damping: float = 0.01, block_size: int = 128):
+        super().__init__()
+        self.bits, self.group_size, self.act_order, self.symmetric = bits, group_size, bool(act_order), bool(symmetric)
+        self.damping, self.block_size = damping, block_size
+        check_settings(bits, group_size, None, damping, block_size)
+        self.quantized = 0
+
+    def check(self, model):
+        for module in linear_layers(layer_stack(model)).values():
+            check_settings(self.bits, self.group_size, features(module)[1], self.damping, self.block_size)
+
+    def apply(self, model, batches):
+        results = gptq_model(model, batches, self.bits, self.group_size, self.act_order, self.symmetric,
+                             self.damping, self.block_size, errors=self.layer_error)
+        for name, r in results.items():
+            replace_module(model, name, as_quantized_linear(model.get_submodule(name), r, self.bits))
+        self.quantized = len(results)
+        return model
+
+    def summary(self):
+        return {"bits": self.bits, "group_size": self.group_size, "act_order": self.act_order,
+                "symmetric": self.symmetric, "damping": self.damping, "quantized_modules": self.quantized,
+                "kernel": "weight_only", "layer_error_kind": "relative output error on the calibration inputs",
+                **super().summary()}
+
+
+def as_quantized_linear(module: nn.Module, result: GPTQResult, bits: int) -> QuantizedLinear:
+    """The integer layer holding GPTQ's codes, scales and zero points (int4wo's layout: the same format
+    saves and reloads it); it computes with exactly `result.dequantized`."""
+    out_features, in_features = features(module)
+    new = QuantizedLinear(in_features, out_features, bits, tuple(result.scale.shape), result.zero_point is not None,
+                          bias=module.bias is not None, kernel="weight_only", from_conv1d=is_transposed(module))
+    new.set_weight(result.codes.cpu(), result.scale.cpu(), None if result.zero_point is None else result.zero_point.cpu())
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
+    return new.to(module.weight.device)

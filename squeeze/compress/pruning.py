@@ -399,7 +399,9 @@ class IterativeMagnitudePruning(Compressor):
             self.rewind_values = None if values is None else {n: values[n] for n in self._weights}
             self.masks = {n: restored["masks"][n].to(p.device) for n, p in self._weights.items()}
         elif not self.masks:
-            self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._weights.items()}
+            # Zeros already there (a one-shot pruner before it: [wanda, imp]) are the initial mask, so
+            # fine-tuning starts from that mask and keeps it; a dense model has none.
+            self.masks = {n: p.detach() != 0 for n, p in self._weights.items()}
         self.apply_masks()
 
     def apply_masks(self) -> None:

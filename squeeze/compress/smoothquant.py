@@ -9,13 +9,13 @@ unchanged; with s_j = max|X_j|^α / max|W_j|^(1−α) the activation and weight 
 The division must be folded into whatever produces x, so that nothing is added at run time: a norm
 whose output feeds only these layers (weight and bias divided by s), or a Linear whose output feeds
 only these layers linearly (its rows and bias divided by s). Which producer feeds which layers is
-family knowledge; `smoothing_pairs` knows BERT, GPT-2 and Llama (to move into the family adapters):
+family knowledge, so each family adapter answers it (squeeze/arch/<family>.py, `smoothing_pairs`):
 
   GPT-2   ln_1 → attn.c_attn;  ln_2 → mlp.c_fc                    (pre-norm: exact)
   Llama   input_layernorm → q/k/v_proj;  post_attention_layernorm → gate/up_proj;
           up_proj → down_proj (the MLP computes act(gate(x)) ⊙ up(x), elementwise per channel, so
           up's rows divided by s divide down_proj's input by s exactly; down_proj's input carries
-          the largest outliers of all, see benchmarks/dq_perplexity.py)
+          the largest outliers of all, see benchmarks/ptq_quality.py)
   BERT    attention.self.value → attention.output.dense (per layer)
           BERT is post-norm: a LayerNorm's output is also the residual added after the next sublayer,
           so dividing it by s would change the residual path — not foldable. The value projection is:
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import collect_stats, layer_stack
+from squeeze.arch import adapter_for
+from squeeze.compress.calibration import Calibrated, collect_stats
 from squeeze.errors import SqueezeError
 
 Pair = tuple[nn.Module, list[nn.Module]]  # (producer: a norm or a Linear/Conv1D, its consuming layers)
@@ -73,35 +74,11 @@ def apply_smoothing(producer: nn.Module, linears: Sequence[nn.Module], scales: t
         w.mul_(scales.to(w.device, w.dtype).unsqueeze(0))
 
 
-def _gpt2_pairs(model: nn.Module) -> list[Pair]:
-    return [(b.ln_1, [b.attn.c_attn]) for b in layer_stack(model)] + \
-           [(b.ln_2, [b.mlp.c_fc]) for b in layer_stack(model)]
-
-
-def _llama_pairs(model: nn.Module) -> list[Pair]:
-    pairs = []
-    for b in layer_stack(model):
-        attn, mlp = b.self_attn, b.mlp
-        pairs.append((b.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
-        pairs.append((b.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-        pairs.append((mlp.up_proj, [mlp.down_proj]))
-    return pairs
-
-
-def _bert_pairs(model: nn.Module) -> list[Pair]:
-    return [(b.attention.self.value, [b.attention.output.dense]) for b in layer_stack(model)]
-
-
-_FINDERS = {"gpt2": _gpt2_pairs, "llama": _llama_pairs, "bert": _bert_pairs}
-
-
 def smoothing_pairs(model: nn.Module) -> list[Pair]:
-    """The (producer, consumers) pairs where smoothing folds exactly, for BERT, GPT-2 and Llama."""
-    family = getattr(getattr(model, "config", None), "model_type", None)
-    if family not in _FINDERS:
-        raise SqueezeError(f"smoothquant knows no smoothing pairs for model_type={family!r} (known: "
-                           f"{sorted(_FINDERS)}); pass pairs=[(norm, [linears]), ...] explicitly")
-    return _FINDERS[family](model)
+    """The (producer, consumers) pairs where smoothing folds exactly, layer by layer: the model family's
+    adapter knows them (squeeze/arch/<family>.py, `smoothing_pairs`)."""
+    adapter = adapter_for(model)
+    return [pair for _, layer in adapter.layers(model) for pair in adapter.smoothing_pairs(layer)]
 
 
 @torch.no_grad()
@@ -125,3 +102,30 @@ def smooth(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], alph
         apply_smoothing(producer, linears, scales)
         applied[name] = scales
     return applied
+
+
+class SmoothQuant(Calibrated):
+    """SmoothQuant (`compress=[smoothquant,dq]`, or before qat / int8wo / gptq): per-channel scales folded
+    into each family's smoothing pairs, calibrated on the run's train split; the float model computes
+    the same function, with activation outliers moved into the weights for the quantizer after it."""
+
+    float_weights = True
+
+    def __init__(self, alpha: float = 0.8):
+        super().__init__()
+        check_alpha(alpha)
+        self.alpha = alpha
+        self._figures: dict = {}
+
+    def check(self, model):
+        smoothing_pairs(model)  # a family without pairs fails before anything runs
+
+    def apply(self, model, batches):
+        scales = smooth(model, batches, self.alpha)
+        all_scales = torch.cat([s.flatten() for s in scales.values()]) if scales else torch.ones(1)
+        self._figures = {"alpha": self.alpha, "smoothed_layers": len(scales),
+                         "scale_range": [round(float(all_scales.min()), 6), round(float(all_scales.max()), 6)]}
+        return model
+
+    def summary(self):
+        return {"alpha": self.alpha, **self._figures, **super().summary()}

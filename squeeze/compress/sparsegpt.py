@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import LayerStats, layer_stack, linear_layers, sequential
-from squeeze.compress.sparsity_pattern import check_width, lowest_mask, nm_mask, resolve_sparsity
+from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, relative_output_error, sequential
+from squeeze.compress.sparsity_pattern import check_width, lowest_mask, masks_summary, nm_mask, resolve_sparsity
 from squeeze.errors import SqueezeError
 
 
@@ -91,7 +91,7 @@ def prune_layer(module: nn.Module, stats: LayerStats, sparsity: float | None = 0
 
 def sparsegpt_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], sparsity: float | None = 0.5,
                     pattern: str = "unstructured", percdamp: float = 0.01,
-                    block_size: int = 128) -> dict[str, torch.Tensor]:
+                    block_size: int = 128, errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """SparseGPT on every Linear/Conv1D of the layer stack, block by block on the pruned model's own
     inputs; keep-masks by layer name, in each weight's stored orientation."""
     _, nm = resolve_sparsity(sparsity, pattern)
@@ -102,7 +102,42 @@ def sparsegpt_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tenso
 
     def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
         for short, module in linear_layers(block).items():
+            original = as_out_in(module).detach().clone() if errors is not None else None
             masks[names[id(module)]] = prune_layer(module, stats[short], sparsity, pattern, percdamp, block_size)
+            if errors is not None:
+                errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
 
     sequential(model, batches, prune_block)
     return masks
+
+
+class SparseGPT(Calibrated):
+    """One-shot SparseGPT pruning (`compress=sparsegpt`): `sparsity` of every layer-stack Linear/Conv1D
+    (or `pattern=2:4|4:8`), the surviving weights updated to keep each layer's output."""
+
+    float_weights = True
+
+    def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", damping: float = 0.01,
+                 block_size: int = 128):
+        super().__init__()
+        self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
+        self.pattern, self.damping, self.block_size = pattern, damping, block_size
+        if not 0 < damping < 1:
+            raise SqueezeError(f"compress.sparsegpt.damping={damping} must be in (0, 1) (0.01 is the paper's)")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise SqueezeError(f"compress.sparsegpt.block_size={block_size!r} must be a positive integer (128)")
+        self._figures: dict = {}
+
+    def check(self, model):
+        for name, module in linear_layers(layer_stack(model)).items():
+            check_width(features(module)[1], self.nm, name)
+
+    def apply(self, model, batches):
+        masks = sparsegpt_model(model, batches, self.sparsity, self.pattern, self.damping, self.block_size,
+                                errors=self.layer_error)
+        self._figures = masks_summary(masks, self.sparsity, self.pattern)
+        return model
+
+    def summary(self):
+        return {**self._figures, "method": "sparsegpt", "damping": self.damping,
+                "layer_error_kind": "relative output error on the calibration inputs", **super().summary()}

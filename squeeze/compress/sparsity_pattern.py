@@ -84,3 +84,32 @@ def follows_nm(mask: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of M consecutive entries of each row keeps at most N."""
     rows, cols = mask.shape
     return cols % m == 0 and bool((mask.reshape(rows, cols // m, m).sum(-1) <= n).all())
+
+
+def masks_summary(masks: dict[str, torch.Tensor], sparsity: float, pattern: str) -> dict:
+    """What result.json records for a one-shot pruner: sparsity reached (over the pruned layers), per layer,
+    and for 2:4 that the weights are laid out for torch's semi-structured sparse kernels."""
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    nm = parse_pattern(pattern)
+    return {"sparsity": round(pruned / total, 6) if total else 0.0, "target": sparsity, "pattern": pattern,
+            "pruned_params": total, "layer_sparsity": {n: round(float((~m).float().mean()), 6) for n, m in masks.items()},
+            "semi_structured": nm == (2, 4)}
+
+
+def to_semi_structured(model: torch.nn.Module, names) -> int:
+    """Swap the 2:4-pruned nn.Linear weights `names` (module names) of a CUDA fp16/bf16 model for torch's
+    semi-structured sparse tensors (torch.sparse.to_sparse_semi_structured: the sparse tensor cores'
+    kernels); the count converted. GPT-2's Conv1D is transposed ([in, out]) and is left dense."""
+    from torch.sparse import to_sparse_semi_structured
+
+    done = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is not torch.nn.Linear or not module.weight.is_cuda:
+            continue
+        if not follows_nm(module.weight != 0, 2, 4):
+            raise SqueezeError(f"{name} is not 2:4 sparse; prune it with pattern=2:4 first")
+        module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+        done += 1
+    return done

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import LayerStats, layer_stack, linear_layers, sequential
-from squeeze.compress.sparsity_pattern import check_width, nm_mask, resolve_sparsity, row_mask
+from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, relative_output_error, sequential
+from squeeze.compress.sparsity_pattern import check_width, masks_summary, nm_mask, resolve_sparsity, row_mask
 from squeeze.errors import SqueezeError
 
 
@@ -46,7 +46,7 @@ def prune_layer(module: nn.Module, stats: LayerStats, sparsity: float | None = 0
 
 
 def wanda_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], sparsity: float | None = 0.5,
-                pattern: str = "unstructured") -> dict[str, torch.Tensor]:
+                pattern: str = "unstructured", errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Wanda on every Linear/Conv1D of the layer stack, block by block on the pruned model's own inputs
     (as the paper's code does); keep-masks by layer name, in each weight's stored orientation."""
     _, nm = resolve_sparsity(sparsity, pattern)
@@ -57,7 +57,36 @@ def wanda_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
 
     def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
         for short, module in linear_layers(block).items():
+            original = as_out_in(module).detach().clone() if errors is not None else None
             masks[names[id(module)]] = prune_layer(module, stats[short], sparsity, pattern)
+            if errors is not None:
+                errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
 
     sequential(model, batches, prune_block, hessian=False)
     return masks
+
+
+class Wanda(Calibrated):
+    """One-shot Wanda pruning (`compress=wanda`): `sparsity` of every layer-stack Linear/Conv1D, per output
+    row, or `pattern=2:4|4:8`; no weight updates. Calibration: the run's `calibration:` settings."""
+
+    float_weights = True
+
+    def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured"):
+        super().__init__()
+        self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
+        self.pattern = pattern
+        self._figures: dict = {}
+
+    def check(self, model):
+        for name, module in linear_layers(layer_stack(model)).items():
+            check_width(features(module)[1], self.nm, name)
+
+    def apply(self, model, batches):
+        masks = wanda_model(model, batches, self.sparsity, self.pattern, errors=self.layer_error)
+        self._figures = masks_summary(masks, self.sparsity, self.pattern)
+        return model
+
+    def summary(self):
+        return {**self._figures, "method": "wanda", "layer_error_kind": "relative output error, diagonal estimate",
+                **super().summary()}

@@ -18,7 +18,7 @@ the same model without squeeze, and squeeze's own loader rebuilds its integer la
 
 What the schemes say: weights int, symmetric or not, strategy tensor / channel / group; the inputs of
 compress=dq layers are dynamic int8, per tensor and asymmetric for the fbgemm kernel (as
-quantized::linear_dynamic computes it, except its 7-bit reduce_range), per token and symmetric for
+quantized::linear_dynamic computes it; 7-bit on CPUs without VNNI, see reduce_range), per token and symmetric for
 torchao's; QAT's learned input ranges are static per-tensor int8.
 """
 

@@ -145,10 +145,12 @@ class _Quantization(Compressor):
     kernel = "weight_only"
 
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
-                 weights: str = "symmetric", embeddings: bool = True, exclude: Sequence[str] = ()):
+                 weights: str = "symmetric", embeddings: bool = True, exclude: Sequence[str] = (),
+                 lm_head: bool = True):
         self.bits, self.granularity, self.group_size, self.weights = bits, granularity, group_size, weights
         self.embeddings = bool(embeddings)
         self.exclude = list(exclude or [])
+        self.lm_head = bool(lm_head)  # False: the output head (model.get_output_embeddings()) stays float
         self.counts: dict[str, int] = {}
 
     @property
@@ -166,12 +168,19 @@ class _Quantization(Compressor):
 
     def prepare_model(self, model, tokenizer):
         self.check()
-        check_groups(self.where, select_layers(model, self.embeddings, self.exclude), self.group_size)
+        check_groups(self.where, self.layers(model), self.group_size)
         return model
+
+    def layers(self, model) -> dict[str, nn.Module]:
+        exclude = list(self.exclude)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not self.lm_head and head is not None:  # a tied embedding stays float with it (select_layers)
+            exclude += [f"^{re.escape(n)}$" for n, m in model.named_modules() if m is head]
+        return select_layers(model, self.embeddings, exclude)
 
     def convert(self, model, input_ranges=None):
         self.check()
-        layers = select_layers(model, self.embeddings, self.exclude)
+        layers = self.layers(model)
         check_groups(self.where, layers, self.group_size)
         self.counts = quantize_layers(model, layers, self.scheme, self.kernel, input_ranges)
         return model
@@ -180,5 +189,5 @@ class _Quantization(Compressor):
         quantized = sum(self.counts.get(k, 0) for k in ("linear", "conv1d", "embedding"))
         return {"scheme": self.scheme.describe(), "bits": self.bits, "granularity": self.granularity,
                 "group_size": self.group_size, "weights": self.weights, "kernel": self.kernel,
-                "embeddings": self.embeddings, "embeddings_quantized": self.counts.get("embedding", 0),
+                "embeddings": self.embeddings, "lm_head": self.lm_head, "embeddings_quantized": self.counts.get("embedding", 0),
                 "quantized_modules": quantized, "by_kind": dict(self.counts)}

@@ -16,8 +16,9 @@ class DynamicQuantization(_Quantization):
     `backend=fbgemm` (torch's CPU kernel, the fastest here) or `torchao` (also on GPU)."""
 
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
-                 backend: str = "fbgemm", embeddings: bool = True, exclude: Sequence[str] = ()):
-        super().__init__(bits, granularity, group_size, "symmetric", embeddings, exclude)
+                 backend: str = "fbgemm", embeddings: bool = True, exclude: Sequence[str] = (),
+                 lm_head: bool = True):
+        super().__init__(bits, granularity, group_size, "symmetric", embeddings, exclude, lm_head)
         self.backend = backend
 
     @property
@@ -51,7 +52,12 @@ class DynamicQuantization(_Quantization):
         return self.convert(model)
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "backend": self.backend, "activations": "int8 dynamic per call"}
+        from squeeze.formats.quantized_layers import reduce_range
+
+        bits = 7 if self.backend == "fbgemm" and reduce_range() else 8
+        return {**super().summary(), "backend": self.backend,
+                "activations": f"int{bits} dynamic per call (per tensor)" if bits == 8 else
+                               "int8 dynamic per call, 7-bit range (this CPU has no VNNI)"}
 
 
 class WeightOnlyQuantization(_Quantization):
