@@ -108,8 +108,8 @@ def seven_bit_dq(model, batches):
     return chain(lambda: named(DynamicQuantization(), "dq"))(model, batches)
 
 
-@torch.no_grad()
 def magnitude(pattern):
+    @torch.no_grad()  # on the inner function: the outer one only builds it
     def build(model, batches):
         for module in linear_layers(layer_stack(model)).values():
             w = as_out_in(module)
