@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FAMILIES, FAST, build_tiny, compose_cfg, read_result, tiny_spec
-from hydra.utils import instantiate
 
 from squeeze import run
 from squeeze.arch import adapter_for
