@@ -78,6 +78,12 @@ TEXTS = ("a fine film , well acted", "dull", "the plot is thin but the cast is g
 _LAYERS_KEY = {"gpt2": "n_layer"}  # GPT-2 names its sizes its own way; the others say num_hidden_layers
 
 
+def layers_override(name: str, layers: int) -> str:
+    """The compose override that gives conf/model/<name>.yaml `layers` layers."""
+    model_type = OmegaConf.load(CONF / "model" / f"{name}.yaml").config.model_type
+    return f"model.config.{_LAYERS_KEY.get(model_type, 'num_hidden_layers')}={layers}"
+
+
 def tiny_spec(name: str, layers: int | None = None, **config) -> models.RandomInit:
     """conf/model/<name>.yaml's spec, with `layers` and any config key (e.g. n_inner=128) overridden."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
