@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from squeeze import assets, run
 from squeeze.dialog.corpora import choose_splits, drop_duplicates, read_chatterbot, sample_distractors
 from squeeze.dialog.data import DialogData
-from squeeze.dialog.encoding import build_input
+from squeeze.dialog.encoding import encode_dialog
 from squeeze.dialog.metrics import HitsAtK, hits_at_k, reply_scores
 from squeeze.dialog.module import DialogModule
 from squeeze.errors import SqueezeError
@@ -30,6 +30,18 @@ def gpt2_tokenizer():
 @pytest.fixture(scope="module")
 def llama_tokenizer():
     return tiny_tokenizer("tiny_llama")
+
+
+def build_input(tokenizer, persona, history, reply: str, **settings) -> dict[str, list]:
+    """One reply's input from encode_dialog (the gold row of candidate_rows): input_ids, labels (-100
+    outside the reply) and a segment (persona, each turn's speaker, "reply") for each token."""
+    encoded = encode_dialog(tokenizer, persona, history, [reply], **settings)
+    context, reply_ids = encoded["context"], encoded["candidates"][0]
+    return {
+        "input_ids": context + reply_ids,
+        "labels": [IGNORE_INDEX] * len(context) + reply_ids,
+        "segments": encoded["segments"] + ["reply"] * len(reply_ids),
+    }
 
 
 def _corpus(directory: Path, conversations: list, categories=("pets",), name: str = "pets.yml") -> Path:

@@ -24,7 +24,6 @@ from squeeze.compress.pruning import (
     fixed_sparsity,
     magnitude_masks,
     mask_sparsity,
-    pruning_events,
     select_weights,
     stage_sparsity,
     stages_to_target,
@@ -33,6 +32,17 @@ from squeeze.errors import SqueezeError
 
 TINY = FAMILIES
 
+
+
+def pruning_events(sparsity_at, last_step: int) -> list[tuple[int, float]]:
+    """The (step, sparsity) pairs at which a step schedule raises the sparsity, up to `last_step`."""
+    events, level = [], 0.0
+    for step in range(last_step + 1):
+        s = sparsity_at(step)
+        if s > level + 1e-9:
+            events.append((step, s))
+            level = s
+    return events
 
 
 def _monotone(levels):
