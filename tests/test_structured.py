@@ -149,9 +149,10 @@ def test_squeeze_loads_pruned_directories_with_its_own_classes(tmp_path):
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     cls = loading_class(config, AutoModelForCausalLM)
-    assert cls is type(model) and cls.__module__ == "squeeze.arch.pruned_attention"
+    stock = loading_class(tiny("gpt2").config, AutoModelForCausalLM)
+    assert cls is type(model) and cls is not stock  # the class that holds fewer heads, not transformers' own
     assert torch.equal(logits(cls.from_pretrained(tmp_path).eval()), logits(model))
-    assert loading_class(tiny("gpt2").config, AutoModelForCausalLM).__name__ == "GPT2LMHeadModel"
+    assert stock.__name__ == "GPT2LMHeadModel"
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "opt"])
@@ -327,7 +328,9 @@ def test_heads_then_rows_on_llama_reload_with_stock_transformers(tmp_path):
     assert saved["compress"]["rows"]["reload"] == "stock"
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 96)
-    assert "auto_map" not in config and not (tmp_path / "model" / "pruned_attention.py").exists()
+    assert "auto_map" not in config
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")  # no trust_remote_code
+    assert models.count_params(stock)[0] == saved["params"]
 
     evaluated = run.evaluate(compose_cfg("eval", SHORT + ["model=tiny_llama", f"ckpt={tmp_path}"], tmp_path / "eval"))
     assert evaluated["status"] == "ok", evaluated.get("error")
