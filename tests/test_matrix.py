@@ -6,7 +6,6 @@ student) is refused with one line that says why."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
