@@ -6,7 +6,6 @@ student) is refused with one line that says why."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import FAMILIES, FAST, compose_cfg, layers_override
