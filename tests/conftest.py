@@ -1,7 +1,9 @@
-"""Compose the real config (as train.py does) with overrides, and run cells in-process or as the CLI."""
+"""Compose the real config (as train.py does) with overrides, and run cells in-process or as the CLI;
+build the tiny random-init models of conf/model/tiny_*.yaml with their real tokenizers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,8 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 import squeeze  # noqa: F401  registers the config resolvers before any compose
+from squeeze import models
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -65,6 +68,73 @@ def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 600, env: di
 
 def read_result(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+# -- tiny models ---------------------------------------------------------------------------------
+# Every family squeeze supports, as its random-init 2-layer conf/model/<name>.yaml with a real tokenizer.
+FAMILIES = ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"]
+LABELS = ["neg", "pos"]
+TEXTS = ("a fine film , well acted", "dull", "the plot is thin but the cast is good")
+_LAYERS_KEY = {"gpt2": "n_layer"}  # GPT-2 names its sizes its own way; the others say num_hidden_layers
+
+
+def layers_override(name: str, layers: int) -> str:
+    """The compose override that gives conf/model/<name>.yaml `layers` layers."""
+    model_type = OmegaConf.load(CONF / "model" / f"{name}.yaml").config.model_type
+    return f"model.config.{_LAYERS_KEY.get(model_type, 'num_hidden_layers')}={layers}"
+
+
+def tiny_spec(name: str, layers: int | None = None, **config) -> models.RandomInit:
+    """conf/model/<name>.yaml's spec, with `layers` and any config key (e.g. n_inner=128) overridden."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    cfg.pop("_target_")
+    if layers is not None:
+        config[_LAYERS_KEY.get(cfg["config"]["model_type"], "num_hidden_layers")] = layers
+    cfg["config"].update(config)
+    spec = models.RandomInit(**cfg)
+    spec.tokenizer = functools.partial(tiny_tokenizer, name)  # loaded once per family
+    return spec
+
+
+@functools.cache
+def tiny_tokenizer(name: str):
+    """The family's real tokenizer, prepared as a run prepares it (shared: do not change it)."""
+    cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    return models.RandomInit(name, cfg.family, {"model_type": cfg.config.model_type},
+                             tokenizer_asset=cfg.get("tokenizer_asset"),
+                             tokenizer_path=cfg.get("tokenizer_path")).tokenizer()
+
+
+def build_tiny(name: str, head: str = "sequence_classification", labels=LABELS, *, layers: int | None = None,
+               seed: int = 0, **config):
+    """(model in eval mode, tokenizer): a fresh random-init tiny model, the same for the same arguments."""
+    spec = tiny_spec(name, layers, **config)
+    torch.manual_seed(seed)
+    model = spec.build(head, None if head == "causal_lm" else list(labels))
+    return models.finish_model(model, spec.tokenizer()).eval(), spec.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The factory build_tiny(name, head=..., labels=..., layers=..., seed=..., **config overrides)."""
+    return build_tiny
+
+
+def random_ids(model, batch: int = 2, length: int = 12, seed: int = 1, low: int = 0) -> dict:
+    """input_ids drawn from the model's vocabulary (seeded) and a full attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, model.config.vocab_size, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def text_batch(tokenizer, texts=TEXTS) -> dict:
+    """Real sentences, padded the family's way."""
+    return dict(tokenizer(list(texts), padding=True, return_tensors="pt"))
+
+
+def logits_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
 
 
 @pytest.fixture(autouse=True)

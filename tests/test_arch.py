@@ -3,15 +3,12 @@ conf/model/*.yaml: layer stack, attention and MLP shapes, orientation, pooling, 
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from conftest import CONF
-from omegaconf import OmegaConf
+import conftest
+from conftest import build_tiny, tiny_spec, tiny_tokenizer
 from torch import nn
 
-from squeeze import models
 from squeeze.arch import adapter_for, find_adapter
 from squeeze.arch.linear import as_out_in, features, is_transposed
 from squeeze.arch.tokenizers import words_as_in_text, words_need_space
@@ -26,18 +23,11 @@ FAMILIES = {
     "tiny_opt": ("opt", "decoder", "last", "model.decoder.layers", False),
 }
 TINY = list(FAMILIES)
-
-
-@functools.lru_cache(maxsize=None)
-def _spec(name: str) -> models.RandomInit:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
-    cfg.pop("_target_")
-    return models.RandomInit(**cfg)
+assert TINY == conftest.FAMILIES  # every family the shared fixtures build is described here
 
 
 def _tiny(name: str, head: str = "sequence_classification"):
-    torch.manual_seed(0)
-    return _spec(name).build(head, ["neg", "pos"] if head != "causal_lm" else None)
+    return build_tiny(name, head)[0]
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -51,7 +41,7 @@ def test_one_lookup_from_model_config_or_model_type(name):
     adapter = adapter_for(model)
     assert adapter.family == family and adapter.kind == kind and adapter.pool == pool
     assert type(adapter_for(model.config)) is type(adapter) is type(adapter_for(model.config.model_type))
-    assert kind == _spec(name).family  # the config's model.family agrees with the adapter
+    assert kind == tiny_spec(name).family  # the config's model.family agrees with the adapter
 
 
 def test_an_unknown_architecture_is_refused_naming_the_families():
@@ -64,7 +54,7 @@ def test_an_unknown_architecture_is_refused_naming_the_families():
 @pytest.mark.parametrize("head", ["sequence_classification", "causal_lm"])
 @pytest.mark.parametrize("name", TINY)
 def test_layers_attention_and_mlp_shapes(name, head):
-    if head not in adapter_for(_spec(name).model_type()).heads:
+    if head not in adapter_for(tiny_spec(name).model_type()).heads:
         pytest.skip(f"{name} has no {head} head")
     model = _tiny(name, head)
     adapter, config = adapter_for(model), model.config
@@ -125,7 +115,7 @@ def test_a_cut_keeps_the_chosen_layers(name):
                                                ("tiny_opt", True)])
 def test_pre_split_words_encode_as_in_running_text(name, needs_space):
     # NER rows arrive as words; each must get the tokens it has inside a sentence ("Ġfilm", not "fil"+"m").
-    tokenizer = _spec(name).tokenizer()
+    tokenizer = tiny_tokenizer(name)
     words = ["Jane", "wrote", "Persuasion", "in", "Chawton"]
     enc = tokenizer(words_as_in_text(tokenizer, [words]), is_split_into_words=True, add_special_tokens=False)
     assert enc["input_ids"][0] == tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"]
@@ -135,12 +125,12 @@ def test_pre_split_words_encode_as_in_running_text(name, needs_space):
 
 @pytest.mark.parametrize("name", TINY)
 def test_the_tokenizer_can_pad(name):
-    tokenizer = _spec(name).tokenizer()
+    tokenizer = tiny_tokenizer(name)
     assert tokenizer.pad_token is not None
 
 
 def test_tiny_opt_speaks_the_gpt2_bpe_with_a_bos_in_front_like_opt():
-    tokenizer = _spec("tiny_opt").tokenizer()
+    tokenizer = tiny_tokenizer("tiny_opt")
     ids = tokenizer("good film")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id == 50256 and ids[1:] == [11274, 2646]  # the GPT-2 BPE, after BOS
     model = _tiny("tiny_opt", "causal_lm")
@@ -150,7 +140,7 @@ def test_tiny_opt_speaks_the_gpt2_bpe_with_a_bos_in_front_like_opt():
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # OPT has no token-classification head in transformers: refused by name, before any weights exist.
     with pytest.raises(SqueezeError, match="tiny_opt \\(opt\\) has no token_classification head"):
-        _spec("tiny_opt").build("token_classification", ["O", "B-x"])
+        tiny_spec("tiny_opt").build("token_classification", ["O", "B-x"])
 
 
 def test_opt_default_patterns_take_its_mlp_which_the_old_shared_ones_missed():

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_cfg, fast
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from squeeze import artifacts, assets, run
 from squeeze.assets import AssetMissingError
@@ -22,12 +21,8 @@ HUB_ID = "someone/tiny-model"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.locate("gpt2_tokenizer")))
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    return GPT2LMHeadModel(config).eval(), tokenizer
+def tiny(tiny_model):
+    return tiny_model("tiny_gpt2", "causal_lm")
 
 
 def save_model(model, tokenizer, directory: Path) -> Path:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FAST, compose_cfg, read_result
+from conftest import FAST, build_tiny, compose_cfg, read_result, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from squeeze import assets, run
 from squeeze.dialog.corpora import choose_splits, drop_duplicates, read_chatterbot, sample_distractors
 from squeeze.dialog.data import DialogData
-from squeeze.dialog.encoding import build_input
+from squeeze.dialog.encoding import encode_dialog
 from squeeze.dialog.metrics import HitsAtK, hits_at_k, reply_scores
 from squeeze.dialog.module import DialogModule
 from squeeze.errors import SqueezeError
@@ -24,14 +24,24 @@ from squeeze.metrics import IGNORE_INDEX
 
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.locate("gpt2_tokenizer")))
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return tiny_tokenizer("tiny_gpt2")
 
 
 @pytest.fixture(scope="module")
 def llama_tokenizer():
-    return AutoTokenizer.from_pretrained(str(assets.locate("smollm2")))
+    return tiny_tokenizer("tiny_llama")
+
+
+def build_input(tokenizer, persona, history, reply: str, **settings) -> dict[str, list]:
+    """One reply's input from encode_dialog (the gold row of candidate_rows): input_ids, labels (-100
+    outside the reply) and a segment (persona, each turn's speaker, "reply") for each token."""
+    encoded = encode_dialog(tokenizer, persona, history, [reply], **settings)
+    context, reply_ids = encoded["context"], encoded["candidates"][0]
+    return {
+        "input_ids": context + reply_ids,
+        "labels": [IGNORE_INDEX] * len(context) + reply_ids,
+        "segments": encoded["segments"] + ["reply"] * len(reply_ids),
+    }
 
 
 def _corpus(directory: Path, conversations: list, categories=("pets",), name: str = "pets.yml") -> Path:
@@ -202,13 +212,7 @@ def test_hits_at_k_refuses_fewer_candidates_than_k():
     with pytest.raises(SqueezeError, match="Hits@10 needs at least 10 candidates per example, the data has 4"):
         hits_at_k(torch.zeros(2, 4), [1, 10])
     with pytest.raises(SqueezeError, match="Hits@10 needs at least 10 candidates.*num_candidates=5"):
-        DialogModule(AutoModelForCausalLM.from_config(_tiny_gpt2_config()), eval_candidates=5, bertscore=None)
-
-
-def _tiny_gpt2_config():
-    from transformers import GPT2Config
-
-    return GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=50257)
+        DialogModule(build_tiny("tiny_gpt2", "causal_lm")[0], eval_candidates=5, bertscore=None)
 
 
 def test_reply_scores_are_mean_log_likelihood_of_the_reply_tokens():
@@ -252,7 +256,7 @@ def test_too_few_candidates_for_the_configured_count(tmp_path, gpt2_tokenizer):
 
 def test_mc_loss_needs_distractors():
     with pytest.raises(SqueezeError, match="mc_coef>0 needs distractors"):
-        DialogModule(AutoModelForCausalLM.from_config(_tiny_gpt2_config()), train_candidates=1, bertscore=None)
+        DialogModule(build_tiny("tiny_gpt2", "causal_lm")[0], train_candidates=1, bertscore=None)
 
 
 # -- real runs ------------------------------------------------------------------------------------

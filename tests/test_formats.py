@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
-from hydra.utils import instantiate
+from conftest import build_tiny
 
 from squeeze import formats
 from squeeze.compress import quantization as q
@@ -22,10 +21,8 @@ from squeeze.formats.packed import is_packed
 AUTO = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
 
 
-def _quantized(name, head, compressor, tmp_path):
-    spec = instantiate(compose_cfg("train", [f"model={name}"], tmp_path / "cfg").model, _convert_="all")
-    torch.manual_seed(0)
-    model, tokenizer = spec.build(head, ["neg", "pos"]).eval(), spec.tokenizer()
+def _quantized(name, head, compressor):
+    model, tokenizer = build_tiny(name, head)
     compressor.name = "q"
     compressor.prepare_model(model, tokenizer)
     return compressor.finalize(model), tokenizer
@@ -56,7 +53,7 @@ def _transformers_logits(directory: Path, head: str, ids: torch.Tensor) -> torch
     ("tiny_llama", "causal_lm", lambda: q.DynamicQuantization(), 0.05),
 ])
 def test_transformers_alone_loads_the_quantized_model(name, head, make, tol, tmp_path):
-    model, tokenizer = _quantized(name, head, make(), tmp_path)
+    model, tokenizer = _quantized(name, head, make())
     directory = tmp_path / "model"
     formats.save(model, tokenizer, directory)
     assert is_compressed(directory) and not is_packed(directory)
@@ -75,17 +72,16 @@ def test_transformers_alone_loads_the_quantized_model(name, head, make, tol, tmp
 
 
 def test_what_compressed_tensors_cannot_hold_stays_packed(tmp_path):
-    model, tokenizer = _quantized("tiny_gpt2", "causal_lm", q.WeightOnlyQuantization(), tmp_path)
+    model, tokenizer = _quantized("tiny_gpt2", "causal_lm", q.WeightOnlyQuantization())
     assert "Conv1D" in formats.why_not_compressed(model)
     formats.save(model, tokenizer, tmp_path / "gpt2")
     assert is_packed(tmp_path / "gpt2") and not is_compressed(tmp_path / "gpt2")
-    llama, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization(bits=4, group_size=32),
-                                  tmp_path)
+    llama, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization(bits=4, group_size=32))
     assert "int4 embedding" in formats.why_not_compressed(llama)
 
 
 def test_weight_files_get_the_umask_mode(tmp_path):
-    model, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization(), tmp_path)
+    model, tokenizer = _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization())
     old = os.umask(0o022)
     try:
         formats.save(model, tokenizer, tmp_path / "m")

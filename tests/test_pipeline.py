@@ -39,11 +39,10 @@ def test_every_model_and_task_composes(config_name, tmp_path):
             cfg = compose_cfg(config_name, [f"model={model}", f"task={task}"], tmp_path)
             spec = instantiate(cfg.model, _convert_="all")  # builds no weights, needs no network
             assert spec.name == model
-            compatible = cfg.task.head in models.HEADS_FOR_FAMILY[spec.family]
-            if compatible:
+            # Only an encoder with a language-modelling task cannot work (not read from the table under test).
+            if not (spec.family == "encoder" and cfg.task.head == "causal_lm"):
                 models.check_compatible(spec.name, spec.family, task, cfg.task.head)
             else:
-                assert spec.family == "encoder" and cfg.task.head == "causal_lm"
                 with pytest.raises(SqueezeError, match="decoder"):
                     models.check_compatible(spec.name, spec.family, task, cfg.task.head)
 

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, compose_cfg, read_result
-from hydra.utils import instantiate
+from conftest import FAMILIES, FAST, build_tiny, compose_cfg, read_result, tiny_spec
 
 from squeeze import run
 from squeeze.arch import adapter_for
@@ -25,15 +24,25 @@ from squeeze.compress.pruning import (
     fixed_sparsity,
     magnitude_masks,
     mask_sparsity,
-    pruning_events,
     select_weights,
     stage_sparsity,
     stages_to_target,
 )
 from squeeze.errors import SqueezeError
 
-TINY = ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"]
+TINY = FAMILIES
 
+
+
+def pruning_events(sparsity_at, last_step: int) -> list[tuple[int, float]]:
+    """The (step, sparsity) pairs at which a step schedule raises the sparsity, up to `last_step`."""
+    events, level = [], 0.0
+    for step in range(last_step + 1):
+        s = sparsity_at(step)
+        if s > level + 1e-9:
+            events.append((step, s))
+            level = s
+    return events
 
 
 def _monotone(levels):
@@ -116,27 +125,21 @@ def test_the_config_path_users_type(tmp_path):
     assert imp.name == "imp" and imp.target == 0.5 and imp.include is None and imp.exclude is None
     assert imp.test_best_checkpoint is False
     # null patterns are the family's, filled in when the model is seen, and recorded as used.
-    imp.prepare_model(_model("tiny_gpt2", tmp_path), None)
+    imp.prepare_model(build_tiny("tiny_gpt2")[0], None)
     assert imp.include == [r"attn|mlp"] and imp.exclude == [r"wte|wpe|ln_"]
     assert imp.summary()["include"] == [r"attn|mlp"] and imp.summary()["exclude"] == [r"wte|wpe|ln_"]
-
-
-def _model(name, tmp_path, head="sequence_classification"):
-    cfg = compose_cfg("train", [f"model={name}"], tmp_path)
-    torch.manual_seed(0)
-    return instantiate(cfg.model, _convert_="all").build(head, ["neg", "pos"])
 
 
 def _defaults(model_or_name):
     """The family's default patterns: what compress=imp prunes when include/exclude are null."""
     if isinstance(model_or_name, str):  # a conf/model name
-        model_or_name = {"tiny_bert": "bert", "tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_opt": "opt"}[model_or_name]
+        model_or_name = tiny_spec(model_or_name).model_type()
     adapter = adapter_for(model_or_name)
     return [adapter.prune_include], [adapter.prune_exclude]
 
 
 def test_a_pattern_that_matches_nothing_is_named(tmp_path):
-    model = _model("tiny_gpt2", tmp_path)
+    model = build_tiny("tiny_gpt2")[0]
     with pytest.raises(SqueezeError, match="pattern 'q_proj' matches no weight matrix of GPT2ForSequenceClassification"):
         IterativeMagnitudePruning(include=["attn", "q_proj"]).prepare_model(model, None)
     with pytest.raises(SqueezeError, match="pattern 'wte' matches no weight matrix"):  # excluded: embeddings
@@ -151,7 +154,7 @@ EXPECTED = {"tiny_bert": (12, 0), "tiny_gpt2": (8, 8), "tiny_llama": (14, 0), "t
 
 @pytest.mark.parametrize("name", TINY)
 def test_default_patterns_select_attention_and_mlp_matrices(name, tmp_path):
-    weights, transposed = select_weights(_model(name, tmp_path), *_defaults(name))
+    weights, transposed = select_weights(build_tiny(name)[0], *_defaults(name))
     assert (len(weights), len(transposed)) == EXPECTED[name]
     assert not any(k in n.lower() for n in weights for k in ("embed", "wte", "wpe", "norm", "ln_", "head", "score"))
 
@@ -159,7 +162,7 @@ def test_default_patterns_select_attention_and_mlp_matrices(name, tmp_path):
 @pytest.mark.parametrize("granularity", ["global", "layer", "row"])
 @pytest.mark.parametrize("name", TINY)
 def test_target_sparsity_is_reached_exactly(name, granularity, tmp_path):
-    weights, transposed = select_weights(_model(name, tmp_path), *_defaults(name))
+    weights, transposed = select_weights(build_tiny(name)[0], *_defaults(name))
     masks = magnitude_masks(weights, 0.7, granularity, None, transposed)
     pruned = {n: int((~m).sum()) for n, m in masks.items()}
     total = sum(w.numel() for w in weights.values())
@@ -208,7 +211,7 @@ def _train(model, imp, optimizer, trainer, steps, check=None):
 @pytest.mark.parametrize("name, schedule", [("tiny_gpt2", {"schedule": "cubic", "end_step": 5}),
                                             ("tiny_llama", {"schedule": "fixed", "fraction": 0.6})])
 def test_pruned_weights_stay_zero_through_adamw_with_weight_decay(name, schedule, tmp_path):
-    model = _model(name, tmp_path)
+    model = build_tiny(name)[0]
     imp = IterativeMagnitudePruning(target=0.6, frequency=5, **schedule)  # both: 0.6 at step 5
     optimizer = _optimizer(model, lr=1e-2, weight_decay=0.1)
     trainer = _trainer(optimizer)
@@ -232,7 +235,7 @@ def test_pruned_weights_stay_zero_through_adamw_with_weight_decay(name, schedule
 
 @pytest.mark.parametrize("rewind_step", [0, 2])
 def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
-    model = _model("tiny_gpt2", tmp_path)
+    model = build_tiny("tiny_gpt2")[0]
     imp = IterativeMagnitudePruning(target=0.5, schedule="cubic", end_step=6, frequency=3, rewind_step=rewind_step)
     optimizer = _optimizer(model, lr=1e-2)
     trainer = _trainer(optimizer)
@@ -253,7 +256,7 @@ def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
                 assert torch.equal(p[m], recorded[n][m]) and (p[~m] == 0).all()
     assert [e["step"] for e in imp.events] == [3, 6]
     # Without rewinding the survivors keep their trained values.
-    plain = _model("tiny_gpt2", tmp_path)
+    plain = build_tiny("tiny_gpt2")[0]
     imp = IterativeMagnitudePruning(target=0.5, schedule="cubic", end_step=6, frequency=3)
     optimizer = _optimizer(plain, lr=1e-2)
     trainer = _trainer(optimizer)
@@ -264,7 +267,7 @@ def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
 
 
 def test_adaptive_prunes_only_at_validations_under_the_threshold(tmp_path):
-    model = _model("tiny_llama", tmp_path)
+    model = build_tiny("tiny_llama")[0]
     imp = IterativeMagnitudePruning(target=0.7, schedule="adaptive", fraction=0.5, threshold=1.0)
     trainer = _trainer(_optimizer(model))
     imp.on_train_start(trainer, SimpleNamespace(model=model))

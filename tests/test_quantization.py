@@ -5,13 +5,11 @@ smaller), real runs (qat, qat+dq, resume, evaluate.py with compress=dq) and bad 
 from __future__ import annotations
 
 import copy
-import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, LM_FAST, compose_cfg, read_result
-from hydra.utils import instantiate
+from conftest import FAST, LM_FAST, build_tiny, compose_cfg, random_ids, read_result
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
@@ -23,27 +21,7 @@ from squeeze.formats.packed import PACKED_FILE, is_packed, load_packed, pack_int
 from squeeze.errors import SqueezeError
 from squeeze.formats.compressed import is_compressed
 
-LABELS = ["neg", "pos"]
 
-
-
-@functools.cache
-def _built(name: str, head: str, conf_dir: str):
-    cfg = compose_cfg("train", [f"model={name}"], __import__("pathlib").Path(conf_dir))
-    spec = instantiate(cfg.model, _convert_="all")
-    torch.manual_seed(0)
-    return spec.build(head, LABELS).eval(), spec.tokenizer()
-
-
-def _model(name, head, tmp_path_factory):
-    model, tokenizer = _built(name, head, str(tmp_path_factory.getbasetemp() / "cfg"))
-    return copy.deepcopy(model), tokenizer
-
-
-def _inputs(model, batch=2, length=12):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _out(model, inputs):
@@ -106,13 +84,13 @@ def test_int4_nibbles_round_trip():
 
 
 # -- Conv1D ----------------------------------------------------------------------------------------
-def test_conv1d_to_linear_computes_the_same(tmp_path_factory):
+def test_conv1d_to_linear_computes_the_same():
     conv = Conv1D(24, 16)
     torch.nn.init.normal_(conv.bias)
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(q.conv1d_to_linear(conv)(x), conv(x), rtol=1e-6, atol=1e-6)
-    model, _ = _model("tiny_gpt2", "causal_lm", tmp_path_factory)
-    inputs = _inputs(model)
+    model, _ = build_tiny("tiny_gpt2", "causal_lm")
+    inputs = random_ids(model)
     before = _out(model, inputs)
     converted = q.convert_conv1d(model)
     assert len(converted) == 8 and not any(isinstance(m, Conv1D) for m in model.modules())
@@ -126,10 +104,10 @@ def test_conv1d_to_linear_computes_the_same(tmp_path_factory):
     ("tiny_llama", "causal_lm", {"granularity": "tensor", "activations": "symmetric"}),
     ("tiny_bert", "sequence_classification", {"bits": 4, "group_size": 16, "weights": "affine"}),
 ])
-def test_qat_converted_integer_model_matches_its_fake_quant_outputs(name, head, settings, tmp_path_factory):
-    model, _ = _model(name, head, tmp_path_factory)
+def test_qat_converted_integer_model_matches_its_fake_quant_outputs(name, head, settings):
+    model, _ = build_tiny(name, head)
     names = list(model.state_dict())
-    inputs = _inputs(model)
+    inputs = random_ids(model)
     qat = _compressor(q.QuantizationAwareTraining, "qat", **settings)
     qat.prepare_model(model, None)
     float_out = _out(model, inputs)
@@ -152,8 +130,8 @@ def test_qat_converted_integer_model_matches_its_fake_quant_outputs(name, head, 
     assert summary["embeddings_quantized"] >= 1 and summary["quantized_modules"] >= 8
 
 
-def test_qat_quantizes_biases_and_norms_affine_by_default(tmp_path_factory):
-    model, _ = _model("tiny_bert", "sequence_classification", tmp_path_factory)
+def test_qat_quantizes_biases_and_norms_affine_by_default():
+    model, _ = build_tiny("tiny_bert", "sequence_classification")
     with torch.no_grad():
         model.bert.embeddings.LayerNorm.weight.uniform_(0.8, 1.3)
     qat = _compressor(q.QuantizationAwareTraining, "qat")
@@ -175,10 +153,10 @@ CONVERSIONS = [
 @pytest.mark.parametrize("key, cls, settings, bits", CONVERSIONS)
 @pytest.mark.parametrize("name, head", [("tiny_gpt2", "causal_lm"), ("tiny_bert", "sequence_classification"),
                                         ("tiny_llama", "causal_lm")])
-def test_packed_round_trip_gives_the_same_quantized_model(key, cls, settings, bits, name, head, tmp_path_factory,
+def test_packed_round_trip_gives_the_same_quantized_model(key, cls, settings, bits, name, head,
                                                           tmp_path):
-    model, tokenizer = _model(name, head, tmp_path_factory)
-    inputs = _inputs(model)
+    model, tokenizer = build_tiny(name, head)
+    inputs = random_ids(model)
     reference = _out(model, inputs)
     c = _compressor(cls, key, **settings)
     c.finalize(c.prepare_model(model, tokenizer))
@@ -199,8 +177,8 @@ def test_packed_round_trip_gives_the_same_quantized_model(key, cls, settings, bi
         assert back.get_output_embeddings().weight is back.get_input_embeddings().weight
 
 
-def test_embeddings_left_in_float_keep_their_tied_head_in_float(tmp_path_factory):
-    model, _ = _model("tiny_gpt2", "causal_lm", tmp_path_factory)
+def test_embeddings_left_in_float_keep_their_tied_head_in_float():
+    model, _ = build_tiny("tiny_gpt2", "causal_lm")
     c = _compressor(q.WeightOnlyQuantization, "int8wo", embeddings=False, exclude=[r"\.0\.mlp\."])
     c.finalize(model)
     assert type(model.transformer.wte) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
@@ -209,11 +187,11 @@ def test_embeddings_left_in_float_keep_their_tied_head_in_float(tmp_path_factory
     assert c.summary()["quantized_modules"] == 6 and c.summary()["embeddings_quantized"] == 0
 
 
-def test_a_bf16_model_reloads_in_bf16(tmp_path_factory, tmp_path):
-    model, tokenizer = _model("tiny_gpt2", "sequence_classification", tmp_path_factory)
+def test_a_bf16_model_reloads_in_bf16(tmp_path):
+    model, tokenizer = build_tiny("tiny_gpt2", "sequence_classification")
     model.to(torch.bfloat16)
     _compressor(q.WeightOnlyQuantization, "int8wo").finalize(model)
-    inputs = _inputs(model)
+    inputs = random_ids(model)
     quantized = _out(model, inputs)
     assert quantized.dtype == torch.bfloat16
     save_packed(model, tokenizer, tmp_path)
@@ -241,8 +219,8 @@ def test_packed_checkpoints_are_4x_and_7x_smaller_than_fp32(tmp_path):
     assert ratios["int4wo"] <= 1 / 6.8
 
 
-def test_dq_reuses_the_integers_qat_trained(tmp_path_factory):
-    model, _ = _model("tiny_gpt2", "causal_lm", tmp_path_factory)
+def test_dq_reuses_the_integers_qat_trained():
+    model, _ = build_tiny("tiny_gpt2", "causal_lm")
     qat = _compressor(q.QuantizationAwareTraining, "qat")
     qat.finalize(model)
     codes = model.transformer.h[0].attn.c_attn.weight.clone()
@@ -266,7 +244,7 @@ def test_qat_run_resumes_and_evaluate_reloads_the_packed_model(tmp_path):
     assert first["compress"]["qat"]["fake_quant_batches"] == 1  # step 0 ran in float (start_step=1)
     # The Lightning checkpoint is plain (a fresh model loads it) and carries the EMA input ranges.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    plain, _ = _built("tiny_bert", "sequence_classification", str(tmp_path / "cfg"))
+    plain, _ = build_tiny("tiny_bert", "sequence_classification")
     assert {k.removeprefix("model.") for k in ckpt["state_dict"] if k.startswith("model.")} == set(plain.state_dict())
     ranges = next(s["ranges"] for s in ckpt["callbacks"].values() if "ranges" in s)
     assert len(ranges) == 2 * 6 + 2 and all(r[0] < r[1] for r in ranges.values())
@@ -326,9 +304,9 @@ def test_post_training_dq_through_evaluate(tmp_path):
     ("qat", ["compress.qat.biases=minmax"], "compress.qat.biases='minmax' is not one of"),
     ("int8wo", ["compress.int8wo.granularity=tensor", "compress.int8wo.group_size=32"], "needs granularity=channel"),
 ])
-def test_bad_settings_fail_with_one_line(option, overrides, message, tmp_path, tmp_path_factory):
+def test_bad_settings_fail_with_one_line(option, overrides, message, tmp_path):
     cfg = compose_cfg("train", ["model=tiny_bert", f"compress={option}", *overrides], tmp_path)
-    model, tokenizer = _model("tiny_bert", "sequence_classification", tmp_path_factory)
+    model, tokenizer = build_tiny("tiny_bert", "sequence_classification")
     with pytest.raises(SqueezeError, match=message.replace("(", r"\(")) as error:
         build_chain(cfg.compress)[0].prepare_model(model, tokenizer)
     assert "\n" not in str(error.value)
@@ -340,12 +318,12 @@ def test_qat_after_an_integer_conversion_fails_fast(tmp_path):
         build_chain(cfg.compress)
 
 
-def test_dq_refuses_a_gpu_run_and_a_machine_without_kernels(monkeypatch, tmp_path_factory):
+def test_dq_refuses_a_gpu_run_and_a_machine_without_kernels(monkeypatch):
     dq = _compressor(q.DynamicQuantization, "dq")
     gpu_trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
     with pytest.raises(SqueezeError, match="compress=dq \\(fbgemm\\) has CPU kernels only, but this run uses cuda"):
         dq.setup(gpu_trainer, None, "fit")
-    model, _ = _model("tiny_bert", "sequence_classification", tmp_path_factory)
+    model, _ = build_tiny("tiny_bert", "sequence_classification")
     dq.finalize(model)
     with pytest.raises(SqueezeError, match="fbgemm kernel runs on CPU only, but this model runs on meta"):
         model.classifier(torch.zeros(1, 64, device="meta"))
@@ -357,10 +335,10 @@ def test_dq_refuses_a_gpu_run_and_a_machine_without_kernels(monkeypatch, tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: torchao's GPU weight-only kernels not checked")
 @pytest.mark.parametrize("bits, group_size", [(8, None), (4, 64)])
-def test_weight_only_runs_torchao_kernels_on_gpu(bits, group_size, tmp_path_factory):
-    model, _ = _model("tiny_bert", "sequence_classification", tmp_path_factory)
+def test_weight_only_runs_torchao_kernels_on_gpu(bits, group_size):
+    model, _ = build_tiny("tiny_bert", "sequence_classification")
     _compressor(q.WeightOnlyQuantization, "wo", bits=bits, group_size=group_size).finalize(model)
-    inputs = _inputs(model)
+    inputs = random_ids(model)
     cpu = _out(model, inputs)
     model.cuda()
     gpu = _out(model, {k: v.cuda() for k, v in inputs.items()}).cpu()

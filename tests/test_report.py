@@ -431,17 +431,17 @@ def test_cli_writes_the_report_beside_the_sweep_by_default(sweep, capsys):
 
 def test_report_imports_no_model_code():
     # Every module of the package, whatever it is split into (plots and W&B logging included).
-    code = ("import importlib, pkgutil, sys, squeeze.report as r; "
-            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(r.__path__, 'squeeze.report.') "
+    code = ("import importlib, json, pkgutil, sys, squeeze.report as r; "
+            "walked = [m.name for m in pkgutil.walk_packages(r.__path__, 'squeeze.report.') "
             "if not m.name.endswith('__main__')]; "
-            "print(sorted(m for m in sys.modules if m.startswith('squeeze.report.')), "
-            "[m for m in ('torch', 'transformers', 'lightning') if m in sys.modules])")
+            "[importlib.import_module(m) for m in walked]; "
+            "print(json.dumps([walked, [m for m in ('torch', 'transformers', 'lightning') if m in sys.modules]]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    modules, model_code = done.stdout.strip().rsplit(" [", 1)
-    assert "squeeze.report.plots" in modules and "squeeze.report.wandb_log" in modules  # really imported
-    assert model_code == "]"
+    walked, model_code = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(walked) >= 2  # the walk found the package's modules (named by behaviour, not by file)
+    assert model_code == []
 
 
 def test_wandb_mode_offline_without_a_key_and_env_honoured(monkeypatch):

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg
-from hydra.utils import instantiate
+from conftest import build_tiny
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -18,16 +17,6 @@ from squeeze.arch import adapter_for
 from squeeze.compress.pruning import magnitude_masks, select_weights
 from squeeze.errors import SqueezeError
 from squeeze.record import dir_bytes
-
-LABELS = ["neg", "pos"]
-
-
-
-def _build(name, head, tmp_path):
-    cfg = compose_cfg("train", [f"model={name}"], tmp_path / "cfg")
-    spec = instantiate(cfg.model, _convert_="all")
-    torch.manual_seed(0)
-    return spec.build(head, LABELS), spec.tokenizer()
 
 
 def _prune(model, sparsity, include=None, exclude=None):
@@ -53,7 +42,7 @@ def _bits(t):
     ("tiny_llama", "causal_lm", torch.float32),  # tied embeddings, grouped-query attention
 ])
 def test_sparse_round_trip_is_bit_identical(name, head, dtype, tmp_path):
-    model, tokenizer = _build(name, head, tmp_path)
+    model, tokenizer = build_tiny(name, head)
     model.to(dtype)
     weights = _prune(model, 0.7)
     first = next(iter(weights.values()))
@@ -84,7 +73,7 @@ def test_sparse_round_trip_is_bit_identical(name, head, dtype, tmp_path):
 
 
 def test_sparse_directory_is_really_smaller(tmp_path):
-    model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
+    model, tokenizer = build_tiny("tiny_bert", "sequence_classification")
     formats.save(model, tokenizer, tmp_path / "dense")
     assert (tmp_path / "dense" / "model.safetensors").exists()  # a plain model stays plain
     dense_weights = (tmp_path / "dense" / "model.safetensors").stat().st_size
@@ -93,7 +82,7 @@ def test_sparse_directory_is_really_smaller(tmp_path):
     formats.save(model, tokenizer, tmp_path / "half")
     assert dir_bytes(tmp_path / "half") < dir_bytes(tmp_path / "dense")
     # Every matrix at 50%: half the values plus one bit per entry, about 53% of the dense file.
-    model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
+    model, tokenizer = build_tiny("tiny_bert", "sequence_classification")
     _prune(model, 0.5, include=".", exclude="")
     formats.save(model, tokenizer, tmp_path / "all")
     sparse_weights = (tmp_path / "all" / formats.sparse.SPARSE_FILE).stat().st_size
@@ -101,7 +90,7 @@ def test_sparse_directory_is_really_smaller(tmp_path):
 
 
 def test_plain_model_stays_a_plain_transformers_directory(tmp_path):
-    model, tokenizer = _build("tiny_gpt2", "sequence_classification", tmp_path)
+    model, tokenizer = build_tiny("tiny_gpt2", "sequence_classification")
     with torch.no_grad():  # a few incidental zeros do not make a model sparse
         model.score.weight[0, :8] = 0
     formats.save(model, tokenizer, tmp_path / "m")
@@ -139,7 +128,7 @@ def test_bitmask_packs_and_unpacks(count):
 
 
 def test_foreign_or_newer_files_fail_with_one_line(tmp_path):
-    model, tokenizer = _build("tiny_bert", "sequence_classification", tmp_path)
+    model, tokenizer = build_tiny("tiny_bert", "sequence_classification")
     _prune(model, 0.7)
     directory = tmp_path / "m"
     formats.save(model, tokenizer, directory)

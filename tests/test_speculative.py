@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import FAST, compose_cfg, fast, read_result, run_cli
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from squeeze import assets, run
 from squeeze.errors import SqueezeError
@@ -23,25 +23,17 @@ PROMPTS = ["User: hello there, how are you?\nBot:", "Persona: I like tea.\nUser:
 
 
 @pytest.fixture(scope="module")
-def llama():
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.locate("smollm2")))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+def llama(tiny_model):
+    model, tokenizer = tiny_model("tiny_llama", "causal_lm", layers=4, max_position_embeddings=256)
     # float64: greedy decoding compares near-equal logits; doubles keep the one-token and the
     # several-token forward passes from rounding a near-tie differently.
-    return LlamaForCausalLM(config).double().eval(), tokenizer
+    return model.double(), tokenizer
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.locate("gpt2_tokenizer")))
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(1)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=256)
-    return GPT2LMHeadModel(config).double().eval(), tokenizer
+def gpt2(tiny_model):
+    model, tokenizer = tiny_model("tiny_gpt2", "causal_lm", layers=3, seed=1, n_positions=256)
+    return model.double(), tokenizer
 
 
 def test_first_layers_cuts_a_copy(llama, gpt2):

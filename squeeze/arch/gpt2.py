@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from squeeze.arch import pruned_attention
 from squeeze.arch.base import DecoderAdapter, HeadLayout
-from squeeze.arch.linear import as_out_in
+from squeeze.arch.linear import as_out_in, features
 from squeeze.errors import SqueezeError
 
 
@@ -28,7 +28,7 @@ class GPT2Adapter(DecoderAdapter):
 
     def shape(self, layer):
         heads = layer.attn.num_heads
-        return HeadLayout(heads, heads, layer.attn.head_dim, layer.mlp.c_fc.nf)
+        return HeadLayout(heads, heads, layer.attn.head_dim, features(layer.mlp.c_fc)[0])
 
     def qkvo(self, layer):
         q, k, v = as_out_in(layer.attn.c_attn).split(layer.attn.split_size, dim=0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,17 +78,6 @@ def cubic_sparsity(step: int, target: float, start: int, end: int, frequency: in
 def adaptive_should_prune(val_loss: float, threshold: float, level: float, target: float) -> bool:
     """Prune the next stage only while the model is good enough (validation loss under the threshold)."""
     return level < target - _EPS and math.isfinite(val_loss) and val_loss < threshold
-
-
-def pruning_events(sparsity_at: Callable[[int], float], last_step: int) -> list[tuple[int, float]]:
-    """The (step, sparsity) pairs at which a step schedule raises the sparsity, up to `last_step`."""
-    events, level = [], 0.0
-    for step in range(last_step + 1):
-        s = sparsity_at(step)
-        if s > level + _EPS:
-            events.append((step, s))
-            level = s
-    return events
 
 
 # -- what to prune ---------------------------------------------------------------------------------

@@ -93,18 +93,6 @@ def encode_dialog(
     return {"context": context, "segments": segments, "candidates": replies}
 
 
-def build_input(tokenizer, persona: Sequence[str], history: Sequence[str], reply: str, **settings) -> dict[str, list]:
-    """The training input of one reply: input_ids, labels (-100 outside the reply) and segments
-    (persona, the speaker of each turn, "reply") for each token."""
-    encoded = encode_dialog(tokenizer, persona, history, [reply], **settings)
-    context, reply_ids = encoded["context"], encoded["candidates"][0]
-    return {
-        "input_ids": context + reply_ids,
-        "labels": [IGNORE_INDEX] * len(context) + reply_ids,
-        "segments": encoded["segments"] + ["reply"] * len(reply_ids),
-    }
-
-
 def candidate_rows(encoded: Mapping[str, Any]) -> list[dict[str, list[int]]]:
     """Rows of one example: context + each candidate; only the last (gold) row carries labels."""
     context, candidates = encoded["context"], encoded["candidates"]

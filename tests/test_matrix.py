@@ -1,0 +1,123 @@
+"""Every compressor and the documented chains on every tiny family, each a short real run (2 steps): it
+finishes, its saved model reloads and re-evaluates to the run's own test metrics, and the saved model
+holds what the compressor promises (sparsity, fewer heads, a narrower MLP, integer layers in a smaller
+directory, fewer layers). Every family does every cell; what a 2-layer model cannot do (PKD's 1-layer
+student) is refused with one line that says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, FAST, compose_cfg, layers_override
+
+from squeeze import formats, run
+from squeeze.arch import adapter_for
+from squeeze.compress.pruning import select_weights
+from squeeze.errors import SqueezeError
+from squeeze.formats.quantized_layers import QuantizedLinear
+
+CHAINS = [
+    "none", "imp", "heads", "rows", "qat", "dq", "int8wo", "int4wo", "kd", "pkd",
+    "[imp,dq]", "[imp,qat,dq]", "[pkd,imp,dq]", "[heads,imp]", "[heads,int8wo]", "[heads,qat]", "[heads,dq]",
+]
+QUANTIZERS = {"qat", "dq", "int8wo", "int4wo"}
+DISTILLERS = {"kd", "pkd"}
+TEACHER_LAYERS = 4  # kd/pkd cells train a 4-layer model: PKD needs a student of 2 (below)
+TARGET = 0.7  # conf/compress/imp.yaml's default sparsity
+# Two optimizer steps on a few examples: every compressor's hooks run, nothing more.
+SHORT = FAST + ["task=rotten_tomatoes", "task.data.max_examples.train=16", "task.data.max_examples.validation=8",
+                "task.data.max_examples.test=8", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                "perf=null", "callbacks.energy=null", "logger=csv"]
+SETTINGS = {  # what makes a compressor finish within 2 steps
+    "imp": ["compress.imp.end_step=1", "compress.imp.frequency=1"],  # the target from step 1 on
+    "heads": ["compress.heads.importance_batches=1"],
+}
+
+
+def _parts(chain: str) -> list[str]:
+    return chain.strip("[]").split(",")
+
+
+def _train(family: str, chain: str, run_dir):
+    overrides = SHORT + [f"model={family}", f"compress={chain}", "trainer.max_steps=2"]
+    overrides += [s for part in _parts(chain) for s in SETTINGS.get(part, [])]
+    if DISTILLERS & set(_parts(chain)):
+        overrides.append(layers_override(family, TEACHER_LAYERS))
+    return run.train(compose_cfg("train", overrides, run_dir))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """compress=none per family, run once: the dense model every other cell is compared with."""
+    done = {}
+
+    def get(family: str):
+        if family not in done:
+            run_dir = tmp_path_factory.mktemp(f"{family}-none")
+            record = _train(family, "none", run_dir)
+            assert record["status"] == "ok", record.get("error")
+            done[family] = record, run_dir, formats.load(run_dir / "model", "sequence_classification")
+        return done[family]
+    return get
+
+
+def _shapes(model):
+    adapter = adapter_for(model)
+    return [adapter.shape(layer) for _, layer in adapter.layers(model)]
+
+
+def _sparsity(model) -> float:
+    """Zeros among the weights compress=imp selects by default (integer zeros count: they stay zero)."""
+    adapter = adapter_for(model)
+    weights, _ = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
+    return sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cell(family, chain, baseline, tmp_path):
+    base_record, _, dense = baseline(family)
+    record, run_dir = (base_record, baseline(family)[1]) if chain == "none" else (_train(family, chain, tmp_path),
+                                                                                  tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    parts = set(_parts(chain))
+
+    # The saved model re-evaluates (evaluate.py's path, from the run directory) to the run's test metrics.
+    evaluated = run.evaluate(compose_cfg("eval", SHORT + [f"model={family}", f"ckpt={run_dir}"], tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated.get("error")
+    assert record["metrics"]["test/loss"] == pytest.approx(evaluated["metrics"]["test/loss"], abs=1e-5)
+    assert evaluated["params"] == record["params"]
+
+    model = formats.load(run_dir / "model", "sequence_classification")
+    before, after = _shapes(dense), _shapes(model)
+    if parts & DISTILLERS:  # a student of half the teacher's layers, cut from it
+        teacher = record["compress"][(parts & DISTILLERS).pop()]["teacher"]
+        assert teacher["layers"] == TEACHER_LAYERS and len(after) == TEACHER_LAYERS // 2 == len(before)
+        assert record["params"] < teacher["params"]
+    else:
+        assert len(after) == len(before)
+    assert all(a.heads < b.heads if "heads" in parts else a.heads == b.heads for a, b in zip(after, before))
+    assert all(a.intermediate < b.intermediate if "rows" in parts else a.intermediate == b.intermediate
+               for a, b in zip(after, before))
+    if parts & {"heads", "rows"}:
+        assert record["params"] < base_record["params"]
+    if "imp" in parts:  # quantizing after pruning keeps the zeros (and may round more weights to zero)
+        sparsity = _sparsity(model)
+        assert sparsity >= TARGET - 0.005 if parts & QUANTIZERS else sparsity == pytest.approx(TARGET, abs=0.005)
+    else:  # int4 rounds the smallest weights to zero, nothing else zeroes more than a few %
+        assert _sparsity(model) < (0.3 if "int4wo" in parts else 0.05)
+    integer = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if parts & QUANTIZERS:
+        assert integer and all(m.weight.dtype == torch.int8 for m in integer)
+    else:
+        assert not integer
+    if not parts <= {"none"} | DISTILLERS:  # smaller than the dense run's (a kd student: than its teacher)
+        assert record["checkpoint_bytes"] < base_record["checkpoint_bytes"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pkd_refuses_the_one_layer_student_of_a_two_layer_model(family, tmp_path):
+    # Half of 2 layers is 1: its only layer is the top, which the KD loss already matches.
+    with pytest.raises(SqueezeError, match="pkd: a 1-layer student has no layer below its top to match; give "
+                                           "more student layers, an explicit strategy"):
+        run.train(compose_cfg("train", SHORT + [f"model={family}", "compress=pkd"], tmp_path))
