@@ -120,6 +120,29 @@ def tiny_model():
     return build_tiny
 
 
+# The post-training tests' families, by short name: BERT as a sequence classifier, the decoders as causal LMs.
+PTQ_FAMILIES = ("bert", "gpt2", "llama")
+
+
+def tiny_family(family: str, seed: int = 0):
+    """A fresh tiny model of a family by its short name (bert, gpt2, llama, opt), in eval mode."""
+    return build_tiny(f"tiny_{family}", "sequence_classification" if family == "bert" else "causal_lm", seed=seed)[0]
+
+
+def token_batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 0, padded: bool = False) -> list[dict]:
+    """Seeded random token batches (ids 1..999, in every family's vocabulary); `padded`: the first row half padding."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 1000, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[0, length // 2:] = 0
+            ids[0, length // 2:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 def random_ids(model, batch: int = 2, length: int = 12, seed: int = 1, low: int = 0) -> dict:
     """input_ids drawn from the model's vocabulary (seeded) and a full attention mask."""
     g = torch.Generator().manual_seed(seed)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny, token_batches
+from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
 from torch import nn
 
 from squeeze.compress.calibration import (LayerStats, calibration_batches, collect_stats, layer_stack, linear_layers,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny, token_batches
+from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
 
 from squeeze.arch.linear import as_out_in
 from squeeze.compress.calibration import layer_stack, linear_layers

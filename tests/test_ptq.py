@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import FAST, LM_FAST, compose_cfg, read_result
-from tiny_models import FAMILIES, tiny, token_batches
+from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
 
 from squeeze import formats, run
 from squeeze.compress import build_chain
