@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -140,9 +141,12 @@ def test_peak_memory_sees_a_batch_s_allocation_and_keeps_the_process_peak(reset,
     process_peak = measure.process_peak_rss()
     size = 64 * 2**20
     with measure.PeakMemory("cpu") as peak:
-        block = torch.ones(size // 4)  # written, so resident
+        # A fresh anonymous mapping, written so it is resident: the allocator cannot hand back pages an earlier
+        # test left resident (torch.ones could, late in a long test session, and then RSS would not move).
+        block = mmap.mmap(-1, size)
+        block.write(b"\1" * size)
         time.sleep(0.05)  # the sampler's turn
-        del block
+        block.close()
     figures = peak.record()
     if figures["peak_memory_kind"] == "unavailable":
         pytest.skip("this system reports no resident set size")
