@@ -12,6 +12,7 @@ This module and the entry points are the only code that knows Hydra.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -31,7 +32,7 @@ from squeeze import compress as compression
 from squeeze import models
 from squeeze import formats
 from squeeze import guard, measure, speculative
-from squeeze import sharding
+from squeeze import pipeline, sharding
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
@@ -48,6 +49,8 @@ EVALUATES_TEXT = "a run directory, a model directory or a .ckpt file"
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     speculative.check_decode(cfg.get("decode"), None, cfg.task.head, evaluating=False)
+    if cfg.get("pipeline") is not None:  # hardware=pipeline: torch's pipeline schedules, not Lightning
+        return _guarded(cfg, _train_pipeline)
     return _guarded(cfg, _train)
 
 
@@ -94,6 +97,20 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
     if trainer.is_global_zero:
         _save_model(module.model, tokenizer, run_dir, record)
         _measure(cfg, trainer, module.model, data, record)
+    return record
+
+
+def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """hardware=pipeline (squeeze/pipeline.py): fine-tuning only; the stages' figures, no saved model."""
+    pipeline.check(cfg.task.head, compression.build_chain(cfg.compress))
+    spec, _, data = _prepare(cfg)
+    data.setup("fit")
+    steps = int(cfg.trainer.get("max_steps") or -1)
+    batches = [b for _, b in zip(range(steps) if steps > 0 else iter(int, 1), data.train_dataloader())]
+    figures = pipeline.run(functools.partial(spec.build, cfg.task.head, None), batches, **cfg.pipeline,
+                           lr=float(cfg.optimizer.lr), seed=int(cfg.seed))
+    record.update(pipeline=figures, train_seconds=figures["train_seconds"], train_tokens=figures["train_tokens"],
+                  train_tokens_per_s=figures["tokens_per_s"], metrics={"train/loss": figures["loss"]})
     return record
 
 
