@@ -20,6 +20,10 @@ Keys (schema 1; later features add keys, never change these):
   train_tokens, train_tokens_per_s  non-padding input tokens of the fit's training steps (all ranks), and
                that over train_seconds (validation and checkpointing included); null without training
   peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
+  pipeline     hardware=pipeline only (squeeze/pipeline.py; no test metrics, no saved model): {stages,
+               microbatches, schedule, steps, losses (per step), loss (their mean, also metrics.train/loss),
+               train_seconds, train_tokens, tokens_per_s, per_stage: [{stage, layers: [start, stop),
+               peak_memory_bytes, peak_memory_kind, params}]}
   energy       {kwh, co2_kg, method ("measured" | "estimated" | "partly measured"), pue, co2,
                co2_kg_per_kwh, phases: {train|eval: {kwh, co2_kg, kwh_it, seconds, cpu_kwh, ram_kwh,
                gpu_kwh, methods, method}}}  (facility kWh = IT kWh × PUE), null when not measured

@@ -12,6 +12,7 @@ This module and the entry points are the only code that knows Hydra.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -31,6 +32,7 @@ from squeeze import compress as compression
 from squeeze import models
 from squeeze import formats
 from squeeze import guard, measure, speculative
+from squeeze import pipeline, sharding
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
@@ -47,6 +49,8 @@ EVALUATES_TEXT = "a run directory, a model directory or a .ckpt file"
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     speculative.check_decode(cfg.get("decode"), None, cfg.task.head, evaluating=False)
+    if cfg.get("pipeline") is not None:  # hardware=pipeline: torch's pipeline schedules, not Lightning
+        return _guarded(cfg, _train_pipeline)
     return _guarded(cfg, _train)
 
 
@@ -57,6 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 # -- the two paths --------------------------------------------------------------------------------
 def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     chain = compression.build_chain(cfg.compress)
+    sharding.check_compressors(chain, cfg.trainer.get("strategy"))  # hardware=fsdp: refuse what cannot shard
     spec, tokenizer, data = _prepare(cfg)
     compression.calibrate(chain, data, cfg.get("calibration"))  # post-training methods calibrate on its train split
     model = spec.build(cfg.task.head, data_labels(data))
@@ -74,6 +79,7 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
         start = time.perf_counter()
         with _readable_checkpoint_errors(cfg.get("ckpt_path")):
             trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg.get("ckpt_path")))
+        sharding.gather(trainer, module)  # hardware=fsdp: the whole model again, for what follows fit
         record["train_seconds"] = time.perf_counter() - start
         record["train_tokens"] = getattr(module, "train_tokens", None)
         record["train_tokens_per_s"] = measure.tokens_per_s(record["train_tokens"], record["train_seconds"])
@@ -87,9 +93,24 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
     # what is measured is exactly what is on disk.
     _finalize(chain, module, record)
     _test(trainer, module, data, record, ckpt_path=None)
+    sharding.gather(trainer, module)  # hardware=fsdp: test sharded it again
     if trainer.is_global_zero:
         _save_model(module.model, tokenizer, run_dir, record)
         _measure(cfg, trainer, module.model, data, record)
+    return record
+
+
+def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """hardware=pipeline (squeeze/pipeline.py): fine-tuning only; the stages' figures, no saved model."""
+    pipeline.check(cfg.task.head, compression.build_chain(cfg.compress))
+    spec, _, data = _prepare(cfg)
+    data.setup("fit")
+    steps = int(cfg.trainer.get("max_steps") or -1)
+    batches = [b for _, b in zip(range(steps) if steps > 0 else iter(int, 1), data.train_dataloader())]
+    figures = pipeline.run(functools.partial(spec.build, cfg.task.head, None), batches, **cfg.pipeline,
+                           lr=float(cfg.optimizer.lr), seed=int(cfg.seed))
+    record.update(pipeline=figures, train_seconds=figures["train_seconds"], train_tokens=figures["train_tokens"],
+                  train_tokens_per_s=figures["tokens_per_s"], metrics={"train/loss": figures["loss"]})
     return record
 
 
@@ -336,9 +357,10 @@ def _check_sweep_strategy(cfg: DictConfig) -> None:
     """Lightning's DDP launcher starts the other ranks by re-running the command line; inside a local
     `-m` sweep that re-runs the whole sweep. On Slurm the scheduler starts the ranks instead."""
     hydra_cfg = HydraConfig.get()
-    strategy = str(cfg.trainer.get("strategy") or "")
+    strategy = cfg.trainer.get("strategy")
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
-    if hydra_cfg.mode == RunMode.MULTIRUN and strategy.startswith("ddp") and "Slurm" not in launcher:
+    spawns = str(strategy or "").startswith("ddp") or sharding.is_sharded(strategy)  # fsdp launches like ddp
+    if hydra_cfg.mode == RunMode.MULTIRUN and spawns and "Slurm" not in launcher:
         raise SqueezeError(
             "hardware=ddp inside a local -m sweep would re-run the whole sweep in every rank; run the cells "
             "one by one, or sweep on a cluster with hydra/launcher=cluster (Slurm starts the ranks)"

@@ -52,6 +52,8 @@ class Compressor(L.Callback):
     # The weights tested and saved: the best validation checkpoint, or the last weights. Pruning
     # wants the last ones: an early "best" checkpoint has not reached the target sparsity yet.
     test_best_checkpoint: bool = True
+    # Why it cannot run under a sharding strategy (hardware=fsdp), in one clause; None: it can.
+    unsharded: str | None = None
 
     def calibrate_with(self, data, settings: Mapping | None = None) -> None:
         """The run's data module and the shared `calibration:` settings, before prepare_model. Methods

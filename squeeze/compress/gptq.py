@@ -217,6 +217,7 @@ class GPTQ(Calibrated):
     int4wo; nothing that trains may follow it."""
 
     integer_weights = True
+    unsharded = "it leaves integer weights, and FSDP shards only floating-point parameters"
 
     def __init__(self, bits: int = 4, group_size: int | None = 64, act_order: bool = True, symmetric: bool = True,
                  damping: float = 0.01, block_size: int = 128):

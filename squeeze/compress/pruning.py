@@ -175,6 +175,7 @@ class IterativeMagnitudePruning(Compressor):
 
     name = "imp"
     trains = True
+    unsharded = "its masks cover whole weight matrices, and FSDP keeps each rank only a flat shard of them"
     # Tested and saved: the last weights, which are at the target sparsity. The best-validation
     # checkpoint is usually an early, denser one (pruning costs accuracy), so testing it would
     # report a model that is not the pruned one.

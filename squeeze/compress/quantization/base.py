@@ -142,6 +142,8 @@ class _Quantization(Compressor):
     """What the quantization compressors share: the weight scheme, which layers, the summary."""
 
     integer_weights = True
+    unsharded = ("it leaves integer weights, and FSDP shards only floating-point parameters (quantize the "
+                 "finished run: python evaluate.py ckpt=<run> compress=dq|int8wo|int4wo)")
     kernel = "weight_only"
 
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,

@@ -30,6 +30,7 @@ class QuantizationAwareTraining(_Quantization):
     from `start_step` on, converted to integer weights + scales at `finalize`."""
 
     trains = True
+    unsharded = "its fake quantization reads each whole weight matrix every step, and FSDP holds only flat shards"
 
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
                  weights: str = "symmetric", biases: str | None = "affine", norms: str | None = "affine",

@@ -57,6 +57,8 @@ class HeadPruning(Compressor):
         self.trains = method == "gradient" or iterations > 1
         # Shapes change during fit when pruning in steps: an early best checkpoint no longer fits.
         self.test_best_checkpoint = iterations == 1
+        if iterations > 1:
+            self.unsharded = "pruning in steps cuts weight matrices during fit, which FSDP has flattened into shards"
         self._done = 0
         self._adapter: Adapter | None = None
         self._targets: dict[int, int] = {}  # layer → KV groups to remove in the end

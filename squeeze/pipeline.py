@@ -1,0 +1,191 @@
+"""Pipeline parallelism (`hardware=pipeline`): a causal LM cut into N stages of consecutive layers, one
+process per stage, micro-batches through torch's own schedules (torch.distributed.pipelining: GPipe
+or 1F1B). Causal-LM fine-tuning only; the record gets the mean training loss, tokens/s and every
+stage's peak memory.
+
+torch does the scheduling and the stage-to-stage sends; what is written here is the cut, which torch
+cannot do on a transformers model without tracing it: every stage keeps the model's own forward, fed
+with input ids on the first stage and with the previous stage's hidden states (`inputs_embeds`) on the
+others. Position embeddings and embedding dropout, which that forward applies to `inputs_embeds`, are
+neutralised after the first stage, and the final norm and head run on the last stage only.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from squeeze.errors import SqueezeError
+
+SCHEDULES = ("gpipe", "1f1b")  # interleaved schedules are left out: over gloo they have been reported to hang
+
+
+class Stage(nn.Module):
+    """Layers [start, stop) of a causal LM, with the embeddings on the first stage and norm + head on the last."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        from squeeze.arch import adapter_for
+
+        model = copy.deepcopy(model)
+        model.config.use_cache = False
+        name, stack = adapter_for(model).layer_stack(model)
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        setattr(owner, name.rpartition(".")[2], nn.ModuleList(list(stack)[start:stop]))
+        for child_name, child in list(owner.named_children()):
+            if child is model.get_input_embeddings() or isinstance(child, nn.ModuleList):
+                continue
+            if not first and isinstance(child, nn.Embedding):  # positions were added on stage 0
+                zero = copy.deepcopy(child).requires_grad_(False)
+                nn.init.zeros_(zero.weight)
+                setattr(owner, child_name, zero)
+            elif not first and isinstance(child, nn.Dropout):  # the embedding dropout, applied on stage 0
+                setattr(owner, child_name, nn.Identity())
+            elif not last and "norm" in child_name or not last and child_name.startswith("ln"):
+                setattr(owner, child_name, nn.Identity())  # the final norm belongs to the last stage
+        self.model, self.first, self.last = model, first, last
+        self.base = model.get_submodule(model.base_model_prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        if self.last:
+            return self.model(**inputs, use_cache=False).logits
+        return self.base(**inputs, use_cache=False).last_hidden_state
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: token t predicts token t+1, mean over the scored tokens."""
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def bounds(layers: int, stages: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges, as even as possible, earlier stages taking the remainder."""
+    if not 1 <= stages <= layers:
+        raise SqueezeError(f"hardware.pipeline.stages={stages}: the model has {layers} layers; use 1..{layers} stages")
+    size, extra = divmod(layers, stages)
+    out, start = [], 0
+    for i in range(stages):
+        stop = start + size + (i < extra)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def check(head: str, chain: list) -> None:
+    if head != "causal_lm":
+        raise SqueezeError(f"hardware=pipeline trains causal language models only; this task's head is {head}")
+    if chain:
+        raise SqueezeError(f"hardware=pipeline runs plain fine-tuning; compress={'+'.join(c.name for c in chain)} "
+                           "needs the whole model in one process (use hardware=cpu, gpu or ddp)")
+
+
+def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches: int = 4, schedule: str = "gpipe",
+        lr: float = 5e-5, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+    """Train on `batches` (one optimizer step each) with `stages` processes; returns the record's
+    `pipeline` figures. `build()` returns the model (called in every process: same seed, same weights).
+    stages=1 runs the same loop in this process without pipelining, the baseline."""
+    if schedule not in SCHEDULES:
+        raise SqueezeError(f"hardware.pipeline.schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    steps = len(batches) if steps is None else min(steps, len(batches))
+    batches = batches[:steps]
+    if stages == 1:
+        return _single(build, batches, lr, seed)
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_worker, args=(stages, port, build, batches, microbatches, schedule, lr, seed, results),
+                       nprocs=stages, join=True, start_method="spawn")
+    per_stage = [results[i] for i in range(stages)]
+    last = per_stage[-1]
+    seconds = max(s["seconds"] for s in per_stage)
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return {"stages": stages, "microbatches": microbatches, "schedule": schedule, "steps": steps,
+            "losses": last["losses"], "loss": sum(last["losses"]) / len(last["losses"]),
+            "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "per_stage": [{"stage": i, "layers": s["layers"], "peak_memory_bytes": s["peak"],
+                           "peak_memory_kind": "cpu_rss" if not torch.cuda.is_available() else "cuda_max_allocated",
+                           "params": s["params"]} for i, s in enumerate(per_stage)]}
+
+
+def _single(build, batches, lr, seed) -> dict[str, Any]:
+    from squeeze.measure import process_peak_rss
+
+    torch.manual_seed(seed)
+    model = build()
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses, start = [], time.perf_counter()
+    for batch in batches:
+        loss = causal_lm_loss(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["input_ids"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    layers = len(_stack(model))
+    return {"stages": 1, "microbatches": 1, "schedule": None, "steps": len(batches), "losses": losses,
+            "loss": sum(losses) / len(losses), "train_seconds": seconds, "train_tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "per_stage": [{"stage": 0, "layers": [0, layers], "peak_memory_bytes": process_peak_rss(),
+                           "peak_memory_kind": "cpu_rss", "params": sum(p.numel() for p in model.parameters())}]}
+
+
+def _stack(model):
+    from squeeze.arch import adapter_for
+
+    return adapter_for(model).layer_stack(model)[1]
+
+
+def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed, results):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from squeeze.measure import process_peak_rss
+
+    torch.set_num_threads(1)  # one core per stage: the point is to overlap stages, not threads
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=stages)
+    try:
+        torch.manual_seed(seed)
+        model = build()
+        start, stop = bounds(len(_stack(model)), stages)[rank]
+        module = Stage(model, start, stop, first=rank == 0, last=rank == stages - 1)
+        del model
+        module.train()
+        stage = PipelineStage(module, rank, stages, torch.device("cpu"))
+        cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        pipe = cls(stage, n_microbatches=microbatches, loss_fn=causal_lm_loss)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+        losses = []
+        dist.barrier()
+        begin = time.perf_counter()
+        for batch in batches:
+            ids = batch["input_ids"]
+            if rank == 0:
+                pipe.step(ids)
+            elif rank == stages - 1:
+                micro: list[torch.Tensor] = []
+                pipe.step(target=ids, losses=micro)
+                losses.append(float(torch.stack(micro).detach().mean()))
+            else:
+                pipe.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        dist.barrier()
+        seconds = time.perf_counter() - begin
+        results[rank] = {"seconds": seconds, "losses": losses, "layers": [start, stop], "peak": process_peak_rss(),
+                         "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    finally:
+        dist.destroy_process_group()

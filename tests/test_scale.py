@@ -1,0 +1,172 @@
+"""Scale-out without a cluster: pipeline stages on 2 CPU processes (same loss as one process), the
+FSDP strategy as hardware=fsdp builds it and the compressors it refuses, and the Slurm job scripts a
+sweep submits (a stand-in sbatch on PATH captures them)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from squeeze import compress as compression
+from squeeze import pipeline, sharding
+from squeeze.errors import SqueezeError
+
+from conftest import CONF, compose_cfg, fast, read_result, run_cli
+
+
+def _tiny_gpt2(dropout: float = 0.1):
+    spec = instantiate(OmegaConf.load(CONF / "model" / "tiny_gpt2.yaml"), _convert_="all")
+    model = spec.build("causal_lm", None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    return model
+
+
+# -- pipeline ---------------------------------------------------------------------------------------
+def test_two_stages_compute_the_loss_of_the_whole_model():
+    model = _tiny_gpt2().eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole = model(input_ids=ids, labels=ids).loss
+    first, last = pipeline.Stage(model, 0, 1, True, False).eval(), pipeline.Stage(model, 1, 2, False, True).eval()
+    torch.testing.assert_close(pipeline.causal_lm_loss(last(first(ids)), ids), whole)
+
+
+def test_stage_bounds_and_refusals():
+    assert pipeline.bounds(5, 2) == [(0, 3), (3, 5)]
+    with pytest.raises(SqueezeError, match="1..2 stages"):
+        pipeline.bounds(2, 3)
+    with pytest.raises(SqueezeError, match="causal language models only"):
+        pipeline.check("sequence_classification", [])
+    with pytest.raises(SqueezeError, match="compress=imp"):
+        pipeline.check("causal_lm", compression.build_chain(OmegaConf.create(
+            {"imp": {"_target_": "squeeze.compress.pruning.IterativeMagnitudePruning"}})))
+
+
+def test_pipeline_on_two_processes_trains_like_one():
+    build = functools.partial(_tiny_gpt2, 0.0)  # no dropout: the stages' RNG streams differ from one process's
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 50257, (8, 32), generator=g)} for _ in range(3)]
+    one = pipeline.run(build, batches, stages=1)
+    two = pipeline.run(build, batches, stages=2, microbatches=4, schedule="1f1b")
+    # Same weights, same batches: the same loss at every step (micro-batch means of equal-sized pieces,
+    # gradients summed and scaled by the schedule), to float tolerance.
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    assert one["losses"][-1] != one["losses"][0]  # the optimizer really stepped
+    assert [s["layers"] for s in two["per_stage"]] == [[0, 1], [1, 2]]
+    assert all(s["peak_memory_bytes"] > 0 for s in two["per_stage"]) and two["tokens_per_s"] > 0
+
+
+def test_hardware_pipeline_writes_an_ok_record(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.py", ["model=tiny_gpt2", "task=austen", *fast("austen"), "hardware=pipeline",
+                                "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_result(run_dir)
+    assert record["status"] == "ok", record["error"]
+    figures = record["pipeline"]
+    assert (figures["stages"], figures["steps"], figures["schedule"]) == (2, 2, "gpipe")
+    assert len(figures["per_stage"]) == 2 and record["train_tokens"] == 2 * 8 * 32
+    assert record["metrics"]["train/loss"] == pytest.approx(figures["loss"])
+
+
+# -- FSDP ---------------------------------------------------------------------------------------------
+def test_hardware_fsdp_builds_lightnings_strategy_with_a_layer_policy(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp",
+                                "trainer.strategy.sharding=HYBRID_SHARD"], tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy == ShardingStrategy.HYBRID_SHARD
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert strategy._activation_checkpointing_kwargs == {"auto_wrap_policy": policy}
+    module = instantiate(cfg.task.module, model=_tiny_gpt2(), _convert_="all")
+    assert policy(module, recurse=True) and policy.classes == (GPT2Block,)
+    wrapped = [m for m in module.modules() if policy(m, recurse=False)]
+    assert len(wrapped) == 2 and all(isinstance(m, GPT2Block) for m in wrapped)
+    with pytest.raises(SqueezeError, match="not an FSDP sharding strategy"):
+        sharding.fsdp(sharding="ZERO9")
+
+
+REFUSED = {"imp": "masks", "qat": "fake quantization", "dq": "integer weights", "int8wo": "integer weights",
+           "int4wo": "integer weights", "gptq": "integer weights"}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_compressors_that_cannot_shard_refuse_in_one_line(tmp_path, name):
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", f"compress={name}"], tmp_path)
+    with pytest.raises(SqueezeError, match=REFUSED[name]) as e:
+        sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+    assert "\n" not in str(e.value) and f"compress={name} cannot run under hardware=fsdp" in str(e.value)
+    sharding.check_compressors(compression.build_chain(cfg.compress), "ddp")  # unsharded: no refusal
+
+
+def test_one_shot_compressors_may_shard(tmp_path):
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", "compress=[rows,heads,wanda]"],
+                      tmp_path)
+    sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", "compress=heads",
+                                "compress.heads.iterations=3", "compress.heads.every_n_steps=5"], tmp_path)
+    with pytest.raises(SqueezeError, match="pruning in steps"):
+        sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+
+
+# -- Slurm ----------------------------------------------------------------------------------------------
+# Stand-ins for Slurm's commands: sbatch keeps the job script and answers with a job id; sacct reports
+# the array's tasks as CANCELLED, so submitit stops waiting at once; srun only has to exist.
+SBATCH = """#!/bin/sh
+n=$(ls "$CAPTURE" | wc -l)
+cp "$1" "$CAPTURE/job_$n.sh"
+echo "Submitted batch job $((4242 + n))"
+"""
+SACCT = """#!/bin/sh
+echo "JobID|State|NodeList"
+for id in 4242 4243; do for t in 0 1; do echo "${id}_$t|CANCELLED|node1"; done; echo "$id|CANCELLED|node1"; done
+"""
+
+
+def test_cluster_launcher_submits_one_slurm_job_per_cell(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    bin_dir, capture = tmp_path / "bin", tmp_path / "captured"
+    bin_dir.mkdir(), capture.mkdir()
+    for name, text in {"sbatch": SBATCH, "sacct": SACCT, "srun": "#!/bin/sh\nexit 0\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CAPTURE": str(capture)}
+    run_cli("train.py", ["-m", "hydra/launcher=cluster", "hydra.launcher.partition=gpu-a100",
+                         "hydra.launcher.timeout_min=90", "hardware=ddp", "trainer.devices=4",
+                         "model=tiny_gpt2", "task=austen", "seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"],
+            cwd=tmp_path, timeout=120, env=env)
+    scripts = sorted(capture.iterdir())
+    assert len(scripts) == 1, scripts  # one array job holding both cells
+    text = scripts[0].read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", text, re.M))
+    assert sbatch["partition"] == "gpu-a100"
+    assert sbatch["gpus-per-node"] == "4" and sbatch["ntasks-per-node"] == "4"  # tasks per node = devices
+    assert sbatch["time"] == "90" and sbatch["nodes"] == "1"
+    assert sbatch["array"].startswith("0-1")  # the two cells
+    assert re.search(r"^srun .*submitit", text, re.M)  # srun starts the ranks, one per task
+    (tmp_path / "slurm_job.sh").write_text(text)
+
+
+def test_ddp_ranks_come_from_slurms_environment(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for key, value in {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+                       "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "node1",
+                       "SLURM_JOB_ID": "4242"}.items():
+        monkeypatch.setenv(key, value)
+    assert SLURMEnvironment.detect()
+    env = SLURMEnvironment()
+    assert (env.global_rank(), env.local_rank(), env.world_size(), env.creates_processes_externally) == (3, 3, 4, True)
