@@ -387,11 +387,13 @@ def _model_and_test_batches(model_name: str, tmp_path: Path, examples: int = 6, 
     return model, tokenizer, list(data.test_dataloader())
 
 
-@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama", "tiny_opt"])
-def test_cached_context_scores_equal_the_full_rows(model_name, tmp_path):
+@pytest.mark.parametrize("model_name,attention", [("tiny_gpt2", "sdpa"), ("tiny_llama", "sdpa"), ("tiny_opt", "sdpa"),
+                                                  ("tiny_llama", "eager")])
+def test_packed_context_scores_equal_the_full_rows(model_name, attention, tmp_path):
     from squeeze.dialog.scoring import score_candidates, scores_from_logits
 
     model, _, batches = _model_and_test_batches(model_name, tmp_path)
+    model.set_attn_implementation(attention)
     module = DialogModule(model, generate_on=[], bertscore=None)
     contexts = set()
     with torch.no_grad():
@@ -407,7 +409,7 @@ def test_cached_context_scores_equal_the_full_rows(model_name, tmp_path):
             module.update_metrics(module.metrics["val"], batch, full)
             module.update_metrics(module.metrics["test"], batch, new)
             contexts.update(int(n) for n in batch["labels"].ne(IGNORE_INDEX).int().argmax(dim=1)[19::20])
-    assert len(contexts) > 1  # contexts of different lengths in a batch: the padded-context path ran
+    assert len(contexts) > 1  # contexts of different lengths in a batch: packed rows of different lengths
     old_metrics, new_metrics = (module.compute_metrics(module.metrics[s]) for s in ("val", "test"))
     assert set(old_metrics) == set(new_metrics) == {"perplexity", "hits@1", "hits@5", "hits@10"}
     for name, value in old_metrics.items():

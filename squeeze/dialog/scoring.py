@@ -1,25 +1,30 @@
-"""Scoring an evaluation batch's candidate replies: each example's context runs through the model once
-and every candidate's reply is scored against the context's cached keys and values.
+"""Scoring an evaluation batch's candidate replies with each example's context encoded once.
 
 A batch holds C rows per example, each the full context followed by one candidate (see encoding.py);
-run as they are, the shared context is encoded C times, and the vocabulary projection runs on every
-position although only reply tokens are scored. Here the contexts (right-padded) go through the model
-once, their KV cache is repeated across the candidates, and the replies (right-padded, positions
-continuing each example's context, the context's padding masked) go through against it; the
-vocabulary projection runs only where a reply token is predicted. The numbers are those of the full
-rows up to float rounding (tests/test_dialog.py and benchmarks/eval_overhead.py compare them).
+run as they are, the shared context is encoded C times, every row is padded to the batch's longest,
+and the vocabulary projection runs on every position although only reply tokens are scored. Here
+each example becomes one packed row, its context once and then each candidate's reply:
+
+    [context | reply 1 | reply 2 | ... | reply C]
+
+with an attention mask under which every reply token sees the context and the earlier tokens of its
+own reply only, and position ids that continue the context in every reply; so each reply token gets
+exactly the hidden state it has in its full row. The vocabulary projection runs only where a reply
+token is predicted. (Why not the context's KV cache repeated across the candidates: chatterbot's
+replies are most of the tokens, so padding them to the longest reply of the batch left about 1.6x
+fewer tokens than the full rows; grouping replies by length recovered that only at the price of many
+small model calls, which cost more than they save on CPU.) The numbers are those of the full rows up
+to float rounding (tests/test_dialog.py and benchmarks/eval_overhead.py compare them).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from squeeze.dialog.metrics import context_lengths, reply_scores
 from squeeze.metrics import IGNORE_INDEX
@@ -49,63 +54,70 @@ def scores_from_logits(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], 
     return CandidateScores(reply_scores(logits, batch, candidates), logits[row, column], labels[row, column + 1])
 
 
-def _cache_argument(base: nn.Module) -> str:
-    # transformers 5.x renames forward's `past_key_values` to `cache` (the old name is deprecated).
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def _log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # = -cross_entropy(reduction="none") without writing out the [tokens, vocabulary] log-softmax.
     return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(dim=-1)
+
+
+def _packed_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, T, T] boolean attention mask of packed rows: a token sees earlier tokens of the context
+    (segment 0) and of its own reply (segment i > 0); padding (segment -1) sees only itself, so no
+    row of the attention is empty (that would put NaNs where the other rows would read them)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    seen = causal & (key >= 0) & ((key == 0) | (key == query))
+    return (seen | torch.eye(width, dtype=torch.bool, device=segment.device))[:, None]
 
 
 @torch.no_grad()
 def score_candidates(model: nn.Module, batch: Mapping[str, torch.Tensor], candidates: int) -> CandidateScores:
     """CandidateScores of a batch of C rows per example, each context encoded once (see the module
     docstring). `model`: a transformers causal LM (GPT-2, Llama, OPT families), in eval mode."""
+    attention = getattr(model.config, "_attn_implementation", "eager")
+    if attention not in ("sdpa", "eager"):  # e.g. flash attention, which takes no custom mask
+        return scores_from_logits(model(**batch).logits, batch, candidates)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     device, width = ids.device, ids.shape[1]
-    base, head = model.base_model, model.get_output_embeddings()  # body to the final norm; vocabulary projection
-    cache_argument = _cache_argument(base)
     starts = context_lengths(batch["labels"], candidates)  # per example: context length = where its reply starts
     examples = starts.shape[0]
-
-    # 1. The contexts, once per example (the gold rows cut where the reply starts), right-padded.
-    context_width = int(starts.max())
-    offsets = torch.arange(context_width, device=device)
-    context_mask = (offsets[None, :] < starts[:, None]).long()
-    cache = DynamicCache(config=model.config)
-    hidden = base(input_ids=ids[candidates - 1 :: candidates, :context_width], attention_mask=context_mask,
-                  position_ids=offsets.expand(examples, -1), use_cache=True, **{cache_argument: cache}
-                  ).last_hidden_state
-    # The last context token predicts every candidate's first reply token.
-    first_logits = head(hidden[torch.arange(examples, device=device), starts - 1]).float()  # [examples, vocab]
-
-    # 2. The replies, every candidate against its example's cached context.
     row_starts = starts.repeat_interleave(candidates)
     lengths = mask.sum(dim=1) - row_starts  # reply tokens per row
-    reply_width = int(lengths.max())
-    offsets = torch.arange(reply_width, device=device)
-    reply_mask = offsets[None, :] < lengths[:, None]
+    offsets = torch.arange(int(lengths.max()), device=device)
     reply_ids = ids.gather(1, (row_starts[:, None] + offsets[None, :]).clamp(max=width - 1))
+
+    # The packed rows. A reply's last token predicts nothing scored: only its others are inputs.
+    inputs = (lengths - 1).clamp(min=0).view(examples, candidates)
+    reply_at = starts[:, None] + inputs.cumsum(dim=1) - inputs  # where each reply starts in its packed row
+    packed_width = int((starts + inputs.sum(dim=1)).max())
+    packed = torch.zeros(examples, packed_width, dtype=ids.dtype, device=device)
+    segment = torch.full_like(packed, -1)
+    position = torch.zeros_like(packed)
+    context_width = int(starts.max())
+    in_context = torch.arange(context_width, device=device)[None, :] < starts[:, None]
+    packed[:, :context_width][in_context] = ids[candidates - 1 :: candidates, :context_width][in_context]
+    segment[:, :context_width][in_context] = 0
+    position[:, :context_width] = torch.arange(context_width, device=device)
+    row, column = (offsets[None, :-1] < inputs.view(-1)[:, None]).nonzero(as_tuple=True)  # input j → token j + 1
+    example, at = row // candidates, reply_at.view(-1)[row] + column
+    packed[example, at] = reply_ids[row, column]
+    segment[example, at] = row % candidates + 1
+    position[example, at] = row_starts[row] + column
+
+    allowed = _packed_mask(segment)
+    if attention == "eager":  # eager attention adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    hidden = model.base_model(input_ids=packed, attention_mask=allowed, position_ids=position,
+                              use_cache=False).last_hidden_state  # body to the final norm
+    head = model.get_output_embeddings()  # the vocabulary projection, only where a reply token is predicted
+    first_logits = head(hidden[torch.arange(examples, device=device), starts - 1]).float()  # the last context token
+    rest_logits = head(hidden[example, at]).float()
+
     first = reply_ids[:, 0]
     logp_first = first_logits.log_softmax(-1)[torch.arange(len(first), device=device) // candidates, first]
     total = torch.where(lengths > 0, logp_first, 0.0)
-    # A reply's last token predicts nothing scored: the inputs stop one short.
-    inputs = reply_width - 1
-    row = column = torch.zeros(0, dtype=torch.long, device=device)
-    rest_logits = first_logits.new_zeros(0, first_logits.shape[1])
-    if inputs > 0:
-        cache.batch_repeat_interleave(candidates)
-        attention = torch.cat([context_mask.repeat_interleave(candidates, dim=0), reply_mask[:, :inputs].long()], 1)
-        # Positions continue each context; padding gets 0 (any valid position: it is masked and never scored).
-        positions = torch.where(reply_mask[:, :inputs], row_starts[:, None] + offsets[None, :inputs], 0)
-        hidden = base(input_ids=reply_ids[:, :inputs], attention_mask=attention, position_ids=positions,
-                      use_cache=True, **{cache_argument: cache}).last_hidden_state
-        # Input j predicts reply token j + 1; project onto the vocabulary only there.
-        row, column = (offsets[None, :inputs] < (lengths - 1)[:, None]).nonzero(as_tuple=True)
-        rest_logits = head(hidden[row, column]).float()
-        total = total.index_add(0, row, _log_likelihood(rest_logits, reply_ids[row, column + 1]))
+    total = total.index_add(0, row, _log_likelihood(rest_logits, reply_ids[row, column + 1]))
     scores = (total / lengths.clamp(min=1)).view(examples, candidates)
 
     gold_rows = torch.arange(examples, device=device) * candidates + candidates - 1
