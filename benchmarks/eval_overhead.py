@@ -7,8 +7,9 @@ What it measures
              the whole context followed by one candidate reply), then
              `squeeze.dialog.scoring.scores_from_logits` (mean reply log-likelihood per candidate, the
              gold reply's logits for perplexity): the way dialog evaluation ran before.
-    cached   `squeeze.dialog.scoring.score_candidates`: each context once, its KV cache repeated across
-             the candidates, the replies scored against it (what `DialogModule` now runs).
+    packed   `squeeze.dialog.scoring.score_candidates`: one packed row per example, its context once and
+             then every candidate's reply, a reply seeing only the context and itself (what
+             `DialogModule` now runs).
 
     Model: any model config (`--model`, default tiny_gpt2; smollm2 is the real one), built as train.py
     builds it (random-init models seeded). Data: `task=chatterbot` test examples (`--examples`, the
@@ -20,10 +21,10 @@ How the two are interleaved
     One warm-up pass each (discarded), then `--rounds` rounds of one full pass over the batches each
     way, the order alternating from round to round, so a drift of the machine's speed (the CPU may
     be shared) hits both alike. Reported: per-round times, the median per side and the ratio
-    full/cached of the medians, with the spread of per-round ratios.
+    full/packed of the medians, with the spread of per-round ratios.
 
 The check (exit status 1 if it fails)
-    Both ways give the same numbers: per candidate |full - cached| < --tol (1e-4), the same ranking of
+    Both ways give the same numbers: per candidate |full - packed| < --tol (1e-4), the same ranking of
     every example's candidates (up to ties within --tol), the same gold rank (so the same Hits@1/5/10),
     and the same reply perplexity (relative 1e-5).
 
@@ -84,7 +85,7 @@ def full_rows(model, batches, candidates):
     return [scores_from_logits(model(**batch).logits, batch, candidates) for batch in batches]
 
 
-def cached_contexts(model, batches, candidates):
+def packed_rows(model, batches, candidates):
     return [score_candidates(model, batch, candidates) for batch in batches]
 
 
@@ -100,29 +101,29 @@ def perplexity(results) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits, targets).item())
 
 
-def compare(full, cached, tol: float) -> list[str]:
+def compare(full, packed, tol: float) -> list[str]:
     """What differs between the two ways' results (empty when they agree)."""
     problems = []
     old = torch.cat([r.scores for r in full])
-    new = torch.cat([r.scores for r in cached])
+    new = torch.cat([r.scores for r in packed])
     diff = (old - new).abs().max().item()
-    print(f"scores: {old.shape[0]} examples x {old.shape[1]} candidates, max |full - cached| = {diff:.2e}")
+    print(f"scores: {old.shape[0]} examples x {old.shape[1]} candidates, max |full - packed| = {diff:.2e}")
     if not diff < tol:
         problems.append(f"scores differ by {diff:.2e} >= {tol}")
-    # Same ranking: the cached scores, in the full scores' order, never rise by more than tol.
+    # Same ranking: the packed scores, in the full scores' order, never rise by more than tol.
     order = old.argsort(dim=1, descending=True)
     rises = new.gather(1, order).diff(dim=1).max().item()
     if rises > tol:
-        problems.append(f"rankings differ (a cached score rises by {rises:.2e} along the full ranking)")
+        problems.append(f"rankings differ (a packed score rises by {rises:.2e} along the full ranking)")
     ks = [k for k in (1, 5, 10) if k <= old.shape[1]]
     old_hits, new_hits = hits_at_k(old, ks), hits_at_k(new, ks)
     for k in ks:
         a, b = old_hits[k].float().mean().item(), new_hits[k].float().mean().item()
-        print(f"hits@{k}: full {a:.4f}  cached {b:.4f}")
+        print(f"hits@{k}: full {a:.4f}  packed {b:.4f}")
         if not torch.equal(old_hits[k], new_hits[k]):
             problems.append(f"hits@{k} differs")
-    a, b = perplexity(full), perplexity(cached)
-    print(f"reply perplexity: full {a:.4f}  cached {b:.4f}")
+    a, b = perplexity(full), perplexity(packed)
+    print(f"reply perplexity: full {a:.4f}  packed {b:.4f}")
     if not math.isclose(a, b, rel_tol=1e-5):
         problems.append(f"perplexity differs: {a} vs {b}")
     return problems
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     rows = sum(b["input_ids"].shape[0] for b in batches)
     print(f"model={args.model}, {rows // candidates} examples x {candidates} candidates in {len(batches)} batches, "
           f"{torch.get_num_threads()} threads")
-    sides = {"full": full_rows, "cached": cached_contexts}
+    sides = {"full": full_rows, "packed": packed_rows}
     times = {name: [] for name in sides}
     with torch.inference_mode():
         results = {name: fn(model, batches, candidates) for name, fn in sides.items()}  # warm-up, and the check
@@ -146,11 +147,11 @@ def main(argv=None) -> int:
                 seconds, _ = timed(sides[name], model, batches, candidates)
                 times[name].append(seconds)
             print(f"round {round_ + 1}: " + "  ".join(f"{n} {times[n][-1]:.3f}s" for n in sides))
-    full, cached = (statistics.median(times[n]) for n in sides)
-    ratios = [f / c for f, c in zip(times["full"], times["cached"])]
-    print(f"median: full {full:.3f}s  cached {cached:.3f}s  ratio full/cached {full / cached:.2f}x "
+    full, packed = (statistics.median(times[n]) for n in sides)
+    ratios = [f / c for f, c in zip(times["full"], times["packed"])]
+    print(f"median: full {full:.3f}s  packed {packed:.3f}s  ratio full/packed {full / packed:.2f}x "
           f"(per round {min(ratios):.2f}x-{max(ratios):.2f}x)")
-    problems = compare(results["full"], results["cached"], args.tol)
+    problems = compare(results["full"], results["packed"], args.tol)
     for problem in problems:
         print("MISMATCH:", problem)
     print("same scores: " + ("no" if problems else "yes"))
