@@ -23,7 +23,7 @@ log-likelihood of each reply, so it means the same for a fine-tuned, a compresse
 a zero-shot model.
 
 Evaluation does not run those rows as they are: each context goes through the model once and every
-candidate's reply is scored against its KV cache (scoring.py), which gives the full rows' numbers.
+candidate's reply, seeing only the context and itself, in one packed row (scoring.py): the full rows' numbers.
 
 The package: corpora (reading ChatterBot/ConvAI2, splits, distractors), encoding (model inputs),
 metrics (reply scores, Hits@k), scoring (candidates scored with each context encoded once), data

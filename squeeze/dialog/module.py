@@ -115,7 +115,7 @@ class DialogModule(FineTune):
                                "task.data.num_candidates")
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        # Not the full rows through the model: each context once, its candidates' replies against its KV cache.
+        # Not the full rows through the model: one packed row per example, its context once, then every reply.
         self._check_rows(batch)
         scored = score_candidates(self.model, batch, self.eval_candidates)
         self.log(f"{stage}/loss", scored.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
