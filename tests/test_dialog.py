@@ -369,3 +369,73 @@ def test_smollm2_zero_shot_replies_on_chatterbot(tmp_path):
     # A pretrained LM ranks the real reply above random ones far more often than chance (1/5).
     assert record["metrics"]["test/hits@1"] >= 0.25
     assert record["metrics"]["test/perplexity"] < 1000
+
+
+# -- evaluation: each context encoded once ----------------------------------------------------------
+def _model_and_test_batches(model_name: str, tmp_path: Path, examples: int = 6, rows: int = 60):
+    """A seeded random-init model of the config's `model_name` and real chatterbot test batches (20
+    candidates each), built as train.py builds them."""
+    from hydra.utils import instantiate
+
+    from squeeze import models
+
+    cfg = compose_cfg("train", FAST + [f"model={model_name}", "task=chatterbot", f"task.data.max_examples.test={examples}",
+                                       f"task.data.eval_batch_size={rows}", "+model.config.initializer_range=0.2"],
+                      tmp_path)
+    spec = instantiate(cfg.model, _convert_="all")
+    tokenizer = spec.tokenizer()
+    data = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    data.setup()
+    torch.manual_seed(0)
+    model = models.finish_model(spec.build("causal_lm"), tokenizer).eval()
+    return model, tokenizer, list(data.test_dataloader())
+
+
+@pytest.mark.parametrize("model_name,attention", [("tiny_gpt2", "sdpa"), ("tiny_llama", "sdpa"), ("tiny_opt", "sdpa"),
+                                                  ("tiny_llama", "eager")])
+def test_packed_context_scores_equal_the_full_rows(model_name, attention, tmp_path):
+    from squeeze.dialog.scoring import score_candidates, scores_from_logits
+
+    model, _, batches = _model_and_test_batches(model_name, tmp_path)
+    model.set_attn_implementation(attention)
+    module = DialogModule(model, generate_on=[], bertscore=None)
+    contexts = set()
+    with torch.no_grad():
+        for batch in batches:
+            full = model(**batch)
+            old, new = scores_from_logits(full.logits, batch, 20), score_candidates(model, batch, 20)
+            assert (old.scores - new.scores).abs().max() < 1e-4
+            assert torch.equal(old.scores.argsort(dim=1), new.scores.argsort(dim=1))  # identical rankings
+            assert old.scores.std() > 1e-2  # candidates told apart, so the rankings mean something
+            assert torch.equal(old.gold_targets.sort().values, new.gold_targets.sort().values)
+            assert new.loss == pytest.approx(full.loss.item(), abs=1e-4)  # the reply LM loss, as logged
+            # The same metrics whichever way the scores came (update_metrics takes either).
+            module.update_metrics(module.metrics["val"], batch, full)
+            module.update_metrics(module.metrics["test"], batch, new)
+            contexts.update(int(n) for n in batch["labels"].ne(IGNORE_INDEX).int().argmax(dim=1)[19::20])
+    assert len(contexts) > 1  # contexts of different lengths in a batch: packed rows of different lengths
+    old_metrics, new_metrics = (module.compute_metrics(module.metrics[s]) for s in ("val", "test"))
+    assert set(old_metrics) == set(new_metrics) == {"perplexity", "hits@1", "hits@5", "hits@10"}
+    for name, value in old_metrics.items():
+        assert new_metrics[name].item() == pytest.approx(value.item(), rel=1e-5), name
+
+
+def test_generation_is_capped_and_batched(tmp_path, monkeypatch):
+    from squeeze.dialog.scoring import score_candidates
+
+    model, tokenizer, batches = _model_and_test_batches("tiny_gpt2", tmp_path, examples=8, rows=40)  # 2 per batch
+    module = DialogModule(model, generate_max_examples=5, generate_batch_size=3, bertscore=None, tokenizer=tokenizer)
+    calls = []
+    monkeypatch.setattr(module, "generate_replies", lambda prompts: calls.append(len(prompts)) or ["ok"] * len(prompts))
+    metrics = module.metrics["test"]
+    for batch in batches:
+        module.update_metrics(metrics, batch, score_candidates(model, batch, 20))
+    assert calls == [3]  # 5 of the 8 examples offered; one full batch of 3 so far
+    module.compute_metrics(metrics)  # the epoch's end generates what is queued
+    assert calls == [3, 2] and metrics["bleu"].update_count == 2
+    for batch in batches[:1]:  # a new epoch starts counting afresh
+        module.update_metrics(metrics, batch, score_candidates(model, batch, 20))
+    module.compute_metrics(metrics)
+    assert calls == [3, 2, 2]
+    with pytest.raises(SqueezeError, match="generate_max_examples=-1"):
+        DialogModule(model, generate_max_examples=-1, bertscore=None)

@@ -22,6 +22,10 @@ the saved model, which stays a plain causal LM. Hits@k ranks candidates by the L
 log-likelihood of each reply, so it means the same for a fine-tuned, a compressed, a reloaded or
 a zero-shot model.
 
+Evaluation does not run those rows as they are: each context goes through the model once and every
+candidate's reply, seeing only the context and itself, in one packed row (scoring.py): the full rows' numbers.
+
 The package: corpora (reading ChatterBot/ConvAI2, splits, distractors), encoding (model inputs),
-metrics (reply scores, Hits@k), data (DialogData), module (DialogModule).
+metrics (reply scores, Hits@k), scoring (candidates scored with each context encoded once), data
+(DialogData), module (DialogModule).
 """

@@ -13,7 +13,8 @@ from torch import nn
 from torchmetrics.text import Perplexity, SacreBLEUScore, TranslationEditRate
 
 from squeeze import assets
-from squeeze.dialog.metrics import HitsAtK, context_lengths, reply_scores
+from squeeze.dialog.metrics import HitsAtK, context_lengths
+from squeeze.dialog.scoring import CandidateScores, score_candidates, scores_from_logits
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX
 from squeeze.modules import STAGES, FineTune
@@ -36,9 +37,11 @@ class DialogModule(FineTune):
     """Fine-tunes a causal LM on replies (LM loss) plus next-utterance classification (MC loss).
 
     loss = lm_coef · reply LM loss + mc_coef · cross-entropy of the MC head over the candidates.
-    Validation/test: reply perplexity and Hits@k (candidates ranked by mean reply log-likelihood);
-    on the stages in `generate_on`, replies are generated from the context with `generate` settings
-    and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100) and
+    Validation/test: reply perplexity and Hits@k (candidates ranked by mean reply log-likelihood),
+    each example's context encoded once for all its candidates (squeeze/dialog/scoring.py); on the
+    stages in `generate_on`, replies to the first `generate_max_examples` examples (null: all; per
+    process) are generated from the context with `generate` settings, `generate_batch_size` prompts at
+    a time, and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100) and
     BERTScore F1 with a local encoder (`bertscore`: an asset name or a model directory; null skips it).
     """
 
@@ -52,6 +55,8 @@ class DialogModule(FineTune):
         hits_at: Sequence[int] = (1, 5, 10),
         generate: Mapping[str, Any] | None = None,
         generate_on: Sequence[str] = ("test",),
+        generate_max_examples: int | None = 64,
+        generate_batch_size: int = 16,
         bertscore: str | None = "minilm",
         bertscore_batch_size: int = 32,
         tokenizer=None,
@@ -74,11 +79,17 @@ class DialogModule(FineTune):
                                    f"{eval_candidates}; raise it or drop {k} from task.module.hits_at")
         self.generate_settings = dict(generate or {"do_sample": False, "max_new_tokens": 32})
         self.generate_on = tuple(generate_on)
+        if generate_max_examples is not None and generate_max_examples < 0 or generate_batch_size < 1:
+            raise SqueezeError(f"task.module.generate_max_examples={generate_max_examples} must be >= 0 or null and "
+                               f"generate_batch_size={generate_batch_size} >= 1")
+        self.generate_max_examples, self.generate_batch_size = generate_max_examples, generate_batch_size
         self.bertscore_path = _bertscore_location(bertscore) if bertscore else None
         self.bertscore_batch_size = bertscore_batch_size
         super().__init__(model, **kwargs)
         self.tokenizer = tokenizer
         self._stop_ids: list[int] | None = None
+        # Per stage: examples offered to generation this epoch, and prompts waiting for a full batch.
+        self._generation: dict[str, dict[str, Any]] = {}
         # The MC head lives here, not in the model: the saved model stays a plain causal LM.
         self.mc_head = nn.Linear(model.config.hidden_size, 1)
 
@@ -97,31 +108,56 @@ class DialogModule(FineTune):
                                              batch_size=self.bertscore_batch_size, max_length=256, truncation=True)
         return nn.ModuleDict(metrics)
 
-    def update_metrics(self, metrics, batch, outputs):
-        candidates = self.eval_candidates
-        if batch["input_ids"].shape[0] % candidates:
+    def _check_rows(self, batch) -> None:
+        if batch["input_ids"].shape[0] % self.eval_candidates:
             raise SqueezeError(f"a dialog batch of {batch['input_ids'].shape[0]} rows is not groups of "
-                               f"{candidates} candidates; task.module.eval_candidates must be task.data.num_candidates")
-        logits = outputs.logits
-        metrics["hits"].update(reply_scores(logits, batch, candidates))
-        # Reply perplexity from the labelled (gold reply) positions only: the rest would be ignored anyway.
-        row, column = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        metrics["perplexity"].update(logits[row, column].float()[None], batch["labels"][row, column + 1][None])
+                               f"{self.eval_candidates} candidates; task.module.eval_candidates must be "
+                               "task.data.num_candidates")
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        # Not the full rows through the model: one packed row per example, its context once, then every reply.
+        self._check_rows(batch)
+        scored = score_candidates(self.model, batch, self.eval_candidates)
+        self.log(f"{stage}/loss", scored.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.update_metrics(self.metrics[stage], batch, scored)
+
+    def update_metrics(self, metrics, batch, outputs):
+        """`outputs`: CandidateScores, or a model output on the full rows (distillation's evaluation step)."""
+        self._check_rows(batch)
+        if not isinstance(outputs, CandidateScores):
+            outputs = scores_from_logits(outputs.logits, batch, self.eval_candidates)
+        metrics["hits"].update(outputs.scores)
+        metrics["perplexity"].update(outputs.gold_logits.float()[None], outputs.gold_targets[None])
         stage = next((s for s in STAGES if self.metrics[s] is metrics), None)
         if stage in self.generate_on:
-            self.update_generation(metrics, batch, candidates)
+            self.update_generation(metrics, batch, stage)
 
-    def update_generation(self, metrics, batch, candidates: int) -> None:
+    def update_generation(self, metrics, batch, stage: str) -> None:
+        """Queue the batch's prompts (up to `generate_max_examples` this epoch); generate full batches of them."""
         if self.tokenizer is None:
             raise SqueezeError("dialog generation metrics need the tokenizer, which DialogModule takes from the data "
                                "module at setup; pass tokenizer= or set task.module.generate_on=[]")
-        gold_ids = batch["input_ids"][candidates - 1 :: candidates]
-        gold_labels = batch["labels"][candidates - 1 :: candidates]
-        starts = context_lengths(batch["labels"], candidates).tolist()
-        prompts = [row[:start].tolist() for row, start in zip(gold_ids, starts)]
-        references = [self.tokenizer.decode(lab[lab != IGNORE_INDEX], skip_special_tokens=True).strip()
-                      for lab in gold_labels]
-        replies = self.generate_replies(prompts)
+        candidates = self.eval_candidates
+        state = self._generation.setdefault(stage, {"offered": 0, "queue": []})
+        room = len(batch["input_ids"]) // candidates
+        if self.generate_max_examples is not None:
+            room = min(room, self.generate_max_examples - state["offered"])
+        if room <= 0:
+            return
+        gold_ids = batch["input_ids"][candidates - 1 :: candidates][:room]
+        gold_labels = batch["labels"][candidates - 1 :: candidates][:room]
+        starts = context_lengths(batch["labels"], candidates)[:room].tolist()
+        for row, labels, start in zip(gold_ids, gold_labels, starts):
+            reference = self.tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True).strip()
+            state["queue"].append((row[:start].tolist(), reference))
+        state["offered"] += room
+        while len(state["queue"]) >= self.generate_batch_size:
+            self._generate_and_score(metrics, state["queue"][: self.generate_batch_size])
+            del state["queue"][: self.generate_batch_size]
+
+    def _generate_and_score(self, metrics, queued: Sequence[tuple[list[int], str]]) -> None:
+        replies = self.generate_replies([prompt for prompt, _ in queued])
+        references = [reference for _, reference in queued]
         metrics["bleu"].update(replies, [[r] for r in references])
         metrics["ter"].update(replies, [[r] for r in references])
         if "bertscore" in metrics:
@@ -150,6 +186,10 @@ class DialogModule(FineTune):
         return self._stop_ids
 
     def compute_metrics(self, metrics):
+        stage = next((s for s in STAGES if self.metrics[s] is metrics), None)
+        state = self._generation.pop(stage, None)  # the epoch is over: generate what is queued, start afresh
+        if state and state["queue"]:
+            self._generate_and_score(metrics, state["queue"])
         out = {"perplexity": metrics["perplexity"].compute(), **metrics["hits"].compute()}
         if metrics["bleu"].update_count:
             out["bleu"] = metrics["bleu"].compute() * 100
