@@ -23,6 +23,7 @@ from squeeze.arch.tokenizers import word_split_kwargs
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, perplexity_windows
 from squeeze.models import max_positions
+from squeeze.resume import resumable
 
 SPLITS = ("train", "validation", "test")
 LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "conll")
@@ -276,7 +277,8 @@ class TaskData(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        # Resumable mid-epoch: the order seeded per epoch, the position saved in checkpoints (squeeze.resume).
+        return resumable(self._loader("train", shuffle=True), self.seed)
 
     def val_dataloader(self):
         return self._loader("validation", shuffle=False)
