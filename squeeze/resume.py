@@ -180,6 +180,7 @@ class ResumeCheckpoint(Checkpoint):
         self.saved_step: int | None = None
         self.resumed: dict[str, Any] | None = None
         self._rng: dict[str, Any] | None = None
+        self._loader_state: list[dict] | None = None
         self._since = time.monotonic()
         self._step_before = 0
 
@@ -194,9 +195,17 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.monotonic()
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self._rng is not None:  # as late as possible before the first batch after a restart
+        if self._loader_state is not None:
+            # Lightning loads the train loader's state only where it builds the loader after the restore; a
+            # scheduler that asks for trainer.estimated_stepping_batches (ours) has it built before.
+            loaders = trainer.train_dataloader
+            loaders = loaders if isinstance(loaders, (list, tuple)) else \
+                list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+            resumable_loaders = [dl for dl in loaders if isinstance(dl, ResumableLoader)]
+            for loader, state in zip(resumable_loaders, self._loader_state):
+                loader.load_state_dict(state)
+            self._loader_state = None
+        if self._rng is not None:  # the last thing before the first batch after a restart
             set_rng_states(self._rng)
             self._rng = None
 
@@ -249,6 +258,8 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._rng = checkpoint.get(RNG_KEY)
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        self._loader_state = (fit_loop.get("state_dict") or {}).get("combined_loader")
         self.resumed = {"step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}
         self.saved_step = self.resumed["step"]
 
@@ -354,10 +365,13 @@ def resumable(loader: DataLoader, seed: int) -> DataLoader:
     if isinstance(loader, ResumableLoader) or loader.batch_size is None:
         return loader
     sampler = EpochSampler(len(loader.dataset), seed, shuffle=isinstance(loader.sampler, RandomSampler))
+    # Its own generator: a DataLoader without one draws its workers' base seed from the global RNG each time an
+    # epoch's iterator starts, which a resumed run does at another moment than the uninterrupted one.
     return ResumableLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                            collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=loader.drop_last,
                            pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
-                           persistent_workers=loader.persistent_workers)
+                           persistent_workers=loader.persistent_workers,
+                           generator=torch.Generator().manual_seed(int(seed)))
 
 
 # -- a CSV log that continues ----------------------------------------------------------------------
