@@ -399,16 +399,16 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
     choices["compress"] = compression.chain_name(cfg.get("compress"))  # a list choice has no single name
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # e.g. an asset path resolver failing: record what we can
-        config = OmegaConf.to_container(cfg, resolve=False)
-        log.warning("config did not fully resolve: %s", e)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun and body is _train:
         previous = _previous_cell(cfg, run_dir)
         if previous is not None:
             return previous
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # e.g. an asset path resolver failing: record what we can
+        config = OmegaConf.to_container(cfg, resolve=False)
+        log.warning("config did not fully resolve: %s", e)
     record = new_record(run_dir, choices, config, cfg.get("seed"))
     if guard._is_global_zero():
         write_record(run_dir, record)  # status "running": a killed run is told from one that never started
