@@ -184,15 +184,6 @@ class ResumeCheckpoint(Checkpoint):
         self._since = time.monotonic()
         self._step_before = 0
 
-    # lifecycle
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            signals.fitting = True
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            signals.fitting = False
-
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.monotonic()
         if self._loader_state is not None:
@@ -225,12 +216,13 @@ class ResumeCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Stopped somewhere else than a batch end (SIGTERM during validation, a second Ctrl-C): keep what there is.
+        # Lightning stopped for SIGTERM somewhere else than after a training batch (between validation batches):
+        # the training state is whole there too. A hard stop (a second Ctrl-C) may land mid-step: nothing saved.
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if fitting and isinstance(exception, (SIGTERMException, KeyboardInterrupt, Interrupted)) \
-                and self.saved_step != trainer.global_step and trainer.global_step > 0:
+        if fitting and isinstance(exception, SIGTERMException) and self.saved_step != trainer.global_step \
+                and trainer.global_step > 0:
             self.save(trainer)
 
     def _interval(self) -> float:

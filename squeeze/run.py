@@ -83,11 +83,13 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
                     logger.resume_at(record["resumed_from"]["step"], rows)
         start = time.perf_counter()
         try:
+            resume.signals.fitting = True  # a stop signal now ends fit at the end of the batch, with last.ckpt
             with _readable_checkpoint_errors(cfg.get("ckpt_path")):
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         except (SIGTERMException, KeyboardInterrupt, resume.Interrupted) as e:
             raise resume.interrupted(trainer, e) from None
         finally:
+            resume.signals.fitting = False
             record["train_seconds"] = time.perf_counter() - start
         record["checkpoint_seconds"] = _checkpoint_seconds(trainer)
         record["validation"] = _best_validation(cfg, trainer)
