@@ -183,6 +183,7 @@ class ResumeCheckpoint(Checkpoint):
         self._loader_state: list[dict] | None = None
         self._since = time.monotonic()
         self._step_before = 0
+        self._flush = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.monotonic()
@@ -202,6 +203,10 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_before = trainer.global_step
+        if self._flush:  # the saved batch's own train metrics, which Lightning logs after the save
+            self._flush = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step_before or trainer.sanity_checking:
@@ -238,6 +243,7 @@ class ResumeCheckpoint(Checkpoint):
             logger.save()
         self.saves.append(time.monotonic() - start)
         self.saved_step = trainer.global_step
+        self._flush = True
         self._since = time.monotonic()
 
     # what goes into every checkpoint (ModelCheckpoint's too)
