@@ -24,6 +24,7 @@ from squeeze.arch.tokenizers import words_as_in_text
 from squeeze.errors import SqueezeError
 from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, encode_last_word, perplexity_windows
 from squeeze.models import max_positions
+from squeeze.resume import resumable
 
 SPLITS = ("train", "validation", "test")
 LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "conll")
@@ -277,7 +278,8 @@ class TaskData(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        # Resumable mid-epoch: the order seeded per epoch, the position saved in checkpoints (squeeze.resume).
+        return resumable(self._loader("train", shuffle=True), self.seed)
 
     def calibration_source(self):
         """What post-training calibration draws its samples from: the train split's batches, in order."""

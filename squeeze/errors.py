@@ -3,3 +3,25 @@
 
 class SqueezeError(Exception):
     """An error caused by input or environment, reported as one clear line (no traceback)."""
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGTERM, SIGINT): not an error of the run, so like KeyboardInterrupt
+    it is no Exception. Carries how far training got and the checkpoint to resume from (squeeze.resume)."""
+
+    def __init__(self, signum: int, step: int | None = None, epoch: int | None = None,
+                 checkpoint: str | None = None, checkpoint_step: int | None = None):
+        import signal
+
+        self.signum = int(signum)
+        self.signal = signal.Signals(self.signum).name
+        self.step, self.epoch, self.checkpoint, self.checkpoint_step = step, epoch, checkpoint, checkpoint_step
+        super().__init__(f"interrupted by {self.signal}" + (f" at step {step}" if step is not None else ""))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention for a process ended by a signal
+
+    def record(self) -> dict:
+        return {"signal": self.signal, "step": self.step, "epoch": self.epoch, "checkpoint": self.checkpoint,
+                "checkpoint_step": self.checkpoint_step}

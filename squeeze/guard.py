@@ -1,16 +1,18 @@
 """A run's outcome, whatever happens: the body runs with a record that is written (atomically) when it ends,
-ok or failed, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes on; a
-single run's error ends the program (`main_exit`: one line on stderr, exit code 2)."""
+ok, failed or interrupted, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes
+on; a single run's error ends the program (`main_exit`: one line on stderr, exit code 2). A signal (SIGTERM,
+SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import Interrupted, SqueezeError
 from squeeze.record import write_record
 from squeeze.summary import headline_figures
 
@@ -24,12 +26,21 @@ def guarded(body: Callable[[], Any], record: dict[str, Any], run_dir: Path, mult
     try:
         body()
         record["status"] = "ok"
-    except (Exception, KeyboardInterrupt) as e:
+    except (Interrupted, KeyboardInterrupt) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        record["status"] = "interrupted"
+        record["error"] = str(stop)
+        record["interrupted"] = stop.record()
+        if _is_global_zero():
+            _finish(record, run_dir)
+        print(f"{stop}; {_resume_hint(stop, run_dir, multirun)}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    except Exception as e:
         record["status"] = "failed"
         record["error"] = _one_line(e)
         if not isinstance(e, SqueezeError):
             log.exception("run failed")
-        if isinstance(e, KeyboardInterrupt) or not multirun:
+        if not multirun:
             _finish(record, run_dir)
             raise
         log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
@@ -60,6 +71,17 @@ def _finish(record: dict[str, Any], run_dir: Path) -> None:
                     wandb.finish(exit_code=0 if record["status"] == "ok" else 1)
             except Exception as e:  # a logger failing to close must not hide the run's outcome
                 log.warning("logger %s did not close cleanly: %s", type(logger).__name__, e)
+
+
+def _resume_hint(stop: Interrupted, run_dir: Path, multirun: bool) -> str:
+    if multirun:
+        again = f"rerun the sweep with hydra.sweep.dir={run_dir.parent} (finished cells are skipped)"
+    else:
+        again = f"resume: python train.py hydra.run.dir={run_dir} ckpt_path=last"
+    if not stop.checkpoint:
+        return "no checkpoint was written yet; " + again.replace("resume:", "start again:").replace(" ckpt_path=last", " ckpt_path=last_or_new")
+    at = f" (step {stop.checkpoint_step})" if stop.checkpoint_step is not None else ""
+    return f"checkpoint {stop.checkpoint}{at}; {again}"
 
 
 def _is_global_zero() -> bool:

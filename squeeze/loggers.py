@@ -1,4 +1,5 @@
-"""Logger factories whose behaviour depends on the machine (W&B online vs offline)."""
+"""Logger factories whose behaviour depends on the machine (W&B online vs offline) or on the run directory
+(a run resumed in its own directory continues its W&B run; the CSV logger that continues is squeeze.resume's)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,22 @@ def wandb_logger(
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_has_key()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    earlier = earlier_wandb_id(save_dir)
+    if earlier is not None and "id" not in kwargs:  # a run resumed in its own directory continues its W&B run
+        kwargs.update(id=earlier, resume="allow")
     return WandbLogger(
         project=project, save_dir=save_dir, group=group, tags=[str(t) for t in tags if t],
         name=name, offline=offline, **kwargs,
     )
+
+
+def earlier_wandb_id(save_dir: str | Path) -> str | None:
+    """The id of the W&B run an earlier attempt of this run started in `save_dir` (wandb/latest-run points at
+    run-<time>-<id> or offline-run-<time>-<id>), or None."""
+    latest = Path(save_dir) / "wandb" / "latest-run"
+    try:
+        name = latest.resolve(strict=True).name
+    except OSError:
+        return None
+    return name.rsplit("-", 1)[-1] if name.count("-") >= 2 else None
+

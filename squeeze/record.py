@@ -1,7 +1,8 @@
 """The result record (`result.json`): one per run, written atomically, read by reports.
 
 Keys (schema 1; later features add keys, never change these):
-  schema, status ("ok" | "failed"), error (one line or null), run_dir, created,
+  schema, status ("ok" | "failed"; also "running" while it runs, "interrupted" after SIGTERM/SIGINT),
+  error (one line or null), run_dir, created,
   choices      {model, task, compress, hardware}: the config options the cell was built from
   config       the fully resolved config
   metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...); sentiment adds
@@ -39,6 +40,11 @@ Keys (schema 1; later features add keys, never change these):
                          peak_increase_bytes, peak_memory_kind}}} or null}  (one per measured device)},
                null with perf=null
   versions     python and library versions;  seed;  git_commit
+  resumed_from {checkpoint, step, epoch}: the checkpoint a resumed run continued from, null for a fresh run
+  interrupted  {signal, step, epoch, checkpoint, checkpoint_step}: how far an interrupted run got and the
+               checkpoint to resume from (null when none was written yet), null unless interrupted
+  checkpoint_seconds  {mid_epoch_saves, seconds}: what the mid-epoch checkpoints (squeeze.resume) cost, within
+               train_seconds; null without them
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "versions": versions(),
         "seed": seed,
         "git_commit": git_commit(),
+        "resumed_from": None,
+        "interrupted": None,
+        "checkpoint_seconds": None,
     }
 
 

@@ -24,20 +24,23 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
 from squeeze import artifacts
 from squeeze import compress as compression
 from squeeze import models
 from squeeze import formats
-from squeeze import guard, measure, speculative
+from squeeze import guard, measure, resume, speculative
 from squeeze import pipeline, sharding
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
 from squeeze.guard import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
-from squeeze.record import dir_bytes, new_record
+from squeeze.record import dir_bytes, new_record, read_record, write_record
 from squeeze.summary import print_summary  # noqa: F401  the entry points' API: run.print_summary(record)
 
 log = logging.getLogger("squeeze")
@@ -76,13 +79,28 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
     record["_loggers"] = loggers
 
     if cfg.trainer.get("max_steps", -1) != 0:
+        ckpt_path = _resume_path(cfg.get("ckpt_path"), run_dir)
+        if ckpt_path is not None:
+            record["resumed_from"] = resume.checkpoint_position(ckpt_path)
+            log.info("resuming from %s (step %d)", ckpt_path, record["resumed_from"]["step"])
+            rows = record["resumed_from"].pop("csv_rows")
+            for logger in loggers:  # the curves logged before the checkpoint are kept
+                if isinstance(logger, resume.CSVLogger):
+                    logger.resume_at(record["resumed_from"]["step"], rows)
         start = time.perf_counter()
-        with _readable_checkpoint_errors(cfg.get("ckpt_path")):
-            trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg.get("ckpt_path")))
+        try:
+            resume.signals.fitting = True  # a stop signal now ends fit at the end of the batch, with last.ckpt
+            with _readable_checkpoint_errors(cfg.get("ckpt_path")):
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except (SIGTERMException, KeyboardInterrupt, resume.Interrupted) as e:
+            raise resume.interrupted(trainer, e) from None
+        finally:
+            resume.signals.fitting = False
+            record["train_seconds"] = time.perf_counter() - start
         sharding.gather(trainer, module)  # hardware=fsdp: the whole model again, for what follows fit
-        record["train_seconds"] = time.perf_counter() - start
         record["train_tokens"] = getattr(module, "train_tokens", None)
         record["train_tokens_per_s"] = measure.tokens_per_s(record["train_tokens"], record["train_seconds"])
+        record["checkpoint_seconds"] = _checkpoint_seconds(trainer)
         record["validation"] = _best_validation(cfg, trainer)
         if all(c.test_best_checkpoint for c in chain):
             _restore_best(trainer, module)
@@ -189,12 +207,29 @@ def _trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(resume.AtomicCheckpointIO())
+    plugins += resume.cluster_plugins()
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
+                          plugins=plugins)
     return trainer, loggers
 
 
+def _model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The callback that keeps the best validation checkpoint (resume.ResumeCheckpoint is a Checkpoint too)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def _checkpoint_seconds(trainer: L.Trainer) -> dict[str, Any] | None:
+    callback = next((c for c in trainer.callbacks if isinstance(c, resume.ResumeCheckpoint)), None)
+    if callback is None:
+        return None
+    return {"mid_epoch_saves": len(callback.saves), "seconds": sum(callback.saves)}
+
+
 def _best_validation(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any] | None:
-    callback = trainer.checkpoint_callback
+    callback = _model_checkpoint(trainer)
     score = getattr(callback, "best_model_score", None) if callback else None
     if score is None:
         return None
@@ -203,7 +238,8 @@ def _best_validation(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any] | No
 
 def _restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
     """Load the best validation checkpoint's weights (if one was kept) into the module."""
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    callback = _model_checkpoint(trainer)
+    best = callback.best_model_path if callback else ""
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
@@ -283,10 +319,21 @@ def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None
     record.update(params=total, nonzero_params=nonzero, checkpoint_bytes=dir_bytes(final))
 
 
-def _resume_path(ckpt_path: str | None) -> str | None:
-    """`last` (resume in this run directory), a checkpoint file, or an earlier run directory."""
-    if ckpt_path in (None, "last"):
-        return ckpt_path
+def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` (resume in this run directory; none there is an error), `last_or_new` (resume, or start fresh on
+    purpose), a checkpoint file, or an earlier run directory."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("last", "last_or_new"):
+        found = resume.last_checkpoint(run_dir)
+        if found is not None:
+            return str(found)
+        if ckpt_path == "last":
+            raise SqueezeError(f"ckpt_path=last: no checkpoint in {run_dir} to resume from (checkpoints/last.ckpt); "
+                               "give hydra.run.dir=<the killed run's directory>, or ckpt_path=last_or_new to start "
+                               "fresh when there is none")
+        log.info("ckpt_path=last_or_new: no checkpoint in %s, starting fresh", run_dir)
+        return None
     return str(artifacts.resume_checkpoint(ckpt_path))
 
 
@@ -382,11 +429,35 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
     choices["compress"] = compression.chain_name(cfg.get("compress"))  # a list choice has no single name
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and body is _train:
+        previous = _previous_cell(cfg, run_dir)
+        if previous is not None:
+            return previous
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # e.g. an asset path resolver failing: record what we can
         config = OmegaConf.to_container(cfg, resolve=False)
         log.warning("config did not fully resolve: %s", e)
     record = new_record(run_dir, choices, config, cfg.get("seed"))
-    return guard.guarded(lambda: body(cfg, record, run_dir), record, run_dir,
-                         multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    if guard._is_global_zero():
+        write_record(run_dir, record)  # status "running": a killed run is told from one that never started
+    with resume.signals:
+        return guard.guarded(lambda: body(cfg, record, run_dir), record, run_dir, multirun=multirun)
+
+
+def _previous_cell(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """A sweep rerun in the same sweep directory: a finished cell is skipped (its record returned), a failed one
+    too unless rerun_failed=true, and an interrupted or killed one resumes from its newest checkpoint."""
+    try:
+        status = read_record(run_dir).get("status")
+    except (OSError, ValueError):
+        return None
+    if status == "ok" or (status == "failed" and not cfg.get("rerun_failed")):
+        log.info("cell %s: %s before, skipped%s", run_dir.name, "finished" if status == "ok" else "failed",
+                 "" if status == "ok" else " (rerun_failed=true runs it again)")
+        return read_record(run_dir)
+    if status in ("running", "interrupted") and cfg.get("ckpt_path") is None:
+        with open_dict(cfg):
+            cfg.ckpt_path = "last_or_new"
+    return None

@@ -143,7 +143,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # Resume in the same directory (ckpt_path=last), as after a kill: training continues at step 4.
     run.train(compose_cfg("train", [*common, "trainer.max_steps=8", "ckpt_path=last"], first))
     steps = [int(r["step"]) for r in csv.DictReader(open(first / "csv" / "metrics.csv")) if r.get("train/loss")]
-    assert steps == [4, 5, 6, 7]  # (Lightning's CSV logger starts its file afresh on resume)
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 7]  # the rows before the resume are kept, training went on at step 4
+    assert read_result(first)["resumed_from"]["step"] == 4
     # ...or from another run directory.
     second = tmp_path / "second"
     run.train(compose_cfg("train", [*common, "trainer.max_steps=8", f"ckpt_path={first}"], second))

@@ -1,0 +1,236 @@
+"""A killed run loses minutes, not the run (squeeze.resume): a kill -9 and a resume from a mid-epoch step
+checkpoint give the uninterrupted run's metrics, SIGTERM/SIGINT save and record "interrupted", a kill during a
+save leaves the previous checkpoint loadable, ckpt_path=last says when there is nothing to resume, and a
+sweep rerun skips finished cells. The kill tests run train.py as a subprocess and sync on files, not sleeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from conftest import ROOT, compose_cfg, fast, read_result
+from squeeze import run
+from squeeze.errors import SqueezeError
+from squeeze.loggers import earlier_wandb_id
+from squeeze.resume import EpochSampler, ResumableLoader, ResumeCheckpoint, resumable
+
+# tiny_gpt2 (dropout on) on 64 examples, 8 a batch: 8 steps an epoch, so runs cross epoch boundaries.
+CELL = ["model=tiny_gpt2", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "perf=null", "callbacks.energy=null",
+        "trainer.limit_val_batches=1", "trainer.max_epochs=100"]
+POLL = 0.02
+
+
+def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(what, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    """Poll `what()` until it is true; fail (with the child's output) if the child ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"child exited ({proc.returncode}) before the condition held:\n{log.read_text()[-3000:]}")
+        time.sleep(POLL)
+    proc.kill()
+    pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
+
+
+def _train(args: list[str], cwd: Path, log: Path, timeout: float = 600) -> int:
+    proc = _start(args, cwd, log)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+
+
+def _csv_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_kill_9_and_resume_from_a_step_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    args = [*CELL, "trainer.max_steps=120", "checkpoint.every_n_steps=5", "checkpoint.every_minutes=null"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _train([*args, f"hydra.run.dir={whole}"], tmp_path, tmp_path / "whole.log") == 0
+
+    proc = _start([*args, f"hydra.run.dir={parts}"], tmp_path, tmp_path / "parts.log")
+    last = parts / "checkpoints" / "last.ckpt"
+    _wait_for(last.is_file, proc, tmp_path / "parts.log")
+    proc.send_signal(signal.SIGKILL)  # mid-epoch, somewhere after the first step checkpoint
+    proc.wait(timeout=60)
+    killed = read_result(parts)
+    assert killed["status"] == "running"  # a killed run is told from one that never started
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert step % 5 == 0 and 0 < step < 120
+
+    assert _train([*args, f"hydra.run.dir={parts}", "ckpt_path=last"], tmp_path, tmp_path / "resume.log") == 0
+    resumed, uninterrupted = read_result(parts), read_result(whole)
+    assert resumed["status"] == "ok"
+    assert resumed["resumed_from"]["checkpoint"] == str(last) and resumed["resumed_from"]["step"] >= step
+    # Same seed, same data order, same dropout, same optimizer state: the same model.
+    assert resumed["metrics"] == pytest.approx(uninterrupted["metrics"], rel=1e-6, abs=1e-7)
+    assert resumed["validation"]["best"] == pytest.approx(uninterrupted["validation"]["best"], rel=1e-6)
+    # The curve before the kill is kept and continues: every step logged once.
+    assert _csv_steps(parts) == _csv_steps(whole) == list(range(120))
+    assert uninterrupted["checkpoint_seconds"]["mid_epoch_saves"] == 24  # every 5 of 120 steps
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_last_ckpt_records_interrupted_and_the_run_resumes(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    args = [*CELL, f"hydra.run.dir={run_dir}", "trainer.max_steps=100000", "checkpoint.every_n_steps=3",
+            "checkpoint.every_minutes=null"]
+    log = tmp_path / "run.log"
+    proc = _start(args, tmp_path, log)
+    _wait_for((run_dir / "checkpoints" / "last.ckpt").is_file, proc, log)  # training is under way
+    proc.send_signal(sig)
+    code = proc.wait(timeout=300)
+    assert code == 128 + sig, log.read_text()[-3000:]
+    record = read_result(run_dir)
+    assert record["status"] == "interrupted"
+    stopped = record["interrupted"]
+    assert stopped["signal"] == sig.name and stopped["checkpoint"] == str(run_dir / "checkpoints" / "last.ckpt")
+    # Saved at the end of the batch the signal arrived in, not at the last every-3-steps checkpoint.
+    ckpt = torch.load(stopped["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == stopped["step"] == stopped["checkpoint_step"]
+    assert f"{sig.name}" in log.read_text() and "ckpt_path=last" in log.read_text()
+
+    resumed_to = stopped["step"] + 4
+    assert _train([*args[:-3], f"trainer.max_steps={resumed_to}", "ckpt_path=last"], tmp_path,
+                  tmp_path / "resume.log") == 0
+    record = read_result(run_dir)
+    assert record["status"] == "ok" and record["interrupted"] is None
+    assert record["resumed_from"]["step"] == stopped["step"]
+    assert _csv_steps(run_dir) == list(range(resumed_to))
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "last.ckpt"
+    script = textwrap.dedent(f"""
+        import torch
+        from squeeze.resume import AtomicCheckpointIO
+        io, n = AtomicCheckpointIO(), 0
+        while True:  # large enough that a save takes a while; the first one completes before the test kills
+            io.save_checkpoint({{"n": n, "w": torch.full((64, 1024, 1024), float(n))}}, {str(path)!r})
+            n += 1
+    """)
+    log = tmp_path / "save.log"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_for(path.is_file, proc, log)
+    _wait_for(lambda: any(tmp_path.glob(".last.ckpt.*.partial")), proc, log)  # a save in progress
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpt = torch.load(path, weights_only=True)  # the previous, complete checkpoint
+    assert torch.equal(ckpt["w"], torch.full((64, 1024, 1024), float(ckpt["n"])))
+
+
+def test_ckpt_path_last_with_nothing_to_resume_says_so_and_last_or_new_starts_fresh(tmp_path):
+    with pytest.raises(SqueezeError, match=r"ckpt_path=last: no checkpoint in .* ckpt_path=last_or_new"):
+        run.train(compose_cfg("train", [*CELL, "trainer.max_steps=2", "ckpt_path=last"], tmp_path / "a"))
+    assert read_result(tmp_path / "a")["status"] == "failed"
+    record = run.train(compose_cfg("train", [*CELL, "trainer.max_steps=2", "ckpt_path=last_or_new"], tmp_path / "b"))
+    assert record["status"] == "ok" and record["resumed_from"] is None
+
+
+def test_the_cli_stops_with_exit_2_and_one_line_when_there_is_no_checkpoint(tmp_path):
+    code = _train([*CELL, f"hydra.run.dir={tmp_path / 'none'}", "ckpt_path=last"], tmp_path, tmp_path / "log")
+    lines = [line for line in (tmp_path / "log").read_text().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "ckpt_path=last_or_new" in lines[0]
+
+
+def _cell(overrides: list[str], run_dir: Path):
+    cfg = compose_cfg("train", overrides, run_dir)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    swept = cfg.copy()  # what HydraConfig says, as in a -m sweep; the cell's own config stays plain
+    OmegaConf.set_readonly(swept.hydra, False)
+    with open_dict(swept):
+        swept.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(swept)
+    return cfg
+
+
+def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_failed_ones_when_asked(tmp_path):
+    common = [*CELL, "trainer.max_steps=8", "checkpoint.every_n_steps=2"]
+    done, killed, failed = tmp_path / "0_done", tmp_path / "1_killed", tmp_path / "2_failed"
+    assert run.train(_cell(common, done))["status"] == "ok"
+    before = (done / "result.json").read_bytes()
+    # A cell killed -9 after its step-4 checkpoint: its record still says "running".
+    run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2"], killed))
+    record = read_result(killed)
+    (killed / "result.json").write_text(json.dumps({**record, "status": "running"}))
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: boom"}))
+
+    # The sweep, rerun in the same directories:
+    assert run.train(_cell(common, done))["status"] == "ok"
+    assert (done / "result.json").read_bytes() == before  # skipped, untouched
+    resumed = run.train(_cell(common, killed))
+    assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == 4
+    assert run.train(_cell(common, failed))["status"] == "failed"  # kept as it was
+    assert read_result(failed)["error"] == "RuntimeError: boom"
+    assert run.train(_cell([*common, "rerun_failed=true"], failed))["status"] == "ok"
+
+
+def test_the_loader_continues_mid_epoch_with_the_same_batches():
+    data = list(range(20))
+    full = resumable(torch.utils.data.DataLoader(data, batch_size=3, shuffle=True), seed=7)
+    assert isinstance(full, ResumableLoader)
+    full.sampler.set_epoch(2)
+    epoch = [b.tolist() for b in full]
+    assert sorted(sum(epoch, [])) == data
+    full.sampler.set_epoch(3)
+    assert [b.tolist() for b in full] != epoch  # another order each epoch, from (seed, epoch) alone
+
+    first = resumable(torch.utils.data.DataLoader(data, batch_size=3, shuffle=True), seed=7)
+    first.sampler.set_epoch(2)
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(4)]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 4, "batch_size": 3}
+    again = resumable(torch.utils.data.DataLoader(data, batch_size=3, shuffle=True), seed=7)
+    again.load_state_dict(state)
+    again.sampler.set_epoch(2)
+    assert seen + [b.tolist() for b in again] == epoch
+    # A state from another epoch (a checkpoint at an epoch's end) starts the next epoch from its beginning.
+    later = resumable(torch.utils.data.DataLoader(data, batch_size=3, shuffle=True), seed=7)
+    later.load_state_dict(state)
+    later.sampler.set_epoch(3)
+    assert len([b for b in later]) == 7
+    assert isinstance(later.sampler, EpochSampler)
+
+
+def test_the_time_interval_is_stretched_to_bound_the_overhead_and_capped():
+    callback = ResumeCheckpoint("unused", every_minutes=1, max_overhead=0.02, max_minutes=10)
+    assert callback._interval() == 60
+    callback.saves = [0.5]
+    assert callback._interval() == 60  # 0.5 s a save: 49 × 0.5 s is under a minute
+    callback.saves = [5.0]
+    assert callback._interval() == pytest.approx(245)  # 5 s a save: every 245 s keeps saving at 2 %
+    callback.saves = [60.0]
+    assert callback._interval() == 600  # but a kill never loses more than max_minutes
+
+
+def test_a_wandb_run_resumed_in_its_directory_keeps_its_id(tmp_path):
+    assert earlier_wandb_id(tmp_path) is None
+    run_dir = tmp_path / "wandb" / "offline-run-20260101_120000-abc123xy"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "wandb" / "latest-run").symlink_to(run_dir.name)
+    assert earlier_wandb_id(tmp_path) == "abc123xy"
