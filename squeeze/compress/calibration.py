@@ -32,7 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from squeeze.arch import adapter_for
-from squeeze.arch.linear import features
+from squeeze.arch.linear import as_out_in, features
 from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 
@@ -380,3 +380,26 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: Lay
         d = stats.sq_sum.to(w.device)
         num, den = (delta * delta * d).sum(), (w * w * d).sum()
     return float(num / den) if float(den) > 0 else 0.0
+
+
+def prune_layer_stack(model: nn.Module, batches, prune_one, nm: tuple[int, int] | None, hessian: bool,
+                      errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """One-shot pruning (Wanda, SparseGPT) of every Linear/Conv1D of the layer stack, block by block on the
+    pruned model's own inputs: `prune_one(module, stats)` prunes a layer in place and returns its keep-mask
+    (stored orientation). Keep-masks by layer name; `errors` (if given) gets each layer's relative output error."""
+    from squeeze.compress.sparsity_pattern import check_width
+
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in linear_layers(layer_stack(model)).values():  # fail before any calibration runs
+        check_width(features(module)[1], nm, names[id(module)])
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
+        for short, module in linear_layers(block).items():
+            original = as_out_in(module).detach().clone() if errors is not None else None
+            masks[names[id(module)]] = prune_one(module, stats[short])
+            if errors is not None:
+                errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
+
+    sequential(model, batches, prune_block, hessian=hessian)
+    return masks

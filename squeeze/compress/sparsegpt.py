@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, relative_output_error, sequential
+from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, prune_layer_stack
 from squeeze.compress.sparsity_pattern import check_width, lowest_mask, masks_summary, nm_mask, resolve_sparsity
 from squeeze.errors import SqueezeError
 
@@ -95,20 +95,8 @@ def sparsegpt_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tenso
     """SparseGPT on every Linear/Conv1D of the layer stack, block by block on the pruned model's own
     inputs; keep-masks by layer name, in each weight's stored orientation."""
     _, nm = resolve_sparsity(sparsity, pattern)
-    names = {id(m): n for n, m in model.named_modules()}
-    for module in linear_layers(layer_stack(model)).values():  # fail before any calibration runs
-        check_width(features(module)[1], nm, names[id(module)])
-    masks: dict[str, torch.Tensor] = {}
-
-    def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
-        for short, module in linear_layers(block).items():
-            original = as_out_in(module).detach().clone() if errors is not None else None
-            masks[names[id(module)]] = prune_layer(module, stats[short], sparsity, pattern, percdamp, block_size)
-            if errors is not None:
-                errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
-
-    sequential(model, batches, prune_block)
-    return masks
+    prune_one = lambda module, stats: prune_layer(module, stats, sparsity, pattern, percdamp, block_size)  # noqa: E731
+    return prune_layer_stack(model, batches, prune_one, nm, hessian=True, errors=errors)
 
 
 class SparseGPT(Calibrated):
