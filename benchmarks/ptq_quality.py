@@ -29,7 +29,17 @@ first 4000 lines of the train split; perplexity, ratio to fp32, compress seconds
   [smoothquant,dq] a=0.8, lm_head float         56.49   1.061    34.4
   int4 RTN g64 (layer stack)                    79.59   1.494     0.8
   gptq 4-bit g64 act_order                      62.28   1.169   181.2
-(rows after these: the report of the run that committed this file.)
+  magnitude 50%                                423.25   7.947     8.7
+  wanda 50%                                     98.60   1.851    40.5
+  sparsegpt 50%                                 94.18   1.768   114.4
+  magnitude 2:4                               1503.57  28.231     3.6
+  wanda 2:4                                    216.01   4.056    20.7
+  sparsegpt 2:4                                136.89   2.570    35.4
+  CPU latency, batch 1 x 128 tokens: fp32 424.0 ms, dq 95.7 ms, [smoothquant,dq] 94.1 ms
+  MiniLM on rotten_tomatoes (the default job's run, fp32 test accuracy 77.13%; points vs fp32):
+  peer -0.86, dq before -1.64, dq -0.62, dq lm_head float -0.62, [smoothquant,dq] -0.94, int4 RTN -0.70,
+  gptq -0.62, magnitude 50% -3.98, wanda 50% -3.36, sparsegpt 50% -1.87, magnitude 2:4 -6.95,
+  wanda 2:4 -4.53, sparsegpt 2:4 -2.97
 
 Earlier single-variable measurements that found the dq loss (folded in from the former
 benchmarks/dq_perplexity.py and ptq_smollm2.py; SmolLM2, first 20 / 64 128-token blocks of the 600-line
