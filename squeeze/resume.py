@@ -238,7 +238,7 @@ class ResumeCheckpoint(Checkpoint):
 
     def save(self, trainer) -> None:
         start = time.monotonic()
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # said, or Lightning logs it every save
         for logger in trainer.loggers:  # the logged curve up to this checkpoint survives a kill -9
             logger.save()
         self.saves.append(time.monotonic() - start)
