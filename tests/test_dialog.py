@@ -439,3 +439,11 @@ def test_generation_is_capped_and_batched(tmp_path, monkeypatch):
     assert calls == [3, 2, 2]
     with pytest.raises(SqueezeError, match="generate_max_examples=-1"):
         DialogModule(model, generate_max_examples=-1, bertscore=None)
+
+
+def test_bertscore_of_an_empty_reply_counts_zero_not_nan():
+    from squeeze.dialog.module import bertscore_means
+
+    means = bertscore_means({"precision": [float("nan"), 0.8], "recall": [0.0, 0.6], "f1": [0.0, 0.7]})
+    assert {k: round(float(v), 4) for k, v in means.items()} == {
+        "bertscore_precision": 0.4, "bertscore_recall": 0.3, "bertscore_f1": 0.35}

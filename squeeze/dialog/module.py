@@ -197,8 +197,7 @@ class DialogModule(FineTune):
         if "bertscore" in metrics and metrics["bertscore"].update_count:
             metrics["bertscore"].embedding_device = metrics["bertscore"].device  # the run's device
             scores = metrics["bertscore"].compute()
-            for part in ("precision", "recall", "f1"):
-                out[f"bertscore_{part}"] = torch.as_tensor(scores[part]).float().mean()
+            out.update(bertscore_means(scores))
         return out
 
     # -- training --------------------------------------------------------------------------------
@@ -236,3 +235,10 @@ def _bertscore_location(name_or_path: str) -> str:
         raise SqueezeError(f"task.module.bertscore={name_or_path} is neither an asset ({', '.join(assets.ASSETS)}) "
                            "nor a model directory with config.json; set it to minilm, a directory, or null")
     return str(path)
+
+
+def bertscore_means(scores) -> dict[str, torch.Tensor]:
+    """Mean BERTScore precision/recall/F1 over the replies. An empty reply has no tokens to be precise about
+    (0/0 = nan in torchmetrics); it scores 0, as its F1 does, instead of turning the whole mean into nan."""
+    return {f"bertscore_{part}": torch.nan_to_num(torch.as_tensor(scores[part]).float(), nan=0.0).mean()
+            for part in ("precision", "recall", "f1")}
