@@ -359,3 +359,35 @@ def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path)
         assert torch.equal(p == 0, weights_b[n] == 0), n
         torch.testing.assert_close(p, weights_b[n])
     assert read_result(whole)["compress"]["imp"]["sparsity"] == resumed["compress"]["imp"]["sparsity"]
+
+
+def test_fixed_steps_of_the_original_weights_reach_90_percent_in_nine_events():
+    from squeeze.compress.pruning import fixed_sparsity, stages_to_target
+
+    at = [fixed_sparsity(step, 0.9, 0.1, 10, 0, "original") for step in (0, 10, 50, 90, 100)]
+    assert [round(x, 6) for x in at] == [0.0, 0.1, 0.5, 0.9, 0.9]
+    assert stages_to_target(0.9, 0.1, "original") == 9
+    assert stages_to_target(0.9, 0.1, "remaining") == 22  # 1 - 0.9^22 ≥ 0.9: the remaining-share schedule
+    with pytest.raises(SqueezeError, match="compress.imp.step_of='start'"):
+        IterativeMagnitudePruning(schedule="fixed", step_of="start")
+
+
+def test_end_step_null_reaches_the_target_at_70_percent_of_the_run():
+    imp = IterativeMagnitudePruning(target=0.5)  # the defaults: cubic, end_step null
+    imp.resolve_end_step(100)
+    assert imp.end_step == 70 and imp.sparsity_at(70) == 0.5 and imp.sparsity_at(69) < 0.5
+    short = IterativeMagnitudePruning(target=0.5)
+    short.resolve_end_step(6)
+    assert short.end_step == 4 and short.sparsity_at(4) == 0.5
+    with pytest.raises(SqueezeError, match="needs a run of known length"):
+        IterativeMagnitudePruning().resolve_end_step(math.inf)
+
+
+def test_a_six_step_run_with_the_defaults_is_pruned(tmp_path):
+    # Before end_step null, the default end_step 70 left a 6-step run at 0% sparsity.
+    cfg = compose_cfg("train", ["model=tiny_bert", "task=rotten_tomatoes", "compress=imp", "trainer.max_steps=6",
+                                *FAST, "perf=null"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record["error"]
+    assert abs(record["sparsity"] - 0.7) < 0.01
+    assert record["compress"]["imp"]["schedule"]["end_step"] == 4

@@ -43,25 +43,30 @@ _EPS = 1e-9
 
 
 # -- schedules: pure functions of the step -------------------------------------------------------
-def stage_sparsity(stage: int, target: float, fraction: float) -> float:
-    """Sparsity after `stage` events that each prune `fraction` of the remaining weights, capped at `target`."""
-    level = 1.0 - (1.0 - fraction) ** stage
+STEP_OF = ("remaining", "original")
+
+
+def stage_sparsity(stage: int, target: float, fraction: float, step_of: str = "remaining") -> float:
+    """Sparsity after `stage` events, capped at `target`: each event prunes `fraction` of the remaining
+    weights (`remaining`), or of the original ones (`original`: 10% steps reach 90% in 9 events)."""
+    level = stage * fraction if step_of == "original" else 1.0 - (1.0 - fraction) ** stage
     return target if level >= target - _EPS else level
 
 
-def stages_to_target(target: float, fraction: float) -> int:
+def stages_to_target(target: float, fraction: float, step_of: str = "remaining") -> int:
     """How many `fraction` events reach `target` (counted the way stage_sparsity caps, for consistency)."""
     stages = 1
-    while stage_sparsity(stages, target, fraction) < target:
+    while stage_sparsity(stages, target, fraction, step_of) < target:
         stages += 1
     return stages
 
 
-def fixed_sparsity(step: int, target: float, fraction: float, frequency: int, start: int = 0) -> float:
-    """`fraction` of the remaining weights every `frequency` steps after `start`, until `target`."""
+def fixed_sparsity(step: int, target: float, fraction: float, frequency: int, start: int = 0,
+                   step_of: str = "remaining") -> float:
+    """`fraction` (of the remaining or the original weights) every `frequency` steps after `start`, until `target`."""
     if step < start:
         return 0.0
-    return stage_sparsity((step - start) // frequency, target, fraction)
+    return stage_sparsity((step - start) // frequency, target, fraction, step_of)
 
 
 def cubic_sparsity(step: int, target: float, start: int, end: int, frequency: int) -> float:
@@ -189,9 +194,10 @@ class IterativeMagnitudePruning(Compressor):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         start_step: int = 0,
-        end_step: int = 70,
+        end_step: int | None = None,
         frequency: int = 10,
         fraction: float = 0.2,
+        step_of: str = "remaining",
         threshold: float | None = None,
         rewind_step: int | None = None,
     ):
@@ -203,6 +209,7 @@ class IterativeMagnitudePruning(Compressor):
         self.exclude = None if exclude is None else [exclude] if isinstance(exclude, str) else list(exclude)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.fraction, self.threshold, self.rewind_step = fraction, threshold, rewind_step
+        self.step_of = step_of
         self._check_settings()
         self.masks: dict[str, torch.Tensor] = {}
         self.level = 0.0  # the sparsity the masks implement
@@ -231,8 +238,12 @@ class IterativeMagnitudePruning(Compressor):
             raise bad("frequency", self.frequency, "must be a whole number of steps ≥ 1 between pruning events")
         if not isinstance(self.start_step, int) or self.start_step < 0:
             raise bad("start_step", self.start_step, "must be a step number ≥ 0")
-        if self.schedule == "cubic" and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
-            raise bad("end_step", self.end_step, f"must be a step number ≥ start_step ({self.start_step})")
+        if self.schedule == "cubic" and self.end_step is not None and (
+                not isinstance(self.end_step, int) or self.end_step < self.start_step):
+            raise bad("end_step", self.end_step, f"must be a step number ≥ start_step ({self.start_step}), or null "
+                                                 "(the target at 70% of the run's steps)")
+        if self.step_of not in STEP_OF:
+            raise bad("step_of", self.step_of, f"is not one of {', '.join(STEP_OF)}")
         if self.schedule in ("fixed", "adaptive") and not (isinstance(self.fraction, (int, float))
                                                            and 0 < self.fraction < 1):
             raise bad("fraction", self.fraction, "must be strictly between 0 and 1 (the share of the remaining "
@@ -243,9 +254,11 @@ class IterativeMagnitudePruning(Compressor):
         if self.rewind_step is not None:
             if not isinstance(self.rewind_step, int) or self.rewind_step < 0:
                 raise bad("rewind_step", self.rewind_step, "must be null (no rewind) or a step number ≥ 0")
-            if self.schedule != "adaptive" and self.rewind_step > self.first_step():
+            # With end_step null the first step is known at train start; it is never after start + frequency.
+            first = self.first_step() if self.end_step_known() else self.start_step + self.frequency
+            if self.schedule != "adaptive" and self.rewind_step > first:
                 raise bad("rewind_step", self.rewind_step, f"comes after the first pruning step "
-                                                           f"({self.first_step()}); rewind to an earlier step")
+                                                           f"({first}); rewind to an earlier step")
         if self.include is not None and not self.include:
             raise bad("include", self.include, "selects nothing; give at least one parameter-name pattern, or null "
                                                "for the model family's attention and MLP weights")
@@ -259,10 +272,26 @@ class IterativeMagnitudePruning(Compressor):
     def sparsity_at(self, step: int) -> float:
         """The step schedule's sparsity after `step` optimizer steps (adaptive: not a step schedule)."""
         if self.schedule == "fixed":
-            return fixed_sparsity(step, self.target, self.fraction, self.frequency, self.start_step)
+            return fixed_sparsity(step, self.target, self.fraction, self.frequency, self.start_step, self.step_of)
         if self.schedule == "cubic":
             return cubic_sparsity(step, self.target, self.start_step, self.end_step, self.frequency)
         raise ValueError("the adaptive schedule depends on validation, not on the step")
+
+    def end_step_known(self) -> bool:
+        return self.schedule != "cubic" or self.end_step is not None
+
+    def resolve_end_step(self, total_steps: float) -> None:
+        """end_step null: the cubic schedule reaches its target at 70% of this run's optimizer steps, so a short
+        or long run neither ends unpruned nor prunes too late to recover (Zhu & Gupta leave the rest to recover)."""
+        if self.end_step is not None or self.schedule != "cubic":
+            return
+        if not math.isfinite(total_steps):
+            raise SqueezeError("compress.imp.end_step=null needs a run of known length; set trainer.max_steps or "
+                               "compress.imp.end_step")
+        self.end_step = max(self.start_step + 1, int(0.7 * total_steps))
+        if self.rewind_step is not None and self.rewind_step > self.first_step():
+            raise SqueezeError(f"compress.imp.rewind_step={self.rewind_step} comes after the first pruning step "
+                               f"({self.first_step()}); rewind to an earlier step")
 
     def first_step(self) -> int:
         if self.schedule == "cubic" and self.end_step <= self.start_step + self.frequency:
@@ -272,16 +301,16 @@ class IterativeMagnitudePruning(Compressor):
     def final_step(self) -> int:
         """The step at which a step schedule reaches the target."""
         if self.schedule == "fixed":
-            return self.start_step + stages_to_target(self.target, self.fraction) * self.frequency
+            return self.start_step + stages_to_target(self.target, self.fraction, self.step_of) * self.frequency
         return self.end_step
 
     def schedule_settings(self) -> dict[str, Any]:
         if self.schedule == "adaptive":
-            return {"name": "adaptive", "fraction": self.fraction, "threshold": self.threshold}
+            return {"name": "adaptive", "fraction": self.fraction, "step_of": self.step_of, "threshold": self.threshold}
         settings: dict[str, Any] = {"name": self.schedule, "start_step": self.start_step, "frequency": self.frequency}
         if self.schedule == "cubic":
             return {**settings, "end_step": self.end_step}
-        return {**settings, "fraction": self.fraction}
+        return {**settings, "fraction": self.fraction, "step_of": self.step_of}
 
     # -- the run's hooks -----------------------------------------------------------------------------
     def prepare_model(self, model, tokenizer):
@@ -297,6 +326,7 @@ class IterativeMagnitudePruning(Compressor):
         self._bind(pl_module.model)
         if self.schedule != "adaptive":
             total = trainer.estimated_stepping_batches
+            self.resolve_end_step(total)
             if math.isfinite(total) and self.final_step() > total:
                 log.warning("compress.imp reaches its target sparsity at step %d but this run trains %d steps; "
                             "lower compress.imp.end_step (cubic) or frequency", self.final_step(), int(total))
@@ -323,7 +353,7 @@ class IterativeMagnitudePruning(Compressor):
                                            "nothing pruned")
             return
         if adaptive_should_prune(float(loss), self.threshold, self.level, self.target):
-            self.prune(stage_sparsity(self.stage + 1, self.target, self.fraction), trainer)
+            self.prune(stage_sparsity(self.stage + 1, self.target, self.fraction, self.step_of), trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {
