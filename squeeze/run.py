@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
-from squeeze import artifacts
+from squeeze import artifacts, baselines
 from squeeze import compress as compression
 from squeeze import models
 from squeeze import formats
@@ -62,8 +63,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 # -- the two paths --------------------------------------------------------------------------------
-def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: bool = False) -> dict[str, Any]:
+    teacher = _auto_teachers(cfg, record, run_dir)  # compress.<kd|pkd>.teacher=auto: the stored baseline
     chain = compression.build_chain(cfg.compress)
+    if not as_baseline and _reuses_baseline(cfg, chain):
+        return _on_stored_baseline(cfg, chain, record, run_dir)
     sharding.check_compressors(chain, cfg.trainer.get("strategy"))  # hardware=fsdp: refuse what cannot shard
     spec, tokenizer, data = _prepare(cfg)
     compression.calibrate(chain, data, cfg.get("calibration"))  # post-training methods calibrate on its train split
@@ -110,12 +114,109 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, 
     # Compression made permanent, in the configured order, before the model is tested and saved:
     # what is measured is exactly what is on disk.
     _finalize(chain, module, record)
+    if as_baseline:  # a store entry (squeeze.baselines): the cells that use it test their own model
+        if trainer.is_global_zero:
+            _save_model(module.model, tokenizer, run_dir, record)
+        record["energy"] = _energy(trainer)
+        return record
     _test(trainer, module, data, record, ckpt_path=None)
     sharding.gather(trainer, module)  # hardware=fsdp: test sharded it again
     if trainer.is_global_zero:
         _save_model(module.model, tokenizer, run_dir, record)
         _measure(cfg, trainer, module.model, data, record)
+    if teacher is not None:
+        record["spent"] = _spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
     return record
+
+
+def _reuses_baseline(cfg: DictConfig, chain) -> bool:
+    """A chain that trains nothing (none, dq, int8wo, gptq, ...) applied after plain fine-tuning: in a sweep
+    (or with baseline.reuse=true) that fine-tuned model comes from the baseline store, trained once."""
+    if any(c.trains for c in chain) or cfg.trainer.get("max_steps", -1) == 0:
+        return False
+    if cfg.get("ckpt_path") not in (None, "last_or_new"):  # resuming this cell's own checkpoint on purpose
+        return False
+    if resume.last_checkpoint(Path(HydraConfig.get().runtime.output_dir)) is not None:
+        return False  # a cell killed while fine-tuning in its own directory goes on there
+    strategy = str(cfg.trainer.get("strategy") or "")
+    if strategy.startswith("ddp") or sharding.is_sharded(strategy):  # ranks would each train the store entry
+        return False
+    return baselines.reuse_enabled(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
+
+
+def _train_baseline(cfg: DictConfig, entry: Path) -> dict[str, Any]:
+    """Fine-tune a store entry (squeeze.baselines): a plain run whose record is written as any run's."""
+    record = new_record(entry, {**_choices(cfg), "compress": "none"}, OmegaConf.to_container(cfg), cfg.get("seed"))
+    write_record(entry, record)
+    return guard.guarded(lambda: _train(cfg, record, entry, as_baseline=True), record, entry, multirun=True)
+
+
+def _choices(cfg: DictConfig) -> dict[str, Any]:
+    choices = {g: HydraConfig.get().runtime.choices.get(g) for g in CHOICE_GROUPS}
+    choices["compress"] = compression.chain_name(cfg.get("compress"))  # a list choice has no single name
+    return choices
+
+
+def _on_stored_baseline(cfg: DictConfig, chain, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The cell's chain applied to the stored fine-tuned baseline, then tested, saved and measured like an
+    `evaluate.py ckpt=<baseline> compress=<chain>` run. Its train time and energy are the model's whole cost
+    (the baseline's training + this cell's work); `spent` is what this cell itself cost (the report's totals)."""
+    base = baselines.obtain(cfg, run_dir, _train_baseline)
+    with open_dict(cfg):
+        cfg.ckpt = str(base.dir)
+    _evaluate(cfg, record, run_dir)
+    if not chain:  # the baseline row itself: its model in its run directory too (evaluate.py ckpt=<this cell>)
+        _link_tree(base.dir / MODEL_DIR, run_dir / MODEL_DIR)
+    own_energy = record.get("energy")
+    record.update(baseline=base.summary(), train_seconds=base.record.get("train_seconds"),
+                  train_tokens=base.record.get("train_tokens"), train_tokens_per_s=base.record.get("train_tokens_per_s"),
+                  validation=base.record.get("validation"),
+                  energy=baselines.merged_energy(base.record.get("energy"), own_energy))
+    record["spent"] = _spent(base, own_energy)
+    return record
+
+
+def _spent(base: baselines.Baseline, own_energy: dict[str, Any] | None, own_train_seconds: float = 0.0):
+    """What this cell cost: its own work, plus the baseline's training when this cell did it."""
+    train = own_train_seconds + (float(base.record.get("train_seconds") or 0.0) if base.trained_here else 0.0)
+    kwh = (own_energy or {}).get("kwh")
+    if base.trained_here and (base.record.get("energy") or {}).get("kwh") is not None:
+        kwh = float(kwh or 0.0) + float(base.record["energy"]["kwh"])
+    factor = (own_energy or base.record.get("energy") or {}).get("co2_kg_per_kwh")
+    return {"train_seconds": train, "kwh": kwh, "co2_kg": None if kwh is None or factor is None else kwh * factor}
+
+
+def _auto_teachers(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> baselines.Baseline | None:
+    """`teacher: auto` on a distillation compressor: the stored fine-tuned baseline of this model × task
+    (this cell's training settings, or the best by validation over `teacher_best_of`), trained once."""
+    teacher = None
+    for name in compression.used_compressors(cfg.get("compress")):
+        node = cfg.compress[name]
+        grid = node.get("teacher_best_of")
+        if node.get("teacher") != "auto":
+            if grid is not None:
+                raise SqueezeError(f"compress.{name}.teacher_best_of chooses among stored baselines, so it needs "
+                                   f"compress.{name}.teacher=auto (it is {node.get('teacher')!r})")
+            continue
+        grid = OmegaConf.to_container(grid, resolve=True) if grid is not None else None
+        base = (baselines.best_of(cfg, run_dir, _train_baseline, grid) if grid
+                else baselines.obtain(cfg, run_dir, _train_baseline))
+        with open_dict(node):
+            node.teacher = str(base.dir)
+        record["baseline"] = base.summary()
+        teacher = base
+    return teacher
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """A copy made of hard links where the file system allows (no second copy of the weights on disk)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=link)
 
 
 def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -270,9 +371,13 @@ def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: s
     if hasattr(data, "protocol_record"):
         record["perplexity"] = data.protocol_record
     record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory()
+    if _energy(trainer) is not None:
+        record["energy"] = _energy(trainer)
+
+
+def _energy(trainer: L.Trainer) -> dict[str, Any] | None:
     meter = next((c for c in trainer.callbacks if isinstance(c, EnergyMeter)), None)
-    if meter is not None:
-        record["energy"] = meter.record()
+    return meter.record() if meter is not None else None
 
 
 def peak_memory() -> tuple[int, str]:
@@ -427,8 +532,7 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
     """Run `body` under squeeze.guard: a record written whatever happens (the Hydra side: where, what)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    choices = {g: hydra_cfg.runtime.choices.get(g) for g in CHOICE_GROUPS}
-    choices["compress"] = compression.chain_name(cfg.get("compress"))  # a list choice has no single name
+    choices = _choices(cfg)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun and body is _train:
         previous = _previous_cell(cfg, run_dir)

@@ -161,6 +161,12 @@ def logits_of(model, inputs) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
+def _own_baseline_store(monkeypatch, tmp_path_factory):
+    # Every test its own baseline store (squeeze/baselines.py): no test reuses another's fine-tuned model.
+    monkeypatch.setenv("SQUEEZE_BASELINES", str(tmp_path_factory.mktemp("baselines")))
+
+
+@pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     # Two cores: keep torch from oversubscribing when tests start subprocesses.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

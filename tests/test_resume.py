@@ -168,12 +168,14 @@ def _cell(overrides: list[str], run_dir: Path):
 
 
 def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_failed_ones_when_asked(tmp_path):
-    common = [*CELL, "trainer.max_steps=8", "checkpoint.every_n_steps=2"]
+    # Cells that fine-tune in their own directory (a none cell in a sweep otherwise takes the stored baseline,
+    # which resumes in the store: the next test).
+    common = [*CELL, "trainer.max_steps=8", "checkpoint.every_n_steps=2", "baseline.reuse=false"]
     done, killed, failed = tmp_path / "0_done", tmp_path / "1_killed", tmp_path / "2_failed"
     assert run.train(_cell(common, done))["status"] == "ok"
     before = (done / "result.json").read_bytes()
     # A cell killed -9 after its step-4 checkpoint: its record still says "running".
-    run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2"], killed))
+    run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "baseline.reuse=false"], killed))
     record = read_result(killed)
     (killed / "result.json").write_text(json.dumps({**record, "status": "running"}))
     failed.mkdir()
@@ -187,6 +189,18 @@ def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_faile
     assert run.train(_cell(common, failed))["status"] == "failed"  # kept as it was
     assert read_result(failed)["error"] == "RuntimeError: boom"
     assert run.train(_cell([*common, "rerun_failed=true"], failed))["status"] == "ok"
+
+
+def test_a_killed_stored_baseline_resumes_from_its_own_checkpoint(tmp_path):
+    common = [*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", f"baseline.store_dir={tmp_path / 'store'}"]
+    first = run.train(_cell(common, tmp_path / "0_none"))
+    entry = Path(first["baseline"]["dir"])
+    assert first["status"] == "ok" and first["baseline"]["trained_here"] and (entry / "checkpoints/last.ckpt").is_file()
+    stored = read_result(entry)
+    (entry / "result.json").write_text(json.dumps({**stored, "status": "running"}))  # as if killed -9
+    again = run.train(_cell(common, tmp_path / "1_again"))
+    assert again["status"] == "ok" and again["baseline"]["trained_here"]  # the store had no finished entry
+    assert read_result(entry)["resumed_from"]["step"] == 4  # it went on from its own last.ckpt
 
 
 def test_the_loader_continues_mid_epoch_with_the_same_batches():

@@ -226,6 +226,11 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),
                     "kwh": energy.get("kwh"), "co2_kg": energy.get("co2_kg"), "pue": energy.get("pue"),
                     "co2": energy.get("co2"), "co2_kg_per_kwh": energy.get("co2_kg_per_kwh")}
+    # A cell on a stored baseline (squeeze.baselines) shows the model's whole cost in its row, but spent only
+    # its own work (plus the baseline's training when it was the one that trained it): counted once.
+    own = record.get("spent") if isinstance(record.get("spent"), dict) else {}
+    row["spent"].update({"train_s": own["train_seconds"], "kwh": own.get("kwh"), "co2_kg": own.get("co2_kg")}
+                        if "train_seconds" in own else {})
     row["energy_method"] = _dig(record, "energy", "method")
     # An evaluate.py record (a finished run quantized after training, or a zero-shot model) trained
     # nothing: its own energy is the evaluation's alone, so beside full runs' train+eval figures it

@@ -160,7 +160,10 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
          "model × task, both averaged over the seeds and learning rates they share. "
          "Size is the saved model directory on disk; latency the median at batch size 1. "
          "Records of evaluate.py (post-training compression of a finished run) trained nothing: "
-         "their train time and energy are left empty (the evaluation's own energy is in the cells CSV)."),
+         "their train time and energy are left empty (the evaluation's own energy is in the cells CSV). "
+         "Sweep cells that train nothing themselves (none, dq, int8wo, ...) start from the stored fine-tuned "
+         "baseline (squeeze/baselines.py): their train time and energy are that model's whole cost, and the "
+         "totals count the baseline's training once."),
         "", totals_text(cells, "the whole grid"),
     ]
     if skipped:

@@ -34,7 +34,10 @@ class Distillation(Compressor):
     """Distil a frozen teacher into a smaller student (see the module docstring).
 
     teacher        a finished squeeze run directory, a saved model directory, an offline asset name
-                   (minilm, smollm2) or a hub id; None: the run's configured model
+                   (minilm, smollm2) or a hub id; None: the run's configured model; auto: this model × task's
+                   fine-tuned baseline from the baseline store (squeeze.baselines; train.py resolves it)
+    teacher_best_of  with teacher=auto: the stored baseline with the best validation score over these
+                   settings, e.g. {optimizer.lr: [2e-5, 5e-5]} (resolved by train.py too)
     alpha          weight of the KD term (1-alpha on the task loss)
     temperature    softmax temperature T of the KD term
     beta           weight of the patient (hidden-state) loss; 0 = plain KD
@@ -55,6 +58,7 @@ class Distillation(Compressor):
     def __init__(
         self,
         teacher: str | None = None,
+        teacher_best_of: dict[str, Any] | None = None,
         alpha: float = 0.5,
         temperature: float = 2.0,
         beta: float = 0.0,
@@ -107,6 +111,9 @@ class Distillation(Compressor):
 
     # -- prepare: teacher in, student out ------------------------------------------------------------
     def prepare_model(self, model, tokenizer):
+        if self.teacher_source == "auto":  # train.py replaces it with the stored baseline's directory
+            raise SqueezeError(f"compress.{self.name}.teacher=auto is resolved by train.py (the fine-tuned baseline "
+                               "of its model × task); elsewhere give teacher=<a run or model directory>")
         teacher, where, teacher_dir = load_teacher(self.teacher_source, self.head, model, tokenizer)
         self._check_labels(teacher, model, where)
         L = teacher.config.num_hidden_layers
