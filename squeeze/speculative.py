@@ -377,8 +377,8 @@ def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:
 
 def load_draft(draft: Any, target: nn.Module, tokenizer) -> Draft:
     """`draft`: prompt_lookup (returned as it is: no model), a layer count (the target cut to its first
-    layers), a squeeze run directory, or a saved model directory; refused when its tokenizer differs
-    from the target's."""
+    layers), a squeeze run directory, or a saved model directory (a quantized or pruned one loads in
+    its saved form); refused when its tokenizer differs from the target's."""
     check_draft(draft, target, tokenizer)
     if is_prompt_lookup(draft):
         return PROMPT_LOOKUP
@@ -387,7 +387,17 @@ def load_draft(draft: Any, target: nn.Module, tokenizer) -> Draft:
         return first_layers(target, layers)
     model = formats.load(_draft_dir(draft), "causal_lm")
     device = next(target.parameters()).device
-    return model.to(device=device, dtype=next(target.parameters()).dtype).eval()
+    if formats.has_quantized_weights(model):
+        # Cast, its integer layers' scales would lose precision and its integer embedding would still
+        # return the dtype it was saved with, mixing dtypes. Nothing of the draft's meets the target's
+        # numbers (only the tokens it proposes do), so it runs in the precision it was saved in.
+        return model.to(device).eval()
+    return model.to(device=device, dtype=_float_dtype(target)).eval()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's float weights (a quantized target's first parameters may be int8)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def task_prompts(data, count: int, prompt_tokens: int) -> list[list[int]]:

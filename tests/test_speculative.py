@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import FAST, compose_cfg, fast, read_result, run_cli
 from transformers import AutoTokenizer
 
-from squeeze import assets, run
+from squeeze import assets, formats, run
+from squeeze.compress import quantization as q
 from squeeze.errors import SqueezeError
 from squeeze.speculative import (
     PROMPT_LOOKUP,
@@ -169,6 +171,36 @@ def test_prompt_lookup_settings_are_checked(llama):
         measure_speculative(model, PROMPT_LOOKUP, tokenizer, PROMPTS, schedule="heuristic")
     with pytest.raises(SqueezeError, match="neither a model nor 'prompt_lookup'"):
         measure_speculative(model, "prompt-lookup", tokenizer, PROMPTS)
+
+
+# -- a quantized draft: a dq or int8wo run directory ------------------------------------------------
+def _quantized_run(tmp_path, model, tokenizer, compressor, name: str):
+    """A run directory as run.py leaves a compress=<int8wo | dq> run: result.json and the quantized model/."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({
+        "status": "ok", "choices": {"compress": name},
+        "config": {"model": {"name": name, "family": "decoder"}, "task": {"head": "causal_lm"}}}))
+    compressor.name = name
+    quantized = copy.deepcopy(model).float()
+    compressor.prepare_model(quantized, tokenizer)
+    formats.save(compressor.finalize(quantized), tokenizer, run_dir / "model")
+    return run_dir
+
+
+@pytest.mark.parametrize("which, compressor", [("gpt2", q.WeightOnlyQuantization), ("llama", q.DynamicQuantization)])
+def test_a_quantized_run_directory_is_a_draft(which, compressor, llama, gpt2, tmp_path):
+    model, tokenizer = llama if which == "llama" else gpt2
+    run_dir = _quantized_run(tmp_path, model, tokenizer, compressor(), compressor.__name__)
+    draft = load_draft(str(run_dir), model, tokenizer)
+    assert formats.has_quantized_weights(draft)  # loaded in its saved, integer form
+    # It keeps the precision it was saved in (float32 around its integers) under a float64 target.
+    assert {p.dtype for p in draft.parameters() if p.is_floating_point()} == {torch.float32}
+    result = measure_speculative(model, draft, tokenizer, PROMPTS, max_new_tokens=8, num_assistant_tokens=3,
+                                 warmup=0)
+    assert result["same_output"] == 1.0
+    # The target quantized: it mostly proposes what the target would say.
+    assert result["speculative"]["drafted"] > 0 and 0.5 <= result["speculative"]["acceptance_rate"] <= 1.0
 
 
 # -- evaluate.py decode=speculative -----------------------------------------------------------------
