@@ -34,7 +34,7 @@ What to expect
 Measured (2-core shared CPU, 2 threads, fp32, 32 new tokens; a second job was running, so the
 milliseconds are noisy: read the speed-ups, plain and speculative alternating per prompt, as rough)
     --prompts 4 --lengths 2 4 8 --drafts prompt_lookup                          (61 s)
-    | task | draft | draft tokens | acceptance | tokens/pass | ms/token plain | ms/token spec. | speed-up | same output |
+    | task | draft | draft tokens | acceptance | tokens/pass | ms/token plain | ms/token spec. | speed-up | same |
     |---|---|---|---|---|---|---|---|---|
     | austen | prompt_lookup | 2 | 0.13 | 1.16 | 45.0 | 68.5 | 0.66 | 1.00 |
     | austen | prompt_lookup | 4 | 0.08 | 1.19 | 45.0 | 52.2 | 0.86 | 1.00 |
