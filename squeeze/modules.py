@@ -69,6 +69,19 @@ class FineTune(L.LightningModule):
     def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
         return metrics.compute()
 
+    # What training needs from the model's outputs beyond the head's own loss (DialogModule: the last
+    # hidden states, for its next-utterance head).
+    wants_hidden_states = False
+
+    def task_loss(self, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        """The task's training loss on the model's `outputs` for `batch`: `loss`, and its parts if it has
+        any (distillation puts this in its task share, so a task's own terms are kept there)."""
+        return {"loss": outputs.loss}
+
+    def eval_outputs(self, batch: dict) -> Any:
+        """What validation/test score a batch from: the model's outputs (with `.loss`) by default."""
+        return self(batch)
+
     def on_fit_start(self) -> None:
         # transformers' from_pretrained returns models in eval mode; Lightning keeps the mode it
         # finds, so without this a pretrained model would fine-tune with dropout switched off.
@@ -105,7 +118,7 @@ class FineTune(L.LightningModule):
             )
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        outputs = self(batch)
+        outputs = self.eval_outputs(batch)
         self.log(f"{stage}/loss", outputs.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         self.update_metrics(self.metrics[stage], batch, outputs)
 

@@ -234,7 +234,8 @@ def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> d
 
 
 def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    speculative.check_decode(cfg.get("decode"), cfg.get("draft"), cfg.task.head)
+    speculative.check_decode(cfg.get("decode"), cfg.get("draft"), cfg.task.head,
+                             settings=OmegaConf.to_container(cfg.speculative) if cfg.get("speculative") else None)
     ckpt = cfg.get("ckpt")
     chain = compression.build_chain(cfg.compress)
     _check_post_training(chain)

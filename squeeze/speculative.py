@@ -1,11 +1,20 @@
 """Speculative decoding (Chen et al. 2023; Leviathan et al. 2023), measured against plain decoding.
 
-A small draft model proposes a few tokens; the target checks them all in one forward pass and keeps
-the longest prefix it agrees with, plus one token of its own. Under greedy decoding the output is
-exactly the target's own; the gain is fewer target passes per token. transformers implements it
-(`generate(assistant_model=draft)`); this module times it against plain `generate` on the same
-prompts, one prompt at a time (assisted generation takes batch size 1), the two alternating so a
-busy machine slows both alike, and counts the draft tokens the target accepted.
+A draft proposes a few tokens; the target checks them all in one forward pass and keeps the longest
+prefix it agrees with, plus one token of its own. Under greedy decoding the output is exactly the
+target's own; the gain is fewer target passes per token. Two kinds of draft, both implemented by
+transformers:
+
+  a model          a smaller model of the same vocabulary (`generate(assistant_model=draft)`)
+  prompt_lookup    no model: the tokens that followed an earlier occurrence of the text's last
+                   n-gram in the prompt or the text so far (Saxena 2023,
+                   `generate(prompt_lookup_num_tokens=N, max_matching_ngram_size=n)`);
+                   free to draft, so it pays off wherever the continuation repeats the prompt
+                   (quoting a persona or context, code edits) and costs little where it does not
+
+This module times it against plain `generate` on the same prompts, one prompt at a time (assisted
+generation takes batch size 1), plain and each tried number of draft tokens alternating so a busy
+machine slows them alike, and counts the draft tokens the target accepted.
 
 transformers reports no acceptance figures, so they are read at the one place the loop hands them
 out: the candidate generator's `update_candidate_strategy(input_ids, scores, num_matches)`, called
@@ -34,8 +43,11 @@ from squeeze.errors import SqueezeError
 log = logging.getLogger("squeeze")
 DECODES = ("plain", "speculative")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
-DRAFTS = (artifacts.RUN, artifacts.MODEL_DIR)  # besides a layer count
-DRAFTS_TEXT = "a layer count, a squeeze run directory (with model/) or a model directory (with config.json)"
+PROMPT_LOOKUP = "prompt_lookup"  # draft=prompt_lookup: no draft model, n-grams of the prompt propose
+DRAFTS = (artifacts.RUN, artifacts.MODEL_DIR)  # besides a layer count and prompt_lookup
+DRAFTS_TEXT = ("a layer count, a squeeze run directory (with model/), a model directory (with config.json) or "
+               f"{PROMPT_LOOKUP} (no draft model)")
+Draft = nn.Module | str  # a draft model, or PROMPT_LOOKUP
 
 
 # -- the draft ------------------------------------------------------------------------------------
@@ -81,7 +93,8 @@ def _check_vocab_size(target: nn.Module, draft: nn.Module, tokenizer) -> None:
 @contextlib.contextmanager
 def count_accepted(target: nn.Module, counts: dict[str, int]) -> Iterator[dict[str, int]]:
     """While active, adds each assisted `generate` call's drafted/accepted tokens and target passes
-    to `counts`, by wrapping the candidate generator transformers builds inside `generate`."""
+    to `counts`, by wrapping the candidate generator transformers builds inside `generate` (a draft
+    model's or prompt lookup's alike; a pass where prompt lookup found no n-gram drafted nothing)."""
     build = target._get_candidate_generator  # bound method; shadowed on the instance, then restored
 
     def counted(*args, **kwargs):
@@ -120,6 +133,48 @@ def _draft_settings(draft: nn.Module, num_assistant_tokens: int, schedule: str, 
             setattr(config, k, v)
 
 
+# -- the settings ---------------------------------------------------------------------------------
+def draft_token_counts(num_assistant_tokens: int | Sequence[int]) -> list[int]:
+    """`num_assistant_tokens` as the list of draft lengths to try: one number, or several to compare."""
+    counts = [num_assistant_tokens] if isinstance(num_assistant_tokens, (int, str)) else list(num_assistant_tokens)
+    try:
+        counts = [int(n) for n in counts]
+    except (TypeError, ValueError):
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise SqueezeError(f"speculative.num_assistant_tokens={num_assistant_tokens} must be a number >= 1 or a list "
+                           "of different ones (e.g. [2,4,8]) to try each")
+    return counts
+
+
+def check_settings(draft: Any, num_assistant_tokens: int | Sequence[int] = 5, schedule: str = "constant",
+                   confidence_threshold: float = 0.0, max_matching_ngram_size: int | None = None,
+                   max_new_tokens: int = 32, **_) -> None:
+    """Fail fast on `speculative:` settings that cannot work, or would be silently ignored, with `draft`."""
+    draft_token_counts(num_assistant_tokens)
+    if schedule not in SCHEDULES:
+        raise SqueezeError(f"speculative schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    if int(max_new_tokens) < 1:
+        raise SqueezeError(f"speculative.max_new_tokens={max_new_tokens} must be 1 or more")
+    if is_prompt_lookup(draft):
+        # transformers' prompt lookup proposes a fixed number of tokens and has no confidence to stop on.
+        if schedule != "constant" or confidence_threshold:
+            raise SqueezeError(f"draft={PROMPT_LOOKUP} drafts a fixed number of tokens: speculative.schedule="
+                               f"{schedule} and confidence_threshold={confidence_threshold} apply to a draft model "
+                               "only; use schedule=constant confidence_threshold=0, and list several "
+                               "num_assistant_tokens (e.g. [2,4,8]) to compare lengths")
+        if max_matching_ngram_size is not None and int(max_matching_ngram_size) < 1:
+            raise SqueezeError(f"speculative.max_matching_ngram_size={max_matching_ngram_size} must be 1 or more "
+                               "(the longest n-gram looked up in the prompt), or null for transformers' 2")
+    elif max_matching_ngram_size is not None:
+        raise SqueezeError(f"speculative.max_matching_ngram_size={max_matching_ngram_size} is used by "
+                           f"draft={PROMPT_LOOKUP} only; set it to null with a draft model")
+
+
+def is_prompt_lookup(draft: Any) -> bool:
+    return isinstance(draft, str) and draft == PROMPT_LOOKUP
+
+
 # -- the measurement ------------------------------------------------------------------------------
 def _prompt_ids(tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     out = []
@@ -139,97 +194,135 @@ def _timing(seconds: float, tokens: int) -> dict[str, float | int | None]:
 
 def measure_speculative(
     target: nn.Module,
-    draft: nn.Module,
+    draft: Draft,
     tokenizer,
     prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int = 32,
-    num_assistant_tokens: int = 5,
+    num_assistant_tokens: int | Sequence[int] = 5,
     schedule: str = "constant",
     confidence_threshold: float = 0.0,
+    max_matching_ngram_size: int | None = None,
     do_sample: bool = False,
     draft_tokenizer=None,
     warmup: int = 1,
 ) -> dict[str, Any]:
-    """Plain vs speculative decoding of `prompts` (texts or token ids) by `target`, with `draft`.
+    """Plain vs speculative decoding of `prompts` (texts or token ids) by `target`, with `draft` (a
+    model, or PROMPT_LOOKUP: n-grams of the prompt, up to `max_matching_ngram_size` long, null: 2).
 
-    Returns per-token latency and tokens/s of both, the speed-up (plain ms/token ÷ speculative
-    ms/token), the acceptance rate (accepted ÷ drafted tokens), tokens per target pass, and, for
-    greedy decoding, the fraction of prompts whose two outputs are identical (1.0 unless float
-    rounding flips a near-tie). `confidence_threshold` 0 lets the draft always propose
-    `num_assistant_tokens` (transformers' default 0.4 stops it early when unsure)."""
-    if schedule not in SCHEDULES:
-        raise SqueezeError(f"speculative schedule={schedule!r} is not one of {list(SCHEDULES)}")
-    if num_assistant_tokens < 1 or max_new_tokens < 1:
-        raise SqueezeError("speculative decoding needs num_assistant_tokens >= 1 and max_new_tokens >= 1")
+    `num_assistant_tokens`, the tokens drafted per target pass, may list several lengths: each is
+    timed on the same prompts, alternating with plain decoding, and `tries` holds, per length, the
+    acceptance rate (accepted ÷ drafted tokens), ms/token and tokens/s, tokens per target pass, the
+    speed-up (plain ms/token ÷ speculative ms/token) and, for greedy decoding, the fraction of
+    prompts whose output equals plain decoding's (1.0 unless float rounding flips a near-tie). The
+    top-level `num_assistant_tokens`, `speculative` and `speedup` are those of the fastest length
+    (`best`); the top-level `same_output` is the lowest of all tries. `confidence_threshold` 0 lets a
+    draft model always propose `num_assistant_tokens` (transformers' default 0.4 stops it early when
+    unsure)."""
+    check_settings(draft, num_assistant_tokens, schedule, confidence_threshold, max_matching_ngram_size,
+                   max_new_tokens)
+    lengths = draft_token_counts(num_assistant_tokens)
     if not prompts:
         raise SqueezeError("speculative decoding needs at least one prompt")
-    check_same_tokenizer(tokenizer, draft_tokenizer)
-    _check_vocab_size(target, draft, tokenizer)
+    lookup = is_prompt_lookup(draft)
+    if not lookup:
+        if not isinstance(draft, nn.Module):
+            raise SqueezeError(f"draft={draft!r} is neither a model nor {PROMPT_LOOKUP!r}")
+        check_same_tokenizer(tokenizer, draft_tokenizer)
+        _check_vocab_size(target, draft, tokenizer)
     device = next(target.parameters()).device
-    if next(draft.parameters()).device != device:
+    if not lookup and next(draft.parameters()).device != device:
         raise SqueezeError(f"the draft is on {next(draft.parameters()).device}, the target on {device}; "
                            "put both on one")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    ngram = int(max_matching_ngram_size) if max_matching_ngram_size is not None else 2  # transformers' default
     ids = _prompt_ids(tokenizer, prompts)
-    was_training = (target.training, draft.training)
-    target.eval()
-    draft.eval()
+    models = [target] if lookup else [target, draft]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
 
-    def run(prompt: list[int], assisted: bool) -> tuple[float, list[int]]:
+    def run(prompt: list[int], length: int | None, counts: dict[str, int] | None = None) -> tuple[float, list[int]]:
+        """One generate call: plain (length None) or drafting `length` tokens per target pass."""
         inputs = torch.tensor([prompt], device=device)
-        extra = {"assistant_model": draft} if assisted else {}
-        sync()
-        start = time.perf_counter()
-        out = target.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **settings, **extra)
-        sync()
-        return time.perf_counter() - start, out[0, len(prompt):].tolist()
+        extra: dict[str, Any] = {}
+        drafting = contextlib.nullcontext()
+        if length is not None and lookup:
+            extra = {"prompt_lookup_num_tokens": length, "max_matching_ngram_size": ngram}
+        elif length is not None:
+            extra = {"assistant_model": draft}
+            drafting = _draft_settings(draft, length, schedule, confidence_threshold)
+        counting = count_accepted(target, counts) if counts is not None else contextlib.nullcontext()
+        with drafting, counting:
+            sync()
+            start = time.perf_counter()
+            out = target.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **settings, **extra)
+            sync()
+            seconds = time.perf_counter() - start
+        return seconds, out[0, len(prompt):].tolist()
 
-    counts = {"drafted": 0, "accepted": 0, "target_passes": 0}
-    plain_s = spec_s = 0.0
-    plain_tokens = spec_tokens = same = 0
+    counts = {n: {"drafted": 0, "accepted": 0, "target_passes": 0} for n in lengths}
+    spent = {n: [0.0, 0, 0] for n in lengths}  # seconds, new tokens, prompts with the plain output
+    plain_s, plain_tokens = 0.0, 0
     try:
-        with torch.inference_mode(), _draft_settings(draft, num_assistant_tokens, schedule, confidence_threshold):
+        with torch.inference_mode():
             for prompt in ids[: max(0, warmup)]:
-                run(prompt, False)
-                run(prompt, True)
-            with count_accepted(target, counts):
-                for prompt in ids:
-                    seconds, plain_out = run(prompt, False)
-                    plain_s, plain_tokens = plain_s + seconds, plain_tokens + len(plain_out)
-                    seconds, spec_out = run(prompt, True)
-                    spec_s, spec_tokens = spec_s + seconds, spec_tokens + len(spec_out)
-                    same += plain_out == spec_out
+                run(prompt, None)
+                for n in lengths:
+                    run(prompt, n)
+            for prompt in ids:
+                seconds, plain_out = run(prompt, None)
+                plain_s, plain_tokens = plain_s + seconds, plain_tokens + len(plain_out)
+                for n in lengths:
+                    seconds, spec_out = run(prompt, n, counts[n])
+                    spent[n][0] += seconds
+                    spent[n][1] += len(spec_out)
+                    spent[n][2] += plain_out == spec_out
     finally:
-        target.train(was_training[0])
-        draft.train(was_training[1])
-    plain, speculative = _timing(plain_s, plain_tokens), _timing(spec_s, spec_tokens)
-    if counts["target_passes"] == 0 and spec_tokens:
-        log.warning("speculative: transformers did not report drafted tokens (its assisted-generation internals "
-                    "changed?); acceptance rate not measured")
-    speculative.update(
-        drafted=counts["drafted"], accepted=counts["accepted"], target_passes=counts["target_passes"],
-        acceptance_rate=counts["accepted"] / counts["drafted"] if counts["drafted"] else None,
-        tokens_per_target_pass=spec_tokens / counts["target_passes"] if counts["target_passes"] else None,
-    )
-    speedup = (plain["ms_per_token"] / speculative["ms_per_token"]
-               if plain["ms_per_token"] and speculative["ms_per_token"] else None)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+    plain = _timing(plain_s, plain_tokens)
+    tries = [_try(n, plain, _timing(*spent[n][:2]), counts[n], spent[n][2] / len(ids), do_sample) for n in lengths]
+    best = min(tries, key=lambda t: t["speculative"]["ms_per_token"] or float("inf"))
     return {
         "prompts": len(ids), "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-        "num_assistant_tokens": num_assistant_tokens, "schedule": schedule,
-        "confidence_threshold": confidence_threshold, "device": device.type, "threads": torch.get_num_threads(),
-        "target_layers": target.config.num_hidden_layers, "draft_layers": draft.config.num_hidden_layers,
+        "draft_kind": PROMPT_LOOKUP if lookup else "model",
+        "num_assistant_tokens": best["num_assistant_tokens"], "schedule": schedule,
+        "confidence_threshold": confidence_threshold, "max_matching_ngram_size": ngram if lookup else None,
+        "device": device.type, "threads": torch.get_num_threads(),
+        "target_layers": target.config.num_hidden_layers,
+        "draft_layers": None if lookup else draft.config.num_hidden_layers,
         "target_params": sum(p.numel() for p in target.parameters()),
-        "draft_params": sum(p.numel() for p in draft.parameters()),
-        "plain": plain, "speculative": speculative, "speedup": speedup,
-        "same_output": None if do_sample else same / len(ids),
+        "draft_params": 0 if lookup else sum(p.numel() for p in draft.parameters()),
+        "plain": plain, "speculative": best["speculative"], "speedup": best["speedup"],
+        "same_output": None if do_sample else min(t["same_output"] for t in tries),
+        "tries": tries,
     }
 
 
+def _try(length: int, plain: dict, speculative: dict, counts: dict[str, int], same: float,
+         do_sample: bool) -> dict[str, Any]:
+    """One number of draft tokens' figures, against plain decoding's."""
+    if counts["target_passes"] == 0 and speculative["new_tokens"]:
+        log.warning("speculative: transformers did not report drafted tokens (its assisted-generation internals "
+                    "changed?); acceptance rate not measured")
+    speculative = {
+        **speculative, **counts,
+        "acceptance_rate": counts["accepted"] / counts["drafted"] if counts["drafted"] else None,
+        "tokens_per_target_pass": (speculative["new_tokens"] / counts["target_passes"]
+                                   if counts["target_passes"] else None),
+    }
+    speedup = (plain["ms_per_token"] / speculative["ms_per_token"]
+               if plain["ms_per_token"] and speculative["ms_per_token"] else None)
+    return {"num_assistant_tokens": length, "speculative": speculative, "speedup": speedup,
+            "same_output": None if do_sample else same}
+
+
 # -- wiring for evaluate.py (decode=speculative draft=...) ----------------------------------------
-def check_decode(decode: str | None, draft: Any, head: str, evaluating: bool = True) -> None:
-    """Fail fast, before anything loads, on a decode setting that cannot work."""
+def check_decode(decode: str | None, draft: Any, head: str, evaluating: bool = True,
+                 settings: Mapping[str, Any] | None = None) -> None:
+    """Fail fast, before anything loads, on a decode setting (and `speculative:` settings) that cannot work."""
     decode = decode or "plain"
     if decode not in DECODES:
         raise SqueezeError(f"decode={decode!r} is not one of {list(DECODES)}")
@@ -240,13 +333,16 @@ def check_decode(decode: str | None, draft: Any, head: str, evaluating: bool = T
         return
     if not evaluating:
         raise SqueezeError("decode=speculative is an evaluate.py option: train first, then run `python evaluate.py "
-                           "ckpt=<this run directory> decode=speculative draft=<run dir | model dir | layers>`")
+                           f"ckpt=<this run directory> decode=speculative draft=<{PROMPT_LOOKUP} | run dir | "
+                           "model dir | layers>`")
     if head != "causal_lm":
         raise SqueezeError(f"decode=speculative generates text, so it needs a causal-LM task (e.g. task=austen or "
                            f"task=chatterbot); this task's head is {head}")
     if draft is None:
-        raise SqueezeError("decode=speculative needs draft=<run dir | model dir | number of the target's first "
-                           "layers to keep>")
+        raise SqueezeError(f"decode=speculative needs draft=<{PROMPT_LOOKUP} (no draft model) | run dir | model dir "
+                           "| number of the target's first layers to keep>")
+    if settings is not None:
+        check_settings(draft, **settings)
 
 
 def _layer_count(draft: Any) -> int | None:
@@ -264,8 +360,8 @@ def _draft_dir(draft: Any) -> Path:
 
 def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:
     """What can be checked before the evaluation's long part: the layer count a cut draft keeps, or
-    a draft directory's tokenizer against the target's."""
-    if draft is None:
+    a draft directory's tokenizer against the target's (prompt_lookup needs nothing)."""
+    if draft is None or is_prompt_lookup(draft):
         return
     layers = _layer_count(draft)
     if layers is not None:
@@ -279,16 +375,29 @@ def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:
     check_same_tokenizer(tokenizer, draft_tokenizer, where=f"draft {model_dir}")
 
 
-def load_draft(draft: Any, target: nn.Module, tokenizer) -> nn.Module:
-    """`draft`: a layer count (the target cut to its first layers), a squeeze run directory, or a saved
-    model directory; refused when its tokenizer differs from the target's."""
+def load_draft(draft: Any, target: nn.Module, tokenizer) -> Draft:
+    """`draft`: prompt_lookup (returned as it is: no model), a layer count (the target cut to its first
+    layers), a squeeze run directory, or a saved model directory (a quantized or pruned one loads in
+    its saved form); refused when its tokenizer differs from the target's."""
     check_draft(draft, target, tokenizer)
+    if is_prompt_lookup(draft):
+        return PROMPT_LOOKUP
     layers = _layer_count(draft)
     if layers is not None:
         return first_layers(target, layers)
     model = formats.load(_draft_dir(draft), "causal_lm")
     device = next(target.parameters()).device
-    return model.to(device=device, dtype=next(target.parameters()).dtype).eval()
+    if formats.has_quantized_weights(model):
+        # Cast, its integer layers' scales would lose precision and its integer embedding would still
+        # return the dtype it was saved with, mixing dtypes. Nothing of the draft's meets the target's
+        # numbers (only the tokens it proposes do), so it runs in the precision it was saved in.
+        return model.to(device).eval()
+    return model.to(device=device, dtype=_float_dtype(target)).eval()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's float weights (a quantized target's first parameters may be int8)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def task_prompts(data, count: int, prompt_tokens: int) -> list[list[int]]:

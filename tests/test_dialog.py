@@ -330,6 +330,9 @@ def test_compressors_work_on_dialog_and_evaluate_reloads_the_result(chain, tmp_p
     else:
         assert summary["kd"]["student"]["layers"] == 1 < summary["kd"]["teacher"]["layers"]
         assert len(_logged(tmp_path, "train/loss_kd")) == 4
+        # The task share is the dialog's own loss, next-utterance (MC) term included.
+        lm, mc, task = (_logged(tmp_path, f"train/{n}") for n in ("lm_loss", "mc_loss", "loss_task"))
+        assert len(mc) == 4 and all(t == pytest.approx(2.0 * a + b, rel=1e-4) for t, a, b in zip(task, lm, mc))
     # The compressed model on disk is what was tested: evaluate.py reloads it and scores it the same.
     overrides = FAST + ["model=tiny_gpt2", "task.module.bertscore=null", f"ckpt={tmp_path}"] + DIALOG_FAST
     evaluated = run.evaluate(compose_cfg("eval", overrides + ["perf=null"], tmp_path / "eval"))

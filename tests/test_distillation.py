@@ -190,6 +190,56 @@ def test_losses_are_zero_when_the_student_is_the_teacher(name):
     assert torch.allclose(parts["loss"], 0.5 * parts["loss_task"])
 
 
+# -- dialog: the task's next-utterance loss stays in the task share ------------------------------------------
+@pytest.fixture(scope="module")
+def dialog_batches(tmp_path_factory):
+    """A chatterbot training batch (2 candidates per example) and a test batch (5 per example), as train.py
+    builds them for tiny_gpt2."""
+    from squeeze.dialog.data import DialogData
+
+    data = DialogData(tiny_tokenizer("tiny_gpt2"), source="chatterbot", asset="chatterbot", splits={"train": "train"},
+                      carve={"validation": 0.1, "test": 0.1}, skip_malformed=True, num_candidates=5,
+                      train_candidates=2, batch_size=8, eval_batch_size=10,
+                      max_examples={"train": 8, "validation": 2, "test": 2}, seed=0)
+    data.setup()
+    return next(iter(data.train_dataloader())), next(iter(data.test_dataloader()))
+
+
+def test_dialog_distillation_keeps_the_mc_loss_and_scores_candidates_packed(dialog_batches):
+    from squeeze.compress.distillation import Distill
+    from squeeze.dialog.module import DialogModule
+    from squeeze.dialog.scoring import CandidateScores, score_candidates
+
+    train, test = dialog_batches
+    teacher = build_tiny("tiny_gpt2", "causal_lm", layers=2, seed=1)[0]
+    spec = TargetSpec(level="token", pool="last", top_k=None, temperature=2.0)
+    parts = {}
+    for mc_coef in (1.0, 0.0):
+        torch.manual_seed(0)
+        student = build_tiny("tiny_gpt2", "causal_lm", layers=1)[0]
+        task = DialogModule(student, mc_coef=mc_coef, eval_candidates=5, hits_at=[1], generate_on=[], bertscore=None)
+        module = Distill(task, teacher, spec, alpha=0.25, beta=0.0)
+        parts[mc_coef] = module.losses(train)
+    kept, dropped = parts[1.0], parts[0.0]
+    # The task share is the dialog module's own loss: lm_coef · reply LM loss + mc_coef · MC loss.
+    assert torch.allclose(kept["loss_task"], 2.0 * kept["lm_loss"] + kept["mc_loss"])
+    assert torch.allclose(kept["loss"], 0.75 * kept["loss_task"] + 0.25 * kept["loss_kd"])
+    assert "mc_loss" not in dropped and torch.allclose(dropped["loss_task"], 2.0 * dropped["lm_loss"])
+    assert torch.allclose(kept["lm_loss"], dropped["lm_loss"]) and torch.allclose(kept["loss_kd"], dropped["loss_kd"])
+    assert (kept["loss"] - dropped["loss"]).item() == pytest.approx(0.75 * kept["mc_loss"].item(), rel=1e-5)
+    # The MC head trains with the student: it is this module's parameter, and the loss reaches it.
+    task = DialogModule(module.model, eval_candidates=5, hits_at=[1], generate_on=[], bertscore=None)
+    module = Distill(task, teacher, spec, alpha=0.25, beta=0.0)
+    assert any(p is task.mc_head.weight for p in module.parameters())
+    module.losses(train)["loss"].backward()
+    assert task.mc_head.weight.grad is not None and task.mc_head.weight.grad.abs().sum() > 0
+    # Validation and test score candidates as the dialog module does: each context once, packed.
+    module.eval()
+    outputs = module.eval_outputs(test)
+    assert isinstance(outputs, CandidateScores)
+    assert torch.equal(outputs.scores, score_candidates(module.model, test, 5).scores)
+
+
 # -- the teacher cache ---------------------------------------------------------------------------------------
 def _lm_examples(n=12, vocab=200):
     g = torch.Generator().manual_seed(3)

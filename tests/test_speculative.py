@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import FAST, compose_cfg, fast, read_result, run_cli
 from transformers import AutoTokenizer
 
-from squeeze import assets, run
+from squeeze import assets, formats, run
+from squeeze.compress import quantization as q
 from squeeze.errors import SqueezeError
 from squeeze.speculative import (
+    PROMPT_LOOKUP,
     check_decode,
+    check_draft,
     check_same_tokenizer,
+    check_settings,
     first_layers,
     load_draft,
     measure_speculative,
@@ -114,6 +119,90 @@ def test_decode_settings_are_checked():
         check_decode("speculative", 2, "causal_lm", evaluating=False)
 
 
+# -- prompt lookup: no draft model -----------------------------------------------------------------
+# Prompts whose continuation a random-init model tends to take from the prompt (repeated n-grams).
+REPEATING = ["User: hello there, how are you? hello there, how are you?\nBot:", "a b c d a b c d a b c d a b"]
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_prompt_lookup_gives_the_targets_own_output_and_counts_acceptance(which, llama, gpt2):
+    model, tokenizer = llama if which == "llama" else gpt2
+    result = measure_speculative(model, PROMPT_LOOKUP, tokenizer, REPEATING + PROMPTS, max_new_tokens=12,
+                                 num_assistant_tokens=[1, 4], warmup=0)
+    assert result["draft_kind"] == PROMPT_LOOKUP and result["draft_params"] == 0 and result["draft_layers"] is None
+    assert result["max_matching_ngram_size"] == 2  # transformers' default
+    assert result["same_output"] == 1.0  # greedy: the target's own output, whatever the lookup proposed
+    assert [t["num_assistant_tokens"] for t in result["tries"]] == [1, 4]
+    for t in result["tries"]:
+        spec = t["speculative"]
+        assert t["same_output"] == 1.0 and spec["new_tokens"] == result["plain"]["new_tokens"] > 0
+        assert spec["drafted"] > 0 and 0.0 <= spec["acceptance_rate"] <= 1.0
+        assert spec["acceptance_rate"] == spec["accepted"] / spec["drafted"]
+        # Each target pass keeps the drafted tokens it accepted plus one of its own.
+        assert spec["new_tokens"] == spec["accepted"] + spec["target_passes"]
+        assert t["speedup"] == pytest.approx(result["plain"]["ms_per_token"] / spec["ms_per_token"])
+    assert result["tries"][0]["speculative"]["drafted"] <= result["tries"][0]["speculative"]["target_passes"]
+    best = min(result["tries"], key=lambda t: t["speculative"]["ms_per_token"])
+    assert result["num_assistant_tokens"] == best["num_assistant_tokens"] and result["speedup"] == best["speedup"]
+    assert result["speculative"] == best["speculative"]
+
+
+def test_prompt_lookup_settings_are_checked(llama):
+    model, tokenizer = llama
+    assert load_draft(PROMPT_LOOKUP, model, tokenizer) == PROMPT_LOOKUP
+    check_draft(PROMPT_LOOKUP, model, tokenizer)
+    check_decode("speculative", PROMPT_LOOKUP, "causal_lm", settings={"num_assistant_tokens": [2, 4]})
+    check_settings(PROMPT_LOOKUP, max_matching_ngram_size=3)
+    for settings, message in [
+        ({"schedule": "heuristic"}, "draft=prompt_lookup drafts a fixed number of tokens"),
+        ({"confidence_threshold": 0.4}, "confidence_threshold=0.4 apply to a draft model only"),
+        ({"max_matching_ngram_size": 0}, "max_matching_ngram_size=0 must be 1 or more"),
+        ({"num_assistant_tokens": 0}, r"num_assistant_tokens=0 must be a number >= 1 or a list"),
+        ({"num_assistant_tokens": [2, 2]}, r"num_assistant_tokens=\[2, 2\] must be"),
+        ({"num_assistant_tokens": []}, "num_assistant_tokens=.* must be"),
+        ({"num_assistant_tokens": "many"}, "num_assistant_tokens=many must be"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0 must be 1 or more"),
+    ]:
+        with pytest.raises(SqueezeError, match=message):
+            check_decode("speculative", PROMPT_LOOKUP, "causal_lm", settings=settings)
+    with pytest.raises(SqueezeError, match="max_matching_ngram_size=3 is used by draft=prompt_lookup only"):
+        check_settings(2, max_matching_ngram_size=3)
+    with pytest.raises(SqueezeError, match="schedule=heuristic"):
+        measure_speculative(model, PROMPT_LOOKUP, tokenizer, PROMPTS, schedule="heuristic")
+    with pytest.raises(SqueezeError, match="neither a model nor 'prompt_lookup'"):
+        measure_speculative(model, "prompt-lookup", tokenizer, PROMPTS)
+
+
+# -- a quantized draft: a dq or int8wo run directory ------------------------------------------------
+def _quantized_run(tmp_path, model, tokenizer, compressor, name: str):
+    """A run directory as run.py leaves a compress=<int8wo | dq> run: result.json and the quantized model/."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({
+        "status": "ok", "choices": {"compress": name},
+        "config": {"model": {"name": name, "family": "decoder"}, "task": {"head": "causal_lm"}}}))
+    compressor.name = name
+    quantized = copy.deepcopy(model).float()
+    compressor.prepare_model(quantized, tokenizer)
+    formats.save(compressor.finalize(quantized), tokenizer, run_dir / "model")
+    return run_dir
+
+
+@pytest.mark.parametrize("which, compressor", [("gpt2", q.WeightOnlyQuantization), ("llama", q.DynamicQuantization)])
+def test_a_quantized_run_directory_is_a_draft(which, compressor, llama, gpt2, tmp_path):
+    model, tokenizer = llama if which == "llama" else gpt2
+    run_dir = _quantized_run(tmp_path, model, tokenizer, compressor(), compressor.__name__)
+    draft = load_draft(str(run_dir), model, tokenizer)
+    assert formats.has_quantized_weights(draft)  # loaded in its saved, integer form
+    # It keeps the precision it was saved in (float32 around its integers) under a float64 target.
+    assert {p.dtype for p in draft.parameters() if p.is_floating_point()} == {torch.float32}
+    result = measure_speculative(model, draft, tokenizer, PROMPTS, max_new_tokens=8, num_assistant_tokens=3,
+                                 warmup=0)
+    assert result["same_output"] == 1.0
+    # The target quantized: it mostly proposes what the target would say.
+    assert result["speculative"]["drafted"] > 0 and 0.5 <= result["speculative"]["acceptance_rate"] <= 1.0
+
+
 # -- evaluate.py decode=speculative -----------------------------------------------------------------
 DIALOG = ["task=chatterbot", "task.data.max_examples.train=32", "task.data.max_examples.validation=4",
           "task.data.max_examples.test=4", "task.data.num_candidates=5", "task.module.hits_at=[1,5]",
@@ -172,6 +261,32 @@ def test_a_run_draft_on_a_language_modelling_task(dialog_run, tmp_path):
     assert result["draft"] == str(target) and result["draft_layers"] == result["target_layers"]
     assert result["same_output"] == 1.0 and result["speculative"]["acceptance_rate"] == 1.0
     assert "test/perplexity" in record["metrics"]
+
+
+def test_prompt_lookup_from_evaluate_tries_each_draft_length(dialog_run, tmp_path):
+    target = dialog_run / "tiny_gpt2"
+    overrides = [*fast("austen"), "task=austen", "model=tiny_gpt2", f"ckpt={target}", "perf=null",
+                 "task.data.max_examples.test=8", *SPECULATIVE, "speculative.prompt_tokens=12",
+                 f"draft={PROMPT_LOOKUP}", "speculative.num_assistant_tokens=[2,5]",
+                 "speculative.max_matching_ngram_size=3"]
+    record = run.evaluate(compose_cfg("eval", overrides, tmp_path))
+    assert record["status"] == "ok", record["error"]
+    result = record["speculative"]
+    assert result["draft"] == PROMPT_LOOKUP and result["draft_kind"] == PROMPT_LOOKUP
+    assert result["max_matching_ngram_size"] == 3 and result["prompts"] >= 1
+    assert [t["num_assistant_tokens"] for t in result["tries"]] == [2, 5]
+    for t in result["tries"]:
+        assert t["same_output"] == 1.0 and t["speedup"] > 0
+        rate = t["speculative"]["acceptance_rate"]
+        assert rate is None or 0.0 <= rate <= 1.0  # None: no n-gram of these prompts recurred
+
+
+def test_bad_speculative_settings_fail_before_testing(tmp_path):
+    cfg = compose_cfg("eval", [*fast("austen"), "task=austen", "model=tiny_gpt2", "decode=speculative",
+                               f"draft={PROMPT_LOOKUP}", "speculative.schedule=heuristic"], tmp_path)
+    with pytest.raises(SqueezeError, match="draft=prompt_lookup drafts a fixed number of tokens"):
+        run.evaluate(cfg)
+    assert read_result(tmp_path)["eval_seconds"] is None
 
 
 def test_speculative_decoding_is_refused_where_it_cannot_run(tmp_path):

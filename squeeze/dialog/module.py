@@ -114,15 +114,14 @@ class DialogModule(FineTune):
                                f"{self.eval_candidates} candidates; task.module.eval_candidates must be "
                                "task.data.num_candidates")
 
-    def _eval_step(self, stage: str, batch: dict) -> None:
+    def eval_outputs(self, batch: dict) -> CandidateScores:
         # Not the full rows through the model: one packed row per example, its context once, then every reply.
         self._check_rows(batch)
-        scored = score_candidates(self.model, batch, self.eval_candidates)
-        self.log(f"{stage}/loss", scored.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        self.update_metrics(self.metrics[stage], batch, scored)
+        return score_candidates(self.model, batch, self.eval_candidates)
 
     def update_metrics(self, metrics, batch, outputs):
-        """`outputs`: CandidateScores, or a model output on the full rows (distillation's evaluation step)."""
+        """`outputs`: CandidateScores, or a model output on the full rows (scored as scoring.py's module
+        docstring says; the numbers are the same)."""
         self._check_rows(batch)
         if not isinstance(outputs, CandidateScores):
             outputs = scores_from_logits(outputs.logits, batch, self.eval_candidates)
@@ -201,26 +200,37 @@ class DialogModule(FineTune):
         return out
 
     # -- training --------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    @property
+    def wants_hidden_states(self) -> bool:
+        return self.mc_coef > 0  # the MC head reads the last layer's state at each row's last token
+
+    def task_loss(self, batch: dict, outputs) -> dict[str, torch.Tensor]:
+        """lm_coef · reply LM loss + mc_coef · MC loss (`outputs` with hidden states when mc_coef > 0),
+        and the two parts (`lm_loss`, `mc_loss`)."""
         rows = batch["input_ids"].shape[0]
         if rows % self.train_candidates:
             raise SqueezeError(f"a dialog training batch of {rows} rows is not groups of {self.train_candidates} "
                                "candidates; task.module.train_candidates must be task.data.train_candidates")
-        outputs = self.model(**batch, output_hidden_states=self.mc_coef > 0)
         parts = {"lm_loss": outputs.loss}
         loss = self.lm_coef * outputs.loss
         if self.mc_coef > 0:
-            last = outputs.hidden_states[-1][torch.arange(rows, device=self.device),
+            device = self.mc_head.weight.device
+            last = outputs.hidden_states[-1][torch.arange(rows, device=device),
                                              last_token_index(batch["attention_mask"])]
             mc_logits = self.mc_head(last.to(self.mc_head.weight.dtype)).view(-1, self.train_candidates)
-            gold = torch.full((mc_logits.shape[0],), self.train_candidates - 1, device=self.device)
+            gold = torch.full((mc_logits.shape[0],), self.train_candidates - 1, device=device)
             parts["mc_loss"] = F.cross_entropy(mc_logits, gold)
             loss = loss + self.mc_coef * parts["mc_loss"]
-        parts["loss"] = loss
-        self.check_finite(loss)
+        return {"loss": loss, **parts}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        outputs = self.model(**batch, output_hidden_states=self.wants_hidden_states)
+        parts = self.task_loss(batch, outputs)
+        self.check_finite(parts["loss"])
         for name, value in parts.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=rows // self.train_candidates)
-        return loss
+            self.log(f"train/{name}", value, prog_bar=name == "loss",
+                     batch_size=batch["input_ids"].shape[0] // self.train_candidates)
+        return parts["loss"]
 
 
 def _bertscore_location(name_or_path: str) -> str:

@@ -6,7 +6,8 @@
 `prepare_model` loads the frozen teacher (a finished run, a saved model directory, an offline asset
 or hub id, or the run's own model) and returns the student: the teacher cut to its first, alternate
 or every k-th layers, or the run's configured model. `wrap_module` returns `Distill`, the task's own
-module (same metrics, evaluation and optimiser) whose training step adds the teacher's losses. The
+module (same metrics, evaluation and optimiser) whose training step adds the teacher's losses; "task"
+above is the task module's own training loss (the dialog task's: reply LM + next-utterance). The
 teacher is held outside the module's registered children, so it is in no checkpoint and no optimiser.
 
 Layer numbers a user writes are 1-based hidden-state numbers: 1 is the first layer's output (0 would

@@ -73,15 +73,18 @@ def pick_hidden(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], at
     return stacked[torch.arange(stacked.shape[0], device=stacked.device), last_token_index(attention_mask)]
 
 
-def loss_parts(student_out, targets: Targets, batch: dict, spec: TargetSpec, alpha: float, beta: float) -> dict:
-    """The training loss and its parts: task, kd and (pkd) hidden."""
+def loss_parts(student_out, targets: Targets, batch: dict, spec: TargetSpec, alpha: float, beta: float,
+               task_loss: torch.Tensor | None = None) -> dict:
+    """The training loss and its parts: task, kd and (pkd) hidden. `task_loss`: the task's own training
+    loss when it is more than the head's (the dialog task's LM + next-utterance loss); default the head's."""
     mask = batch["attention_mask"] if spec.level == "token" else None
     if targets.top_indices is not None:
         kd = topk_kd_loss(student_out.logits, targets.top_logprobs, targets.top_indices, spec.temperature, mask)
     else:
         kd = kd_loss(student_out.logits, targets.logits, spec.temperature, mask)
-    parts = {"loss_task": student_out.loss, "loss_kd": kd}
-    total = (1 - alpha) * student_out.loss + alpha * kd
+    task = student_out.loss if task_loss is None else task_loss
+    parts = {"loss_task": task, "loss_kd": kd}
+    total = (1 - alpha) * task + alpha * kd
     if spec.hidden:
         student_hidden = pick_hidden(student_out.hidden_states, spec.student_layers, batch["attention_mask"], spec)
         parts["loss_hidden"] = hidden_loss(student_hidden, targets.hidden, mask)

@@ -41,6 +41,10 @@ class Distill(FineTune):
     """The task's module trained against a teacher: same student (`.model`), metrics, evaluation steps
     and optimiser; the training step adds the distillation losses and logs each part.
 
+    The task share of the loss is the task module's own training loss (`task_loss`): the dialog
+    task's keeps its next-utterance (MC) term, and its MC head trains with the student. The teacher
+    has no MC head to distil (a run saves a plain causal LM), so only its token distribution is.
+
     The teacher is kept out of the registered children (set with object.__setattr__): it is in no
     checkpoint, no optimiser and no `.train()`; it is moved to the module's device at fit start.
     """
@@ -50,6 +54,10 @@ class Distill(FineTune):
         object.__setattr__(self, "_task", task)
         super().__init__(task.model, optimizer=task.optimizer_factory, scheduler=task.scheduler_factory)
         self.metrics = task.metrics  # the very metrics the task module built
+        # The task module's trainable parts outside the model (the dialog task's MC head): registered
+        # here, so they are in this module's optimiser, device moves and checkpoint.
+        self.task_heads = nn.ModuleDict({name: child for name, child in task.named_children()
+                                         if name not in ("model", "metrics")})
         object.__setattr__(self, "teacher", teacher)
         self.spec, self.alpha, self.beta = spec, alpha, beta
         self.teacher_dtype = teacher_dtype
@@ -66,6 +74,9 @@ class Distill(FineTune):
 
     def compute_metrics(self, metrics):
         return self._task.compute_metrics(metrics)
+
+    def eval_outputs(self, batch):
+        return self._task.eval_outputs(batch)  # e.g. the dialog task's packed candidate scoring
 
     def setup(self, stage: str) -> None:
         # The task module's own set-up too (the dialog task takes its tokenizer from the data module).
@@ -92,9 +103,17 @@ class Distill(FineTune):
             raise SqueezeError("distillation has neither a teacher nor a teacher cache")
         return teacher_targets(self.teacher, batch, self.spec)
 
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The training loss on `batch` and its parts: loss_task (the task module's own training loss),
+        loss_kd, loss_hidden (pkd), and the task loss's parts (dialog: lm_loss, mc_loss)."""
+        student_out = self.model(**batch, output_hidden_states=self.spec.hidden or self._task.wants_hidden_states)
+        task = self._task.task_loss(batch, student_out)
+        parts = loss_parts(student_out, self.teacher_targets(batch), batch, self.spec, self.alpha, self.beta,
+                           task_loss=task.pop("loss"))
+        return {**parts, **task}
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        student_out = self.model(**batch, output_hidden_states=self.spec.hidden)
-        parts = loss_parts(student_out, self.teacher_targets(batch), batch, self.spec, self.alpha, self.beta)
+        parts = self.losses(batch)
         self.check_finite(parts["loss"])
         size = batch["input_ids"].shape[0]
         for name, value in parts.items():
