@@ -5,6 +5,11 @@ per target) changes about Hydra's cartesian product: the cells, pruned. Batching
 from __future__ import annotations
 
 import re
+import shlex
+
+from squeeze.config import lenient_compressor_settings
+from squeeze.errors import SqueezeError
+
 _SETTING = re.compile(r"^\+{0,2}compress\.([A-Za-z_][\w-]*)\.")
 _CHOICE = re.compile(r"^compress=(.*)$")
 
@@ -30,3 +35,27 @@ def prune_cells(jobs: list[list[str]], default: list[str]) -> list[list[str]]:
             seen.add(tuple(kept))
             cells.append(kept)
     return cells
+
+
+def with_rows(jobs: list[list[str]], rows: list[str], setups: list[str] | None = None) -> list[list[str]]:
+    """Each cell of the sweep once per preset setup and row (`hydra.sweeper.setups` / `rows`: strings of
+    overrides that go together, e.g. "model=gpt2 task=personachat", or "compress=[kd,heads,int8wo]
+    compress.kd.teacher=auto compress.heads.amount=0.1 compress.kd.label=Distil compress.heads.label=90").
+    What a preset's setups or rows set, the command line may not set too (every cell would override it)."""
+    parsed = [[lenient_compressor_settings(shlex.split(str(s))) for s in group] for group in (setups, rows) if group]
+    if not parsed:
+        return jobs
+    preset_keys = {_key(o) for group in parsed for entry in group for o in entry}
+    for job in jobs:
+        clash = [o for o in job if _key(o) in preset_keys]
+        if clash:
+            raise SqueezeError(f"this preset's rows or setups set {_key(clash[0])}, so {clash[0]} on the command "
+                               "line would be overridden in every cell; drop it, or run without the preset")
+    cells = [list(job) for job in jobs]
+    for group in parsed:
+        cells = [[*cell, *entry] for cell in cells for entry in group]
+    return cells
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
