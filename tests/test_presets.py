@@ -1,0 +1,104 @@
+"""The table presets (conf/experiment/<name>.yaml and <name>_offline.yaml) and the sweeper's rows/setups that
+they are made of: every cell of every preset composes and builds its compressor chain; the rows are the
+published tables' rows; the offline variants use only what ships offline."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from squeeze.compress import build_chain
+from squeeze.errors import SqueezeError
+from squeeze.report.aggregate import row_name
+from squeeze.sweeper import prune_cells, with_rows
+
+from conftest import ROOT, compose_cfg, fast, read_result, run_cli
+
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "quick")
+OFFLINE_MODELS = {"minilm", "smollm2", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"}
+OFFLINE_TASKS = {"rotten_tomatoes", "wnut16", "austen", "chatterbot"}
+
+
+def _cells(name: str, tmp_path: Path) -> list[list[str]]:
+    """The cells `python train.py -m experiment=<name>` runs (the sweeper's expansion, without launching)."""
+    sweeper = compose_cfg("train", [f"experiment={name}"], tmp_path).hydra.sweeper
+    grid = [[f"{k}={v}" for v in str(values).split(",")] for k, values in (sweeper.params or {}).items()]
+    jobs = [[f"experiment={name}", *c] for c in itertools.product(*grid)]
+    return prune_cells(with_rows(jobs, list(sweeper.rows or []), list(sweeper.setups or [])), default=[])
+
+
+def _value(cell: list[str], key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in cell if o.split("=", 1)[0].lstrip("+") == key), None)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_cell_of_a_preset_composes_and_builds_its_chain(name, tmp_path):
+    _check_preset(name, tmp_path)
+
+
+def _check_preset(name: str, tmp_path: Path) -> list[str]:
+    """Compose a preset's cells and build their chains; its row names (of its first model × task)."""
+    cells = _cells(name, tmp_path)
+    assert cells
+    names = []
+    pairs = sorted({(_value(c, "model"), _value(c, "task")) for c in cells})
+    first = [c for c in cells if (_value(c, "model"), _value(c, "task")) == pairs[0]]
+    for cell in first:  # one model × task's rows fully; the others differ only in model= and task=
+        cfg = compose_cfg("train", cell, tmp_path)
+        chain = build_chain(cfg.compress)
+        names.append(row_name("+".join(c.name for c in chain) or "none", "", {c.name: c.label for c in chain if c.label}))
+    names = list(dict.fromkeys(names))  # an lr or seed grid repeats a row: its cells are averaged
+    rows = compose_cfg("train", [f"experiment={name}"], tmp_path).hydra.sweeper.rows
+    assert len(names) == len(rows), names  # every row its own name
+    if name.endswith("_offline"):
+        assert {m for m, _ in pairs} <= OFFLINE_MODELS and {t for _, t in pairs} - {"lambada"} <= OFFLINE_TASKS
+        if "lambada" in {t for _, t in pairs}:  # LAMBADA's protocol on local text
+            assert compose_cfg("train", first[0], tmp_path).task.data.data_files is not None
+    else:
+        hub = compose_cfg("train", [f"experiment={name}"], tmp_path.parent / "hub")
+        assert hub.hydra.sweep.dir == f"multirun/{name}"
+    return names
+
+
+def test_the_presets_hold_the_published_tables_rows(tmp_path):
+    rows = _check_preset("gpt2_compression_offline", tmp_path)
+    assert rows == ["none", "Distil", "AH90", "AH80", "8b", "4b", "Distil+8b", "Distil+4b", "Distil+90+8b",
+                    "Distil+80+4b"]
+    hub = _cells("gpt2_compression", tmp_path)
+    assert len(hub) == 10 * 5 * 3  # rows × (GPT-2 S/L/XL, OPT-125m, DistilGPT-2) × (WikiText-2, C4, LAMBADA)
+    best = _cells("best_way_to_squeeze", tmp_path)
+    assert len(best) == 3 * 3 * 5  # lr grid × (IMDB, CoNLL-2003, Persona-Chat) × rows
+    assert {(_value(c, "model"), _value(c, "task")) for c in best} == {
+        ("bert-base-uncased", "imdb"), ("bert-base-uncased", "conll2003"), ("gpt2", "personachat")}
+    cfg = compose_cfg("train", best[1], tmp_path)
+    assert cfg.callbacks.energy.co2 == "eea" and cfg.callbacks.energy.pue == 1.59
+    assert cfg.compress.pkd.teacher == "auto" and list(cfg.compress.pkd.teacher_best_of["optimizer.lr"]) == [2e-5, 3e-5, 5e-5]
+    rates = _check_preset("pruning_rates_offline", tmp_path)
+    assert rates == ["none", "pr-0.1", "pr-0.3", "pr-0.5"]
+
+
+def test_rows_and_setups_cross_the_sweep_and_the_command_line_may_not_set_what_they_set():
+    jobs = [["seed=1"], ["seed=2"]]
+    cells = with_rows(jobs, ["compress=none", "compress=[kd,dq] compress.kd.label=D"], ["model=a task=x", "model=b task=y"])
+    assert len(cells) == 8
+    assert cells[1] == ["seed=1", "model=a", "task=x", "compress=[kd,dq]", "++compress.kd.label=D"]
+    assert with_rows(jobs, [], None) == jobs
+    with pytest.raises(SqueezeError, match="rows or setups set compress"):
+        with_rows([["compress=imp"]], ["compress=none"])
+    with pytest.raises(SqueezeError, match="set model"):
+        with_rows([["model=gpt2"]], ["compress=none"], ["model=a task=x"])
+
+
+def test_rows_given_on_the_command_line_run_as_labelled_report_rows(tmp_path):
+    rows = '["compress=none","compress=dq compress.dq.label=DQ8","compress=int8wo compress.int8wo.label=W8"]'
+    done = run_cli("train.py", ["-m", "model=tiny_bert", "task=rotten_tomatoes", f"hydra.sweeper.rows={rows}",
+                                "trainer.max_steps=2", *fast("rotten_tomatoes"), "perf=null",
+                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [read_result(d) for d in sorted((tmp_path / "sweep").glob("*_*/"))]
+    assert [(r["choices"]["compress"], r["compress"].get(r["choices"]["compress"], {}).get("label")) for r in records] \
+        == [("none", None), ("dq", "DQ8"), ("int8wo", "W8")]
+    from squeeze.report import build
+    build([tmp_path / "sweep"], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| DQ8 |" in text and "| W8 |" in text
