@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.squeeze-installed
 
-.PHONY: demo test test-slow assets setup clean
+.PHONY: demo test test-slow preset assets setup clean
 
 demo: assets
 	$(PY) train.py
@@ -13,6 +13,12 @@ test: assets
 
 test-slow: assets
 	$(PY) -m pytest -m slow
+
+# A table preset end to end: make preset NAME=gpt2_compression_offline (conf/experiment/<NAME>.yaml)
+preset: assets
+	@test -n "$(NAME)" || (echo "give NAME=<a conf/experiment preset>, e.g. NAME=pruning_rates_offline"; exit 2)
+	$(PY) train.py -m experiment=$(NAME)
+	$(PY) -m squeeze.report multirun/$(NAME)
 
 assets: setup
 	$(PY) -m squeeze.assets fetch
