@@ -338,7 +338,8 @@ def _distil(run_dir: Path, name: str, teacher, *extra: str, task: str = "rotten_
 def pkd_run(teacher_run, tmp_path_factory):
     """pkd from the finished teacher run into a 2-layer student, the teacher run on the fly."""
     run_dir = tmp_path_factory.mktemp("pkd") / "run"
-    record, spy = _distil(run_dir, "pkd", teacher_run, "compress.pkd.student.layers=2")
+    # The live teacher (the cache, on by default for classification, drops it once built: tested below).
+    record, spy = _distil(run_dir, "pkd", teacher_run, "compress.pkd.student.layers=2", "compress.pkd.teacher_cache=false")
     return run_dir, record, spy
 
 
@@ -523,3 +524,12 @@ def test_missing_teacher_fails_the_run_before_training(tmp_path):
         run.train(cfg)
     record = read_result(tmp_path / "run")
     assert record["status"] == "failed" and record["train_seconds"] is None
+
+
+def test_the_teacher_cache_is_on_by_default_where_its_targets_are_exact():
+    assert Distillation(head="sequence_classification").teacher_cache is True
+    assert Distillation(head="token_classification").teacher_cache is True
+    assert Distillation(head="causal_lm").teacher_cache is False  # top-k targets: an approximation, opt in
+    assert Distillation(head="sequence_classification", teacher_cache=False).teacher_cache is False
+    with pytest.raises(SqueezeError, match="teacher_cache='yes'"):
+        Distillation(teacher_cache="yes")

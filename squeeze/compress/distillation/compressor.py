@@ -28,6 +28,8 @@ from squeeze.record import dir_bytes
 
 log = logging.getLogger("squeeze")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# Heads whose teacher targets a cache holds exactly (one output per example, whatever the batch): teacher_cache=auto.
+EXACT_CACHE = {"sequence_classification": True, "token_classification": True}
 
 
 class Distillation(Compressor):
@@ -45,7 +47,9 @@ class Distillation(Compressor):
     student        {layers: N (None = half the teacher's), init: first|alternate|skip|[layers],
                     from: teacher (cut from it) | model (the run's configured model, same tokenizer)}
     teacher_dtype  float32 | bfloat16 | float16, used on GPU only (CPU keeps float32)
-    teacher_cache  compute the teacher's outputs once into cache_dir (default $SQUEEZE_CACHE/teacher_outputs)
+    teacher_cache  compute the teacher's outputs once into cache_dir (default $SQUEEZE_CACHE/teacher_outputs);
+                   auto: on where the cached targets are the live ones (classification, NER: one frozen
+                   teacher output per example), off for language modelling (top-k targets) and dialog
     top_k          causal LM: the teacher's distribution kept to its top-k tokens plus the rest (None: all)
     head           the task's head (set from the config)
     family         ignored: the pooled position now comes from the model's family adapter (accepted so
@@ -65,7 +69,7 @@ class Distillation(Compressor):
         strategy: str | Sequence[int] = "skip",
         student: dict[str, Any] | None = None,
         teacher_dtype: str = "float32",
-        teacher_cache: bool = False,
+        teacher_cache: bool | str = "auto",
         cache_dir: str | None = None,
         top_k: int | None = 64,
         head: str = "sequence_classification",
@@ -82,7 +86,9 @@ class Distillation(Compressor):
         self.student_init = student.get("init") or "first"
         self.student_from = student.get("from") or "teacher"
         self.teacher_dtype = teacher_dtype
-        self.teacher_cache = bool(teacher_cache)
+        if teacher_cache not in (True, False, "auto"):
+            raise SqueezeError(f"teacher_cache={teacher_cache!r} is not true, false or auto")
+        self.teacher_cache = EXACT_CACHE.get(head, False) if teacher_cache == "auto" else bool(teacher_cache)
         self.cache_dir = cache_dir
         self.top_k = int(top_k) if top_k and head == "causal_lm" else None
         self.head = head
