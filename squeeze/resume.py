@@ -47,16 +47,26 @@ CSV_ROWS_KEY = "squeeze_csv_rows"  # rows metrics.csv held when the checkpoint w
 
 
 # -- where to resume from ---------------------------------------------------------------------------
+SHARDED_META = "meta.pt"
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest of <run_dir>/checkpoints/last.ckpt and Lightning's <run_dir>/hpc_ckpt_N.ckpt, or None."""
     run_dir = Path(run_dir)
-    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob(HPC_GLOB)] if p.is_file()]
+    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob(HPC_GLOB)] if p.is_file() or is_sharded(p)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint (hardware=fsdp, state_dict_type=sharded): a directory of per-rank shards and the
+    trainer's own state in meta.pt, as Lightning's FSDP strategy writes it."""
+    return (Path(path) / SHARDED_META).is_file()
 
 
 def checkpoint_position(path: str | Path) -> dict[str, Any]:
     """The optimizer step and epoch a checkpoint holds (memory-mapped: the tensors are not read)."""
-    ckpt = torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
+    file = Path(path) / SHARDED_META if is_sharded(path) else Path(path)
+    ckpt = torch.load(str(file), map_location="cpu", mmap=True, weights_only=False)
     return {"checkpoint": str(path), "step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
             "csv_rows": ckpt.get(CSV_ROWS_KEY)}
 

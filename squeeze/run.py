@@ -101,6 +101,8 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
         finally:
             resume.signals.fitting = False
             record["train_seconds"] = time.perf_counter() - start
+        if all(c.test_best_checkpoint for c in chain):
+            _restore_sharded_best(trainer)  # hardware=fsdp: a sharded best checkpoint loads while still sharded
         sharding.gather(trainer, module)  # hardware=fsdp: the whole model again, for what follows fit
         record["train_tokens"] = getattr(module, "train_tokens", None)
         record["train_tokens_per_s"] = measure.tokens_per_s(record["train_tokens"], record["train_seconds"])
@@ -338,11 +340,18 @@ def _best_validation(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any] | No
     return {"monitor": cfg.task.monitor, "mode": cfg.task.monitor_mode, "best": float(score)}
 
 
+def _restore_sharded_best(trainer: L.Trainer) -> None:
+    callback = _model_checkpoint(trainer)
+    best = callback.best_model_path if callback else ""
+    if best and resume.is_sharded(best):
+        trainer.strategy.load_checkpoint(best)  # every rank its own shard; then gathered like the last weights
+
+
 def _restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
     """Load the best validation checkpoint's weights (if one was kept) into the module."""
     callback = _model_checkpoint(trainer)
     best = callback.best_model_path if callback else ""
-    if best and Path(best).exists():
+    if best and Path(best).is_file():
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
 
