@@ -22,6 +22,8 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -162,6 +164,27 @@ def merged_energy(baseline: dict[str, Any] | None, own: dict[str, Any] | None) -
     phases = {**{f"baseline_{k}": v for k, v in (baseline.get("phases") or {}).items()}, **(own.get("phases") or {})}
     kwh = float(baseline.get("kwh") or 0.0) + float(own.get("kwh") or 0.0)
     return {**own, "kwh": kwh, "co2_kg": kwh * float(own.get("co2_kg_per_kwh") or 0.0), "phases": phases}
+
+
+def spent(base: Baseline, own_energy: dict[str, Any] | None, own_train_seconds: float = 0.0):
+    """What this cell cost: its own work, plus the baseline's training when this cell did it."""
+    train = own_train_seconds + (float(base.record.get("train_seconds") or 0.0) if base.trained_here else 0.0)
+    kwh = (own_energy or {}).get("kwh")
+    if base.trained_here and (base.record.get("energy") or {}).get("kwh") is not None:
+        kwh = float(kwh or 0.0) + float(base.record["energy"]["kwh"])
+    factor = (own_energy or base.record.get("energy") or {}).get("co2_kg_per_kwh")
+    return {"train_seconds": train, "kwh": kwh, "co2_kg": None if kwh is None or factor is None else kwh * factor}
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """A copy made of hard links where the file system allows (no second copy of the weights on disk)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=link)
 
 
 @contextlib.contextmanager

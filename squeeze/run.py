@@ -2,7 +2,8 @@
 
 config → model spec + task compatibility → tokenizer → data module → model (head from the task)
 → LightningModule → callbacks, loggers, Trainer → fit → test (best checkpoint) → save the model
-→ result.json (atomically) → loggers closed. A failure at any step is written into result.json
+→ result.json (atomically) → loggers closed. In a sweep, a chain that trains nothing starts instead from
+the stored fine-tuned baseline (squeeze.baselines, trained once), as evaluate.py would from a finished run. A failure at any step is written into result.json
 with status "failed"; in a sweep the next cell then runs, alone it ends the program with one line.
 
 Beside it: squeeze.guard (the record written whatever happens, loggers closed, the one-line exit),
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -127,7 +127,7 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
         _save_model(module.model, tokenizer, run_dir, record)
         _measure(cfg, trainer, module.model, data, record)
     if teacher is not None:
-        record["spent"] = _spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
+        record["spent"] = baselines.spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
     return record
 
 
@@ -168,24 +168,14 @@ def _on_stored_baseline(cfg: DictConfig, chain, record: dict[str, Any], run_dir:
         cfg.ckpt = str(base.dir)
     _evaluate(cfg, record, run_dir)
     if not chain:  # the baseline row itself: its model in its run directory too (evaluate.py ckpt=<this cell>)
-        _link_tree(base.dir / MODEL_DIR, run_dir / MODEL_DIR)
+        baselines.link_tree(base.dir / MODEL_DIR, run_dir / MODEL_DIR)
     own_energy = record.get("energy")
     record.update(baseline=base.summary(), train_seconds=base.record.get("train_seconds"),
                   train_tokens=base.record.get("train_tokens"), train_tokens_per_s=base.record.get("train_tokens_per_s"),
                   validation=base.record.get("validation"),
                   energy=baselines.merged_energy(base.record.get("energy"), own_energy))
-    record["spent"] = _spent(base, own_energy)
+    record["spent"] = baselines.spent(base, own_energy)
     return record
-
-
-def _spent(base: baselines.Baseline, own_energy: dict[str, Any] | None, own_train_seconds: float = 0.0):
-    """What this cell cost: its own work, plus the baseline's training when this cell did it."""
-    train = own_train_seconds + (float(base.record.get("train_seconds") or 0.0) if base.trained_here else 0.0)
-    kwh = (own_energy or {}).get("kwh")
-    if base.trained_here and (base.record.get("energy") or {}).get("kwh") is not None:
-        kwh = float(kwh or 0.0) + float(base.record["energy"]["kwh"])
-    factor = (own_energy or base.record.get("energy") or {}).get("co2_kg_per_kwh")
-    return {"train_seconds": train, "kwh": kwh, "co2_kg": None if kwh is None or factor is None else kwh * factor}
 
 
 def _auto_teachers(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> baselines.Baseline | None:
@@ -208,17 +198,6 @@ def _auto_teachers(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> ba
         record["baseline"] = base.summary()
         teacher = base
     return teacher
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    """A copy made of hard links where the file system allows (no second copy of the weights on disk)."""
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, copy_function=link)
 
 
 def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
