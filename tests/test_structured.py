@@ -381,3 +381,15 @@ def test_iterative_pruning_that_cannot_finish_is_refused(tmp_path):
                                         "compress.heads.iterations=3", "compress.heads.every_n_steps=10"], tmp_path)
     with pytest.raises(SqueezeError, match="comes at step 20, but the run trains 3 steps"):
         run.train(cfg)
+
+
+def test_a_fraction_that_rounds_to_no_head_says_so(caplog):
+    from squeeze.compress.structured.heads import HeadPruning
+
+    model, tokenizer = build_tiny("tiny_llama", "causal_lm")
+    groups = model.config.num_key_value_heads
+    pruner = HeadPruning(amount=0.4 / groups, method="magnitude")  # under half a group per layer
+    with caplog.at_level("WARNING", logger="squeeze"):
+        pruner.prepare_model(model, tokenizer)
+    assert "removes nothing" in caplog.text
+    assert pruner.summary()["heads_per_layer_before"] == [model.config.num_attention_heads] * model.config.num_hidden_layers

@@ -129,6 +129,11 @@ class HeadPruning(Compressor):
             s = adapter.shape(layers[i][1])
             targets[i] = units_to_remove(self.amount, s.kv_heads, s.group, f"{what}.amount",
                                          f"the {s.heads} heads of layer {i}")
+        if self.amount and not any(targets.values()):
+            s = adapter.shape(layers[chosen[0]][1])
+            log.warning("%s.amount=%s removes nothing: a fraction of %d %s per layer rounds to 0 (the nearest whole "
+                        "unit); give a larger fraction or a count", what, self.amount, s.kv_heads,
+                        "key/value groups" if s.group > 1 else "heads")
         planned = [HeadLayout((s.kv_heads - targets.get(i, 0)) * s.group, s.kv_heads - targets.get(i, 0), s.head_dim,
                               s.intermediate) for i, s in enumerate(adapter.shape(l) for _, l in layers)]
         check_expressible(model, adapter, planned, what)
