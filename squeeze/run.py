@@ -132,9 +132,10 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
 
 
 def _reuses_baseline(cfg: DictConfig, chain) -> bool:
-    """A chain that trains nothing (none, dq, int8wo, gptq, ...) applied after plain fine-tuning: in a sweep
-    (or with baseline.reuse=true) that fine-tuned model comes from the baseline store, trained once."""
-    if any(c.trains for c in chain) or cfg.trainer.get("max_steps", -1) == 0:
+    """A chain whose compressors all act on the fine-tuned weights (none, dq, int8wo, int4wo, smoothquant, gptq,
+    wanda, sparsegpt): in a sweep (or with baseline.reuse=true) that fine-tuned model comes from the baseline
+    store, trained once. rows and heads prune before fine-tuning, so they fine-tune their own model."""
+    if not all(c.after_training for c in chain) or cfg.trainer.get("max_steps", -1) == 0:
         return False
     if cfg.get("ckpt_path") not in (None, "last_or_new"):  # resuming this cell's own checkpoint on purpose
         return False

@@ -97,13 +97,15 @@ def test_bad_reuse_setting_is_named():
 
 def test_one_sweep_fine_tunes_once_and_quantizes_and_distils_that_model(tmp_path):
     store = tmp_path / "store"
-    done = run_cli("train.py", ["-m", "model=tiny_bert", "task=rotten_tomatoes", "compress=none,dq,kd",
+    done = run_cli("train.py", ["-m", "model=tiny_bert", "task=rotten_tomatoes", "compress=none,dq,kd,rows",
                                 "compress.kd.teacher=auto", "compress.kd.student.layers=1", "trainer.max_steps=3",
                                 *fast("rotten_tomatoes"), "perf=null", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                                 f"baseline.store_dir={store}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    none, dq, kd = [read_result(d) for d in sorted((tmp_path / "sweep").glob("*_*/"))]
-    assert [r["status"] for r in (none, dq, kd)] == ["ok"] * 3
+    none, dq, kd, rows = [read_result(d) for d in sorted((tmp_path / "sweep").glob("*_*/"))]
+    assert [r["status"] for r in (none, dq, kd, rows)] == ["ok"] * 4
+    # rows prunes before fine-tuning: it fine-tunes its own model, it does not start from the stored one.
+    assert "baseline" not in rows and rows["compress"]["rows"]["params_after"] < rows["compress"]["rows"]["params_before"]
     entries = [d for d in store.iterdir() if d.is_dir()]
     assert len(entries) == 1  # fine-tuned once for the three cells
     entry = str(entries[0])

@@ -49,6 +49,9 @@ class Compressor(L.Callback):
     replaces_objective: bool = False  # wrap_module returns a module with another loss (distillation)
     float_weights: bool = False  # works on float weights: comes before every integer_weights compressor
     trained_after: bool = False  # set by check_order: a later compressor of the chain trains
+    # Acts only on the fine-tuned weights (at finalize), so applying it to a stored fine-tuned model is the
+    # same run (squeeze.baselines). Not so for what prunes before fine-tuning (rows, heads) or trains.
+    after_training: bool = False
     # The weights tested and saved: the best validation checkpoint, or the last weights. Pruning
     # wants the last ones: an early "best" checkpoint has not reached the target sparsity yet.
     test_best_checkpoint: bool = True

@@ -300,6 +300,8 @@ class Calibrated(Compressor):
     hands it its data module (`calibrate_with`); `use_batches` hands it ready batches instead
     (benchmarks, tests)."""
 
+    after_training = True
+
     def __init__(self):
         self._data = None
         self._settings = dict(CALIBRATION)

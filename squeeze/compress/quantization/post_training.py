@@ -15,6 +15,8 @@ class DynamicQuantization(_Quantization):
     """Post-training dynamic int8 (`compress=dq`): int8 weights; activations quantized on each call.
     `backend=fbgemm` (torch's CPU kernel, the fastest here) or `torchao` (also on GPU)."""
 
+    after_training = True
+
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
                  backend: str = "fbgemm", embeddings: bool = True, exclude: Sequence[str] = (),
                  lm_head: bool = True):
@@ -63,6 +65,8 @@ class DynamicQuantization(_Quantization):
 class WeightOnlyQuantization(_Quantization):
     """Post-training weight-only quantization (`compress=int8wo`, `compress=int4wo`): integer weights
     with per-channel or group-wise scales; activations stay in float."""
+
+    after_training = True
 
     def finalize(self, model):
         return self.convert(model)
