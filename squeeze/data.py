@@ -513,8 +513,11 @@ class LastWordData(LanguageModelingData):
             return super().encode(rows, split)
         if self.text_column not in rows.column_names:
             raise SqueezeError(f"the data has no column {self.text_column!r} (has {rows.column_names})")
-        out, cut, targets = [], 0, 0
+        out, cut, targets, blank = [], 0, 0, 0
         for i, text in enumerate(rows[self.text_column]):
+            if not str(text or "").strip():  # a local text file's blank lines separate passages; they are none
+                blank += 1
+                continue
             try:
                 ids, start, truncated = encode_last_word(self.tokenizer, str(text or ""), self.passage_length)
             except ValueError as e:
@@ -523,7 +526,9 @@ class LastWordData(LanguageModelingData):
             cut += truncated
             targets += len(ids) - start
         self.scored_tokens[split] = sum(len(x["input_ids"]) - 1 for x in out)
-        self.passages[split] = {"passages": len(out), "target_tokens": targets, "truncated": cut}
+        if not out:
+            raise SqueezeError(f"the {split} split has no passage with text ({blank} blank); check task.data.data_files")
+        self.passages[split] = {"passages": len(out), "target_tokens": targets, "truncated": cut, "blank_skipped": blank}
         return out
 
     def collate(self, features):

@@ -97,14 +97,16 @@ def test_last_word_accuracy_and_perplexity_match_hand_computation():
     assert out["last_word_perplexity"].item() == pytest.approx(math.exp(sum(word_nll) / 4), rel=1e-5)
     assert out["perplexity"].item() == pytest.approx(math.exp(-sum(token_logp) / len(token_logp)), rel=1e-5)
     assert data.scored_tokens["test"] == len(token_logp)
-    assert data.passages["test"] == {"passages": 4, "target_tokens": 10, "truncated": 0}
+    assert data.passages["test"] == {"passages": 4, "target_tokens": 10, "truncated": 0, "blank_skipped": 0}
     assert data.protocol_record["protocol"] == "last_word"
 
 
-def test_a_passage_without_a_word_is_named():
+def test_blank_lines_are_no_passages_and_a_split_of_only_blanks_is_named():
     data = LastWordData(CharTokenizer(), source="json", block_size=8)
-    with pytest.raises(SqueezeError, match="test passage 1"):
-        data.encode(Rows(["ab ca", "   "]), "test")
+    encoded = data.encode(Rows(["ab ca", "   ", "", "b cab"]), "test")  # a text file's blank lines
+    assert len(encoded) == 2 and data.passages["test"]["blank_skipped"] == 2
+    with pytest.raises(SqueezeError, match="no passage with text"):
+        data.encode(Rows(["  ", ""]), "test")
 
 
 def test_gpt2_tokens_of_the_target_are_the_word_with_its_space(tmp_path):
