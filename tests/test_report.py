@@ -477,3 +477,12 @@ def test_wandb_offline_run_holds_the_tables_and_plots(sweep, tmp_path, monkeypat
     assert len(images) == 6  # five for tiny_bert × rotten_tomatoes, one for tiny_gpt2 × austen
     [log] = run.glob("*.wandb")
     assert b"report/tiny_bert-rotten_tomatoes" in log.read_bytes()  # the key, in the run's record log
+
+
+def test_expected_validation_needs_more_than_one_cell_a_row(tmp_path):
+    root = tmp_path / "multirun" / "one_each"
+    write_cell(root, "0", chain="none", quality=0.80, seed=0, size_mb=100, validation=0.81)
+    write_cell(root, "1", chain="dq", quality=0.79, seed=0, size_mb=30, validation=0.81)
+    (group,) = report.build([root], tmp_path / "out").groups
+    assert "expected validation performance" not in group.plots
+    assert any(s.startswith("expected validation performance (one cell per row") for s in group.skipped_plots)

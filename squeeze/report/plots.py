@@ -48,7 +48,10 @@ def draw_plots(group: Group, plot_dir: Path) -> None:
     for c in ok:
         if c["validation_best"] is not None:
             values.setdefault(label(c), []).append(float(c["validation_best"]))
-    if values:
+    if values and max(len(v) for v in values.values()) < 2:
+        # The curve is the expected best of n tried settings: with one cell a row it is a single point each.
+        group.skipped_plots.append("expected validation performance (one cell per row: it needs seeds or lrs)")
+    elif values:
         n_max = max(len(v) for v in values.values())
         curves = {chain: expected_validation_curve(values[chain], group.mode, n_max) for chain in chains
                   if chain in values}
