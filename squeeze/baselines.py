@@ -133,6 +133,9 @@ def obtain(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], d
     if record.get("status") != "ok":
         raise SqueezeError(f"the fine-tuned baseline this cell needs failed to train ({record.get('error')}); "
                            f"its record is {entry / 'result.json'}; fix that and rerun (it resumes)")
+    # A finished entry is its model/: the Lightning checkpoints (weights + optimizer state, 3× the model) only
+    # served resuming its training.
+    shutil.rmtree(entry / "checkpoints", ignore_errors=True)
     return Baseline(entry, key, record, trained_here=True)
 
 

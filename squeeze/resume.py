@@ -18,9 +18,11 @@ the epoch are the loader's state_dict (below); dropout's RNG is saved here.
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -37,7 +39,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-from squeeze.errors import Interrupted
+from squeeze.errors import Interrupted, SqueezeError
 
 log = logging.getLogger("squeeze")
 LAST = "last.ckpt"
@@ -72,6 +74,14 @@ def checkpoint_position(path: str | Path) -> dict[str, Any]:
 
 
 # -- atomic saving ----------------------------------------------------------------------------------
+def out_of_space(error: BaseException) -> bool:
+    """A write that failed because the disk is full: ENOSPC, or torch's zip writer saying so its own way."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temp file beside the target, fsync, then os.replace: a kill at any moment leaves
     the previous checkpoint loadable. (Lightning's own _atomic_save serialises into memory and commits an
@@ -90,8 +100,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
+            written = tmp.stat().st_size if tmp.exists() else 0
             tmp.unlink(missing_ok=True)
+            if out_of_space(e):
+                free = shutil.disk_usage(path.parent).free
+                raise SqueezeError(
+                    f"disk full while saving checkpoint {path} ({written / 2**20:.0f} MiB written, {free / 2**20:.0f} "
+                    "MiB free now); the previous checkpoint is intact. Free space (old multirun/ and outputs/ "
+                    "checkpoints/ folders), or write runs elsewhere with hydra.run.dir / hydra.sweep.dir") from e
             raise
         try:  # the rename itself survives a power cut only once the directory is synced
             fd = os.open(path.parent, os.O_RDONLY)

@@ -401,9 +401,11 @@ def _save_model(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         formats.save(model, tokenizer, tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SqueezeError(f"could not save the model to {final} ({e.strerror or e}); free disk space and "
+        if not (isinstance(e, OSError) or resume.out_of_space(e)):
+            raise
+        raise SqueezeError(f"could not save the model to {final} ({getattr(e, 'strerror', None) or e}); free disk space and "
                            f"evaluate the checkpoint in {run_dir / 'checkpoints'}") from e
     old = run_dir / f".{MODEL_DIR}.old"
     if final.exists():

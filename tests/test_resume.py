@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,13 +192,35 @@ def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_faile
     assert run.train(_cell([*common, "rerun_failed=true"], failed))["status"] == "ok"
 
 
+def test_disk_full_while_saving_a_checkpoint_is_named_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from squeeze.resume import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1632145728 vs 1632145616")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SqueezeError, match="disk full while saving checkpoint .*last.ckpt.*previous checkpoint is intact"):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False) == {"step": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
 def test_a_killed_stored_baseline_resumes_from_its_own_checkpoint(tmp_path):
     common = [*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", f"baseline.store_dir={tmp_path / 'store'}"]
     first = run.train(_cell(common, tmp_path / "0_none"))
     entry = Path(first["baseline"]["dir"])
-    assert first["status"] == "ok" and first["baseline"]["trained_here"] and (entry / "checkpoints/last.ckpt").is_file()
+    assert first["status"] == "ok" and first["baseline"]["trained_here"]
+    assert not (entry / "checkpoints").exists() and (entry / "model").is_dir()  # a finished entry keeps its model
+    # As if killed -9 after its step-4 checkpoint: the record says running and the checkpoint is there.
     stored = read_result(entry)
-    (entry / "result.json").write_text(json.dumps({**stored, "status": "running"}))  # as if killed -9
+    assert run.train(_cell([*common, "baseline.reuse=false"], tmp_path / "own"))["status"] == "ok"  # the same training
+    shutil.copytree(tmp_path / "own" / "checkpoints", entry / "checkpoints")
+    (entry / "result.json").write_text(json.dumps({**stored, "status": "running"}))
     again = run.train(_cell(common, tmp_path / "1_again"))
     assert again["status"] == "ok" and again["baseline"]["trained_here"]  # the store had no finished entry
     assert read_result(entry)["resumed_from"]["step"] == 4  # it went on from its own last.ckpt
