@@ -1,6 +1,7 @@
 """Bad input of the kinds a new user tries first: one line naming the fix, exit code 2, no traceback;
 and a single file scored by evaluate.py without the other splits."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,17 @@ def test_carving_needs_a_row_for_each_side(tmp_path):
     ("task.data.max_examples.train=-1", "task.data.max_examples.train"),
 ])
 def test_non_positive_counts_are_refused_before_loading(tmp_path, override, key):
-    done = run_cli("train.py", ["model=tiny_bert", "task=rotten_tomatoes", override,
+    cfg = compose_cfg("train", ["model=tiny_bert", "task=rotten_tomatoes", override], tmp_path)
+    with pytest.raises(SqueezeError, match=f"^{re.escape(key)}=.*give"):
+        run.train(cfg)
+    assert read_result(tmp_path)["status"] == "failed"  # recorded before anything loaded
+
+
+def test_a_refused_count_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    done = run_cli("train.py", ["model=tiny_bert", "task=rotten_tomatoes", "trainer.max_steps=-5",
                                 f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     line = _one_line_exit_2(done)
-    assert line.startswith(f"error: {key}=") and "give" in line
+    assert line.startswith("error: trainer.max_steps=") and "give" in line
 
 
 def test_accepted_counts_pass():
