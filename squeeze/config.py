@@ -1,10 +1,13 @@
-"""The resolvers squeeze's YAML uses, registered when the package is imported (before Hydra composes)."""
+"""The resolvers squeeze's YAML uses and the sweeper's config schema, registered when the package is imported
+(before Hydra composes); the run-wide checks on settings."""
 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 
@@ -32,6 +35,22 @@ def run_group() -> str:
 
 if not OmegaConf.has_resolver("run_group"):
     OmegaConf.register_new_resolver("run_group", run_group)
+
+
+@dataclass
+class SqueezeSweeperConf:
+    """hydra/sweeper=squeeze (train.yaml selects it): Hydra's basic sweeper's settings plus a preset's rows and
+    setups (hydra_plugins/squeeze_sweeper). Registered here, on import of squeeze, so that it is known before
+    Hydra composes however the entry point was started."""
+
+    _target_: str = "hydra_plugins.squeeze_sweeper.SqueezeSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+    rows: Optional[List[str]] = None  # each a string of overrides that go together (one report row)
+    setups: Optional[List[str]] = None  # each a string of overrides (a model × task pair), crossed with rows
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=SqueezeSweeperConf, provider="squeeze")
 
 
 # -- run-wide settings, checked before anything loads ------------------------------------------------

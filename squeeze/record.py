@@ -133,7 +133,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a result is for everyone to read
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+            json.dump(data, f, indent=2, sort_keys=False, default=jsonable)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -144,7 +144,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # tensors and numpy scalars
         return value.item()
     if isinstance(value, Path):

@@ -14,6 +14,7 @@ This module and the entry points are the only code that knows Hydra.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import time
@@ -41,7 +42,7 @@ from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
 from squeeze.guard import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
-from squeeze.record import dir_bytes, new_record, read_record, write_record
+from squeeze.record import dir_bytes, jsonable, new_record, read_record, write_record
 from squeeze.summary import print_summary  # noqa: F401  the entry points' API: run.print_summary(record)
 
 log = logging.getLogger("squeeze")
@@ -530,11 +531,7 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
         previous = _previous_cell(cfg, run_dir)
         if previous is not None:
             return previous
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # e.g. an asset path resolver failing: record what we can
-        config = OmegaConf.to_container(cfg, resolve=False)
-        log.warning("config did not fully resolve: %s", e)
+    config = _resolved(cfg)
     record = new_record(run_dir, choices, config, cfg.get("seed"))
     if guard._is_global_zero():
         write_record(run_dir, record)  # status "running": a killed run is told from one that never started
@@ -542,12 +539,41 @@ def _guarded(cfg: DictConfig, body) -> dict[str, Any]:
         return guard.guarded(lambda: body(cfg, record, run_dir), record, run_dir, multirun=multirun)
 
 
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as result.json records it."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # e.g. an asset path resolver failing: record what we can
+        log.warning("config did not fully resolve: %s", e)
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _same_cell(config: dict[str, Any]) -> str:
+    """A cell's config as result.json holds it (JSON), without what only steers this invocation (resuming,
+    rerunning failed cells)."""
+    kept = {k: v for k, v in config.items() if k not in ("ckpt_path", "rerun_failed", "hydra")}
+    return json.dumps(kept, sort_keys=True, default=jsonable)
+
+
 def _previous_cell(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """A sweep rerun in the same sweep directory: a finished cell is skipped (its record returned), a failed one
-    too unless rerun_failed=true, and an interrupted or killed one resumes from its newest checkpoint."""
+    too unless rerun_failed=true, and an interrupted or killed one resumes from its newest checkpoint. A cell
+    whose directory holds a run of another config (a preset's row edited, then rerun into its fixed sweep
+    directory) is not that cell: the old directory is moved aside, kept, and the cell runs afresh."""
     try:
-        status = read_record(run_dir).get("status")
+        previous = read_record(run_dir)
+        status = previous.get("status")
     except (OSError, ValueError):
+        return None
+    if previous.get("config") is not None and _same_cell(previous["config"]) != _same_cell(_resolved(cfg)):
+        # Hydra's own files (.hydra/, the job's log) stay; the run's outputs move into a kept folder.
+        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for item in run_dir.iterdir():
+            if item != aside and item.name not in (".hydra",) and not item.name.endswith(".log"):
+                item.rename(aside / item.name)
+        log.info("cell %s: its directory held a run of another config (now in %s); running the cell afresh",
+                 run_dir.name, aside)
         return None
     if status == "ok" or (status == "failed" and not cfg.get("rerun_failed")):
         log.info("cell %s: %s before, skipped%s", run_dir.name, "finished" if status == "ok" else "failed",

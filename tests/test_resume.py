@@ -178,7 +178,9 @@ def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_faile
     # A cell killed -9 after its step-4 checkpoint: its record still says "running".
     run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "baseline.reuse=false"], killed))
     record = read_result(killed)
-    (killed / "result.json").write_text(json.dumps({**record, "status": "running"}))
+    # Its record as the killed 8-step run wrote it at its start (same config as the rerun's, status running).
+    config = json.loads(json.dumps(read_result(done)["config"]).replace(str(done), str(killed)))
+    (killed / "result.json").write_text(json.dumps({**record, "status": "running", "config": config}))
     failed.mkdir()
     (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: boom"}))
 
@@ -271,3 +273,15 @@ def test_a_wandb_run_resumed_in_its_directory_keeps_its_id(tmp_path):
     run_dir.mkdir(parents=True)
     (tmp_path / "wandb" / "latest-run").symlink_to(run_dir.name)
     assert earlier_wandb_id(tmp_path) == "abc123xy"
+
+
+def test_a_sweep_rerun_with_an_edited_cell_runs_it_afresh_and_keeps_the_old_one(tmp_path):
+    common = [*CELL, "trainer.max_steps=2", "baseline.reuse=false"]
+    cell = tmp_path / "0_cell"
+    first = run.train(_cell(common, cell))
+    assert first["status"] == "ok"
+    assert run.train(_cell([*common, "rerun_failed=true"], cell))["created"] == first["created"]  # same cell: skipped
+    edited = run.train(_cell([*CELL, "trainer.max_steps=3", "baseline.reuse=false"], cell))
+    assert edited["status"] == "ok" and edited["config"]["trainer"]["max_steps"] == 3
+    (kept,) = cell.glob("replaced-*")
+    assert read_result(kept)["config"]["trainer"]["max_steps"] == 2 and (kept / "model").is_dir()

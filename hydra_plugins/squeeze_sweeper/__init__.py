@@ -3,25 +3,12 @@ it does not use (squeeze.sweeper.prune_cells), and a preset's `rows` (squeeze.sw
 with the sweep. Hydra takes plugins only from the hydra_plugins namespace."""
 
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.config_store import ConfigStore
 
+import squeeze.config  # noqa: F401  registers hydra/sweeper=squeeze (SqueezeSweeperConf)
 from squeeze.sweeper import prune_cells, with_rows
-
-
-@dataclass
-class SqueezeSweeperConf:
-    _target_: str = "hydra_plugins.squeeze_sweeper.SqueezeSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
-    rows: Optional[List[str]] = None  # each a string of overrides that go together (one report row)
-    setups: Optional[List[str]] = None  # each a string of overrides (a model × task pair), crossed with rows
-
-
-ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=SqueezeSweeperConf, provider="squeeze")
 
 
 class SqueezeSweeper(BasicSweeper):
