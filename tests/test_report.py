@@ -486,3 +486,19 @@ def test_expected_validation_needs_more_than_one_cell_a_row(tmp_path):
     (group,) = report.build([root], tmp_path / "out").groups
     assert "expected validation performance" not in group.plots
     assert any(s.startswith("expected validation performance (one cell per row") for s in group.skipped_plots)
+
+
+def test_dialog_tables_carry_hits_bleu_ter_and_bertscore(tmp_path):
+    root = tmp_path / "multirun" / "dialog"
+    for name, chain, hits1 in (("0", "none", 0.25), ("1", "dq", 0.20)):
+        cell = write_cell(root, name, model="smollm2", task="austen", chain=chain, quality=13.0)
+        record = json.loads((cell / "result.json").read_text())
+        record["metrics"].update({"test/hits@1": hits1, "test/hits@5": 0.6, "test/hits@10": 0.8, "test/bleu": 0.012,
+                                  "test/ter": 1.4, "test/bertscore_f1": 0.41})
+        (cell / "result.json").write_text(json.dumps(record))
+    text = report.build([root], tmp_path / "out", draw=False).markdown.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| row"))
+    for column in ("Hits@1", "Hits@5", "Hits@10", "BLEU", "TER", "BERTScore F1"):
+        assert f"| {column} |" in header
+    dq = next(line for line in text.splitlines() if line.startswith("| dq"))
+    assert "| 0.2 |" in dq and "| 0.41 |" in dq

@@ -18,7 +18,8 @@ from squeeze.report.cells import AGGREGATED, BASELINE, sort_per_batch
 # The markdown table, in the shape of the thesis tables: (figure, with a Δ% column). The per-device and
 # per-batch figures (peak memory, decoding throughput) follow the latency; columns nobody recorded drop out.
 TABLE = (("quality", True), ("accuracy", False), ("f1", False), ("precision", False), ("recall", False),
-         ("last_word_accuracy", False), ("last_word_perplexity", False), ("size_mb", True),
+         ("last_word_accuracy", False), ("last_word_perplexity", False), ("hits_1", False), ("hits_5", False),
+         ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("size_mb", True),
          ("nonzero_params", False), ("latency_ms", True), ("throughput", False), ("per_batch", False),
          ("train_tokens_per_s", False), ("train_s", True), ("eval_s", False), ("energy_kwh", True),
          ("co2_kg", False), ("spec_acceptance", False), ("spec_speedup", False))

@@ -50,7 +50,10 @@ def _speculative(key: str) -> Callable[[dict], Any]:
 METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "f1": ("F1", "test/f1"),
                   "precision": ("precision", "test/precision"), "recall": ("recall", "test/recall"),
                   "last_word_accuracy": ("last-word acc", "test/last_word_accuracy"),
-                  "last_word_perplexity": ("last-word ppl", "test/last_word_perplexity")}
+                  "last_word_perplexity": ("last-word ppl", "test/last_word_perplexity"),
+                  "hits_1": ("Hits@1", "test/hits@1"), "hits_5": ("Hits@5", "test/hits@5"),
+                  "hits_10": ("Hits@10", "test/hits@10"), "bleu": ("BLEU", "test/bleu"), "ter": ("TER", "test/ter"),
+                  "bertscore_f1": ("BERTScore F1", "test/bertscore_f1")}
 # Figures read from every record (besides quality and the best validation value, which depend on the
 # task's metric): column -> (header, reader). Old records lack perf/energy/sparsity: None. Records that
 # lack a figure leave its cell blank; a column nobody in a model × task recorded is left out of its table.
