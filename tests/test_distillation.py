@@ -444,6 +444,7 @@ def test_pkd_on_opt_distils_alternate_layers_and_pools_the_last_real_token(tmp_p
         assert evaluated["metrics"][key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.mark.slow  # the suite's budget: tests/test_baselines.py sweeps none, dq, kd (teacher=auto) and rows
 def test_sweep_over_none_kd_pkd_completes(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train.py", ["-m", "compress=none,kd,pkd", "model=tiny_bert", "model.config.num_hidden_layers=4",
