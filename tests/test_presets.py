@@ -67,7 +67,7 @@ def test_the_presets_hold_the_published_tables_rows(tmp_path):
     hub = _cells("gpt2_compression", tmp_path)
     assert len(hub) == 10 * 5 * 3  # rows × (GPT-2 S/L/XL, OPT-125m, DistilGPT-2) × (WikiText-2, C4, LAMBADA)
     best = _cells("best_way_to_squeeze", tmp_path)
-    assert len(best) == 3 * 3 * 5  # lr grid × (IMDB, CoNLL-2003, Persona-Chat) × rows
+    assert len(best) == 3 * 3 * 8  # lr grid × (IMDB, CoNLL-2003, Persona-Chat) × rows (IMP: 4 X%/Y settings)
     assert {(_value(c, "model"), _value(c, "task")) for c in best} == {
         ("bert-base-uncased", "imdb"), ("bert-base-uncased", "conll2003"), ("gpt2", "personachat")}
     cfg = compose_cfg("train", best[1], tmp_path)

@@ -502,3 +502,12 @@ def test_dialog_tables_carry_hits_bleu_ter_and_bertscore(tmp_path):
         assert f"| {column} |" in header
     dq = next(line for line in text.splitlines() if line.startswith("| dq"))
     assert "| 0.2 |" in dq and "| 0.41 |" in dq
+
+
+def test_it_energy_is_the_facility_energy_without_the_pue(tmp_path):
+    root = tmp_path / "multirun" / "energy"
+    write_cell(root, "0", chain="none", kwh=0.0159)  # write_cell's records say PUE 1.59
+    text = report.build([root], tmp_path / "out", draw=False).markdown.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| row")).split("|")
+    row = next(line for line in text.splitlines() if line.startswith("| **none**")).split("|")
+    assert float(row[header.index(" IT kWh ")]) == pytest.approx(0.01)

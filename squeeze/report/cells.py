@@ -46,6 +46,12 @@ def _speculative(key: str) -> Callable[[dict], Any]:
     return read
 
 
+def _it_kwh(energy: Any) -> float | None:
+    if not isinstance(energy, dict) or energy.get("kwh") is None or not energy.get("pue"):
+        return None
+    return float(energy["kwh"]) / float(energy["pue"])
+
+
 # Test metrics beside the monitored one (the table leaves out the one that is the quality column).
 METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "f1": ("F1", "test/f1"),
                   "precision": ("precision", "test/precision"), "recall": ("recall", "test/recall"),
@@ -71,6 +77,8 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "eval_s": ("eval s", lambda r: r.get("eval_seconds")),
     "peak_memory_mb": ("peak memory MB", lambda r: _scaled(r.get("peak_memory_bytes"), 1e-6)),
     "energy_kwh": ("energy kWh", lambda r: _dig(r, "energy", "kwh")),
+    # The IT equipment's own energy: the facility figure without the data centre's overhead (÷ PUE).
+    "it_energy_kwh": ("IT kWh", lambda r: _it_kwh(r.get("energy"))),
     "co2_kg": ("CO2 kg", lambda r: _dig(r, "energy", "co2_kg")),
     "spec_acceptance": ("spec. acceptance", _speculative("acceptance_rate")),
     "spec_speedup": ("spec. speed-up", _speculative("speedup")),
@@ -242,7 +250,7 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["eval_energy_kwh"] = None
     if status == "ok" and not record.get("train_seconds"):
         row["eval_energy_kwh"] = row["energy_kwh"]
-        row["train_s"] = row["energy_kwh"] = row["co2_kg"] = None
+        row["train_s"] = row["energy_kwh"] = row["it_energy_kwh"] = row["co2_kg"] = None
     row["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if status == "ok" and row["quality"] is None:
         have = ", ".join(sorted(metrics)) or "none"
