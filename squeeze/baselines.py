@@ -75,8 +75,7 @@ def baseline_config(cfg: DictConfig, run_dir: Path, overrides: Mapping[str, Any]
     config["compress"] = {"none": None}
     config["perf"] = None  # the cells that use it measure their own model
     config["ckpt_path"] = "last_or_new"  # a baseline killed while training resumes from its own checkpoint
-    for key in ("draft", "decode_draft", "teacher"):
-        config.pop(key, None)
+    config.pop("draft", None)  # evaluate.py's speculative draft: nothing to do with fine-tuning
     for dotted, value in (overrides or {}).items():
         node = config
         *parents, leaf = dotted.split(".")

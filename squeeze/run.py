@@ -2,8 +2,9 @@
 
 config → model spec + task compatibility → tokenizer → data module → model (head from the task)
 → LightningModule → callbacks, loggers, Trainer → fit → test (best checkpoint) → save the model
-→ result.json (atomically) → loggers closed. In a sweep, a chain that trains nothing starts instead from
-the stored fine-tuned baseline (squeeze.baselines, trained once), as evaluate.py would from a finished run. A failure at any step is written into result.json
+→ result.json (atomically) → loggers closed. In a sweep, a chain that acts only on the fine-tuned weights
+starts instead from the stored fine-tuned baseline (squeeze.baselines, trained once), as evaluate.py would
+from a finished run. A failure at any step is written into result.json
 with status "failed"; in a sweep the next cell then runs, alone it ends the program with one line.
 
 Beside it: squeeze.guard (the record written whatever happens, loggers closed, the one-line exit),
@@ -362,8 +363,9 @@ def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: s
     if hasattr(data, "protocol_record"):
         record["perplexity"] = data.protocol_record
     record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory()
-    if _energy(trainer) is not None:
-        record["energy"] = _energy(trainer)
+    energy = _energy(trainer)
+    if energy is not None:
+        record["energy"] = energy
 
 
 def _energy(trainer: L.Trainer) -> dict[str, Any] | None:
@@ -559,7 +561,7 @@ def _previous_cell(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """A sweep rerun in the same sweep directory: a finished cell is skipped (its record returned), a failed one
     too unless rerun_failed=true, and an interrupted or killed one resumes from its newest checkpoint. A cell
     whose directory holds a run of another config (a preset's row edited, then rerun into its fixed sweep
-    directory) is not that cell: the old directory is moved aside, kept, and the cell runs afresh."""
+    directory) is not that cell: its outputs move into <cell>/replaced-<time>/, kept, and the cell runs afresh."""
     try:
         previous = read_record(run_dir)
         status = previous.get("status")
