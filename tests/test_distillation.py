@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CONF, FAST, build_tiny, compose_cfg, fast, read_result, run_cli, text_batch, tiny_tokenizer
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -21,6 +22,7 @@ from squeeze.compress import teacher_cache as tc
 from squeeze.arch import adapter_for
 from squeeze.compress.distillation import Distillation
 from squeeze.compress.distillation.losses import (
+    attention_loss,
     hidden_loss,
     kd_loss,
     last_token_index,
@@ -534,3 +536,70 @@ def test_the_teacher_cache_is_on_by_default_where_its_targets_are_exact():
     assert Distillation(head="sequence_classification", teacher_cache=False).teacher_cache is False
     with pytest.raises(SqueezeError, match="teacher_cache='yes'"):
         Distillation(teacher_cache="yes")
+
+
+# -- MiniLM's self-attention transfer ---------------------------------------------------------------------------
+def test_attention_loss_is_the_kl_of_each_head_averaged_over_real_queries():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    key_mask = torch.where(mask[:, None, None, :].bool(), 0.0, -1e9)
+    teacher = torch.softmax(torch.randn(2, 3, 4, 4) + key_mask, -1)
+    student = torch.softmax(torch.randn(2, 3, 4, 4) + key_mask, -1)
+    expected, count = 0.0, 0
+    for b in range(2):
+        for q in range(4):
+            if mask[b, q]:
+                heads = [F.kl_div(student[b, h, q].clamp_min(1e-12).log(), teacher[b, h, q], reduction="sum")
+                         for h in range(3)]
+                expected, count = expected + sum(heads) / 3, count + 1
+    assert torch.allclose(attention_loss(student, teacher, mask), expected / count, atol=1e-5)
+    assert attention_loss(teacher, teacher, mask).abs() < 1e-6
+
+
+@pytest.mark.parametrize("name, dropout", [("tiny_bert", "attention_probs_dropout_prob"), ("tiny_gpt2", "attn_pdrop"),
+                                           ("tiny_llama", "attention_dropout"), ("tiny_opt", "attention_dropout")])
+def test_attention_transfer_reads_undropped_distributions_and_restores_the_kernel(name, dropout):
+    model, tokenizer = build_tiny(name, "sequence_classification", LABELS, layers=4, **{dropout: 0.5})
+    kind = model.config._attn_implementation
+    kd = Distillation(attention=1.0, student={"layers": 4})  # the student is the whole teacher: zero loss
+    assert kd.teacher_cache is False  # the cache holds no attention maps
+    student = kd.prepare_model(model, tokenizer)
+    assert kd.spec.attention and student.config._attn_implementation == "eager"
+    batch = {**text_batch(tokenizer), "labels": torch.tensor([1, 0, 1])}
+    teacher = kd._teacher
+    with torch.no_grad():
+        parts = loss_parts(student.eval()(**batch, output_attentions=True), teacher_targets(teacher, batch, kd.spec),
+                           batch, kd.spec, alpha=0.5, beta=0.0, gamma=1.0)
+        assert parts["loss_attention"].abs() < 1e-5
+        # In training the last layer's attention rows stay probability distributions (its dropout is off).
+        last = student.train()(**batch, output_attentions=True).attentions[-1]
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(last.sum(-1).transpose(1, 2)[real], torch.ones(()), atol=1e-5)
+    assert kd.finalize(student).config._attn_implementation == kind
+
+
+def test_attention_transfer_refuses_the_cache_and_other_head_counts(tmp_path):
+    with pytest.raises(SqueezeError, match="teacher cache does not hold"):
+        Distillation(attention=1.0, teacher_cache=True)
+    with pytest.raises(SqueezeError, match="attention=-1.0 must be 0 or more"):
+        Distillation(attention=-1.0)
+    teacher = _tiny("tiny_bert", 4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer("tiny_bert").save_pretrained(tmp_path / "teacher")
+    other = build_tiny("tiny_bert", "sequence_classification", LABELS, layers=2, num_attention_heads=1)[0]
+    kd = Distillation(teacher=str(tmp_path / "teacher"), attention=1.0, student={"from": "model"})
+    with pytest.raises(SqueezeError, match="compares heads one to one"):
+        kd.prepare_model(other, tiny_tokenizer("tiny_bert"))
+
+
+def test_attention_transfer_trains_with_its_logged_part(teacher_run, tmp_path):
+    record, spy = _distil(tmp_path, "kd", teacher_run, "compress.kd.student.layers=2", "compress.kd.attention=2.0")
+    rows = _rows(tmp_path)
+    assert len(rows) == 4
+    for r in rows:
+        expected = 0.5 * r["train/loss_task"] + 0.5 * r["train/loss_kd"] + 2.0 * r["train/loss_attention"]
+        assert math.isclose(r["train/loss"], expected, rel_tol=1e-4), r
+        assert r["train/loss_attention"] > 0
+    summary = read_result(tmp_path)["compress"]["kd"]
+    assert summary["attention"] == 2.0 and summary["teacher_cache"] is None
+    assert spy._module.model.config._attn_implementation != "eager"

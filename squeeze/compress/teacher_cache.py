@@ -46,6 +46,8 @@ class TargetSpec:
     student_layers the student's hidden-state numbers, pairwise with teacher_layers
     top_k          causal LM: keep the teacher's top-k log-probabilities (plus the rest's mass)
     temperature    the log-probabilities are taken at this temperature (only with top_k)
+    attention      the last layer's self-attention distributions too (MiniLM's transfer); never cached:
+                   [B, heads, T, T] per batch is far more than the cache is for
     """
 
     level: str = "sequence"
@@ -54,6 +56,7 @@ class TargetSpec:
     student_layers: tuple[int, ...] = ()
     top_k: int | None = None
     temperature: float = 1.0
+    attention: bool = False
 
     @property
     def hidden(self) -> bool:
@@ -69,6 +72,7 @@ class Targets:
     top_logprobs: torch.Tensor | None = None
     top_indices: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    attention: torch.Tensor | None = None  # [B, heads, T, T], the last layer's; computed live, never cached
 
     def present(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in TARGET_FIELDS if getattr(self, k) is not None}
@@ -103,6 +107,7 @@ def cache_key(teacher: str, keys: Iterable[int], spec: TargetSpec, teacher_dtype
     data = hashlib.blake2b(np.array(sorted(keys), dtype=np.uint64).tobytes(), digest_size=16).hexdigest()
     settings = asdict(spec)
     settings.pop("student_layers")  # the student's side does not change what the teacher outputs
+    settings.pop("attention")  # never cached (a run that wants it has no cache)
     if spec.top_k is None:
         settings.pop("temperature")  # raw logits are stored; T is applied in the loss
     blob = json.dumps({"format": FORMAT, "teacher": teacher, "data": data, "dtype": teacher_dtype, **settings},

@@ -43,6 +43,9 @@ class Distillation(Compressor):
     alpha          weight of the KD term (1-alpha on the task loss)
     temperature    softmax temperature T of the KD term
     beta           weight of the patient (hidden-state) loss; 0 = plain KD
+    attention      weight of MiniLM's self-attention transfer (KL between the teacher's and the student's
+                   last-layer attention distributions, head by head); 0 = off. It needs the live teacher
+                   (the cache holds no attention maps) and teacher and student of one head count
     strategy       pkd: skip | last | [teacher layers]
     student        {layers: N (None = half the teacher's), init: first|alternate|skip|[layers],
                     from: teacher (cut from it) | model (the run's configured model, same tokenizer)}
@@ -66,6 +69,7 @@ class Distillation(Compressor):
         alpha: float = 0.5,
         temperature: float = 2.0,
         beta: float = 0.0,
+        attention: float = 0.0,
         strategy: str | Sequence[int] = "skip",
         student: dict[str, Any] | None = None,
         teacher_dtype: str = "float32",
@@ -81,6 +85,7 @@ class Distillation(Compressor):
             raise SqueezeError(f"student.{sorted(unknown)[0]} is not a student setting; use layers, init, from")
         self.teacher_source = teacher
         self.alpha, self.temperature, self.beta = float(alpha), float(temperature), float(beta)
+        self.attention = float(attention)
         self.strategy = strategy
         self.student_layers = student.get("layers")
         self.student_init = student.get("init") or "first"
@@ -88,7 +93,12 @@ class Distillation(Compressor):
         self.teacher_dtype = teacher_dtype
         if teacher_cache not in (True, False, "auto"):
             raise SqueezeError(f"teacher_cache={teacher_cache!r} is not true, false or auto")
-        self.teacher_cache = EXACT_CACHE.get(head, False) if teacher_cache == "auto" else bool(teacher_cache)
+        if teacher_cache is True and self.attention > 0:
+            raise SqueezeError(f"attention={self.attention} transfers the teacher's attention maps of every batch, "
+                               "which the teacher cache does not hold; set teacher_cache=auto (off with attention) "
+                               "or attention=0")
+        exact = EXACT_CACHE.get(head, False) and self.attention == 0
+        self.teacher_cache = exact if teacher_cache == "auto" else bool(teacher_cache)
         self.cache_dir = cache_dir
         self.top_k = int(top_k) if top_k and head == "causal_lm" else None
         self.head = head
@@ -104,6 +114,8 @@ class Distillation(Compressor):
             raise SqueezeError(f"temperature={self.temperature} must be above 0")
         if self.beta < 0:
             raise SqueezeError(f"beta={self.beta} must be 0 or more")
+        if self.attention < 0:
+            raise SqueezeError(f"attention={self.attention} must be 0 or more")
         if self.student_from not in ("teacher", "model"):
             raise SqueezeError(f"student.from={self.student_from!r} is not 'teacher' or 'model'")
         if self.teacher_dtype not in TEACHER_DTYPES:
@@ -148,8 +160,11 @@ class Distillation(Compressor):
             level="sequence" if self.head == "sequence_classification" else "token",
             pool=adapter_for(student).pool,  # what the student's sequence head reads: [CLS] or the last real token
             teacher_layers=tuple(t for t, _ in pairs), student_layers=tuple(s for _, s in pairs),
-            top_k=self.top_k, temperature=self.temperature,
+            top_k=self.top_k, temperature=self.temperature, attention=self.attention > 0,
         )
+        self._attn_implementation = None
+        if self.attention > 0:
+            self._attention_transfer(teacher, student, where)
         if teacher is model and self.head != "causal_lm":
             log.warning("distillation: the teacher is the configured model, whose %s head is untrained; for "
                         "useful soft targets give teacher=<a fine-tuned run directory>", self.head)
@@ -182,6 +197,34 @@ class Distillation(Compressor):
             raise SqueezeError(f"pkd matches hidden states, but teacher {where} is {t} wide and the student {s}; "
                                "use a student of the teacher's width, or kd")
 
+    def _attention_transfer(self, teacher, student, where: str) -> None:
+        """Make both models return their attention probabilities, the student's undropped."""
+        t, s = (adapter_for(m).shape(adapter_for(m).layers(m)[-1][1]).heads for m in (teacher, student))
+        if t != s:
+            raise SqueezeError(f"attention transfer compares heads one to one, but teacher {where} has {t} heads "
+                               f"in its last layer and the student {s}; use attention=0")
+        # Only the eager kernels return attention probabilities (sdpa fuses them away); the student
+        # goes back to its own kernel at finalize, so what is measured and saved is the usual model.
+        self._attn_implementation = student.config._attn_implementation
+        for m in (teacher, student):
+            m.set_attn_implementation("eager")
+        # Eager attention returns its probabilities after dropout, which zeroes some and rescales the rest:
+        # the last layer's attention dropout is turned off so the student's rows stay distributions.
+        for module in adapter_for(student).layers(student)[-1][1].modules():
+            if "Attention" not in type(module).__name__:
+                continue
+            for attr in ("dropout", "attn_dropout", "attention_dropout"):
+                value = getattr(module, attr, None)
+                if isinstance(value, nn.Dropout):
+                    value.p = 0.0
+                elif isinstance(value, float):
+                    setattr(module, attr, 0.0)
+
+    def finalize(self, model):
+        if self._attn_implementation is not None:
+            model.set_attn_implementation(self._attn_implementation)
+        return model
+
     # -- the objective ------------------------------------------------------------------------------
     def wrap_module(self, module):
         if not isinstance(module, FineTune):
@@ -191,12 +234,12 @@ class Distillation(Compressor):
         if self.teacher_cache:
             cache = Path(self.cache_dir).expanduser() if self.cache_dir else assets.cache_dir() / "teacher_outputs"
         self._module = Distill(module, self._teacher, self.spec, self.alpha, self.beta,
-                               teacher_dtype=self.teacher_dtype, cache_root=cache)
+                               teacher_dtype=self.teacher_dtype, cache_root=cache, gamma=self.attention)
         self._teacher = None  # the module owns it now (and drops it once a cache is ready)
         return self._module
 
     def summary(self) -> dict[str, Any]:
-        out = {"alpha": self.alpha, "temperature": self.temperature, "beta": self.beta,
+        out = {"alpha": self.alpha, "temperature": self.temperature, "beta": self.beta, "attention": self.attention,
                "strategy": list(self.strategy) if not isinstance(self.strategy, str) else self.strategy,
                "top_k": self.top_k, "teacher_dtype": self.teacher_dtype, **self._summary}
         out["teacher_cache"] = self._module.cache_info if self._module is not None else None

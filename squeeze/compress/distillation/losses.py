@@ -2,6 +2,8 @@
 
     kd    T²·KL(teacher_T ‖ student_T)                                (Hinton et al., 2015)
     pkd   Σ_pairs mean ‖h_s/‖h_s‖ − h_t/‖h_t‖‖² on chosen layers       (Sun et al., 2019)
+    attn  mean over heads and real query tokens of KL(A_t ‖ A_s), the last layers' self-attention
+          distributions                                              (MiniLM, Wang et al., 2020)
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def hidden_loss(student_hidden, teacher_hidden, mask=None) -> torch.Tensor:
     return masked_mean((s - t).pow(2).sum(-1).sum(-1), mask)
 
 
+def attention_loss(student_attention, teacher_attention, attention_mask) -> torch.Tensor:
+    """MiniLM's self-attention transfer: KL(teacher row ‖ student row) for every head and every real query
+    token of [B, heads, T, T] attention probabilities, averaged. Padded keys hold no probability on
+    either side; padded queries are left out."""
+    p = teacher_attention.float()
+    log_q = student_attention.float().clamp_min(1e-12).log()
+    kl = (torch.xlogy(p, p) - p * log_q).sum(-1).mean(1)  # [B, T]: summed over keys, averaged over heads
+    return masked_mean(kl, attention_mask)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Per row, the position of the last attended token (left or right padding alike)."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
@@ -74,9 +86,10 @@ def pick_hidden(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], at
 
 
 def loss_parts(student_out, targets: Targets, batch: dict, spec: TargetSpec, alpha: float, beta: float,
-               task_loss: torch.Tensor | None = None) -> dict:
-    """The training loss and its parts: task, kd and (pkd) hidden. `task_loss`: the task's own training
-    loss when it is more than the head's (the dialog task's LM + next-utterance loss); default the head's."""
+               task_loss: torch.Tensor | None = None, gamma: float = 0.0) -> dict:
+    """The training loss and its parts: task, kd, (pkd) hidden and (gamma > 0) attention. `task_loss`: the
+    task's own training loss when it is more than the head's (the dialog task's LM + next-utterance loss);
+    default the head's."""
     mask = batch["attention_mask"] if spec.level == "token" else None
     if targets.top_indices is not None:
         kd = topk_kd_loss(student_out.logits, targets.top_logprobs, targets.top_indices, spec.temperature, mask)
@@ -89,4 +102,8 @@ def loss_parts(student_out, targets: Targets, batch: dict, spec: TargetSpec, alp
         student_hidden = pick_hidden(student_out.hidden_states, spec.student_layers, batch["attention_mask"], spec)
         parts["loss_hidden"] = hidden_loss(student_hidden, targets.hidden, mask)
         total = total + beta * parts["loss_hidden"]
+    if spec.attention:
+        parts["loss_attention"] = attention_loss(student_out.attentions[-1], targets.attention,
+                                                 batch["attention_mask"])
+        total = total + gamma * parts["loss_attention"]
     return {"loss": total, **parts}

@@ -24,8 +24,10 @@ log = logging.getLogger("squeeze")
 def teacher_targets(teacher: nn.Module, batch: dict, spec: TargetSpec) -> Targets:
     """Run the teacher on a batch: what the losses need from it, in float32."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = teacher(**inputs, output_hidden_states=spec.hidden)
+    out = teacher(**inputs, output_hidden_states=spec.hidden, output_attentions=spec.attention)
     targets = Targets()
+    if spec.attention:
+        targets.attention = out.attentions[-1].float()
     if spec.hidden:
         hidden = pick_hidden(out.hidden_states, spec.teacher_layers, batch["attention_mask"], spec)
         targets.hidden = F.normalize(hidden.float(), dim=-1)
@@ -50,7 +52,7 @@ class Distill(FineTune):
     """
 
     def __init__(self, task: FineTune, teacher: nn.Module | None, spec: TargetSpec, alpha: float, beta: float,
-                 teacher_dtype: str = "float32", cache_root: Path | None = None):
+                 teacher_dtype: str = "float32", cache_root: Path | None = None, gamma: float = 0.0):
         object.__setattr__(self, "_task", task)
         super().__init__(task.model, optimizer=task.optimizer_factory, scheduler=task.scheduler_factory)
         self.metrics = task.metrics  # the very metrics the task module built
@@ -59,7 +61,7 @@ class Distill(FineTune):
         self.task_heads = nn.ModuleDict({name: child for name, child in task.named_children()
                                          if name not in ("model", "metrics")})
         object.__setattr__(self, "teacher", teacher)
-        self.spec, self.alpha, self.beta = spec, alpha, beta
+        self.spec, self.alpha, self.beta, self.gamma = spec, alpha, beta, gamma
         self.teacher_dtype = teacher_dtype
         self.cache_root = cache_root
         self.cache: tc.TeacherCache | None = None
@@ -105,11 +107,13 @@ class Distill(FineTune):
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The training loss on `batch` and its parts: loss_task (the task module's own training loss),
-        loss_kd, loss_hidden (pkd), and the task loss's parts (dialog: lm_loss, mc_loss)."""
-        student_out = self.model(**batch, output_hidden_states=self.spec.hidden or self._task.wants_hidden_states)
+        loss_kd, loss_hidden (pkd), loss_attention (attention > 0), and the task loss's parts (dialog:
+        lm_loss, mc_loss)."""
+        student_out = self.model(**batch, output_hidden_states=self.spec.hidden or self._task.wants_hidden_states,
+                                 output_attentions=self.spec.attention)
         task = self._task.task_loss(batch, student_out)
         parts = loss_parts(student_out, self.teacher_targets(batch), batch, self.spec, self.alpha, self.beta,
-                           task_loss=task.pop("loss"))
+                           task_loss=task.pop("loss"), gamma=self.gamma)
         return {**parts, **task}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
