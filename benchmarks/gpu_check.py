@@ -4,7 +4,7 @@
 
 Checks: hardware=gpu fine-tune in bf16 (with NVML energy), torchao int8/int4 weight-only vs bf16 matmul
 speed, 2:4 semi-structured sparse vs dense, a bf16 teacher (kd), speculative decoding, hardware=fsdp on one
-device. Each check runs on its own; a failure prints its line and the rest go on.
+device, hardware=deepspeed (ZeRO-2) on one device where deepspeed is installed. Each check runs on its own; a failure prints its line and the rest go on.
 Written without a GPU at hand: unverified until it has run on one (see the README's Scale-out).
 """
 
@@ -100,8 +100,20 @@ def check_fsdp_one_device():
     return f"fsdp 1 device: ppl {r['metrics']['test/perplexity']:.1f}, {r['train_tokens_per_s']:.0f} train tok/s"
 
 
+def check_deepspeed_zero2():
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "skipped: deepspeed is not installed (pip install -e '.[deepspeed]')"
+    r = _train([*SMALL, "hardware=deepspeed"])
+    plain = _train([*SMALL, "hardware=gpu"])
+    return (f"deepspeed ZeRO-2 1 device: ppl {r['metrics']['test/perplexity']:.1f} vs gpu "
+            f"{plain['metrics']['test/perplexity']:.1f}, train tok/s ratio "
+            f"{r['train_tokens_per_s'] / plain['train_tokens_per_s']:.2f}")
+
+
 CHECKS = [check_gpu_bf16, check_torchao_int8, check_torchao_int4, check_semi_structured, check_teacher_bf16,
-          check_speculative, check_fsdp_one_device]
+          check_speculative, check_fsdp_one_device, check_deepspeed_zero2]
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -297,8 +298,13 @@ def _trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(resume.AtomicCheckpointIO())
     plugins += resume.cluster_plugins()
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
-                          plugins=plugins)
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                              default_root_dir=str(run_dir), plugins=plugins)
+    except InstantiationException as e:  # a strategy builder's own one-line error (hardware=fsdp/deepspeed)
+        if isinstance(e.__cause__, SqueezeError):
+            raise e.__cause__ from None
+        raise
     return trainer, loggers
 
 

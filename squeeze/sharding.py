@@ -97,6 +97,37 @@ def _strategy_class():
     return SqueezeFSDP
 
 
+DEEPSPEED_STAGES = (1, 2)
+
+
+def deepspeed(stage: int = 2, offload_optimizer: bool = False, **kwargs: Any):
+    """Lightning's DeepSpeedStrategy, ZeRO stage 1 (optimizer state sharded) or 2 (+ gradients), with
+    optional ZeRO-Offload of the optimizer to CPU memory. Parameters stay whole on every rank, so testing,
+    compression and saving after fit see the ordinary model; parameter sharding is hardware=fsdp's job
+    (squeeze gathers FSDP's shards after fit, and has no such step for ZeRO-3's partitions)."""
+    import importlib.util
+
+    if int(stage) not in DEEPSPEED_STAGES:
+        raise SqueezeError(f"hardware=deepspeed stage={stage}: squeeze runs ZeRO stage 1 or 2; to shard the "
+                           "parameters themselves (ZeRO-3) use hardware=fsdp (FULL_SHARD)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SqueezeError("hardware=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
+    if not torch.cuda.is_available():
+        raise SqueezeError("hardware=deepspeed runs only on CUDA GPUs (Lightning's DeepSpeed strategy) and this "
+                           "machine has none; on CPU use hardware=fsdp trainer.accelerator=cpu "
+                           "trainer.precision=32-true or hardware=ddp")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(stage=int(stage), offload_optimizer=offload_optimizer, **kwargs)
+
+
+def hardware_name(strategy: Any) -> str:
+    """The hardware= option a sharding strategy came from, for messages."""
+    target = strategy if isinstance(strategy, str) else (
+        strategy.get("_target_", "") if hasattr(strategy, "get") else type(strategy).__name__)
+    return "deepspeed" if "deepspeed" in str(target).lower() else "fsdp"
+
+
 def is_sharded(strategy: Any) -> bool:
     """Is `trainer.strategy` (or a config's strategy entry) one that shards parameters?"""
     if strategy is None:
@@ -108,13 +139,18 @@ def is_sharded(strategy: Any) -> bool:
 
 
 def check_compressors(chain: Iterable, strategy: Any) -> None:
-    """Refuse, with one line, a compressor that cannot work on sharded parameters (its `unsharded` reason)."""
+    """Refuse, with one line, a compressor that cannot work on sharded parameters (its `unsharded` reason).
+    DeepSpeed's ZeRO keeps its own flat fp32 copies of the weights in the optimizer and copies them back
+    after every step, so a mask or fake-quant applied to the module's weights would not hold there either."""
     if not is_sharded(strategy):
         return
+    hardware = hardware_name(strategy)
     for c in chain:
         reason = getattr(c, "unsharded", None)
         if reason:
-            raise SqueezeError(f"compress={c.name} cannot run under hardware=fsdp: {reason}; train with "
+            if hardware == "deepspeed":
+                reason = "ZeRO trains flat copies of the weights inside its optimizer, which masks and fake-quant do not reach"
+            raise SqueezeError(f"compress={c.name} cannot run under hardware={hardware}: {reason}; train with "
                                "hardware=gpu or hardware=ddp instead")
 
 

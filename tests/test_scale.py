@@ -1,5 +1,5 @@
 """Scale-out without a cluster: pipeline stages on 2 CPU processes (same loss as one process), the
-FSDP strategy as hardware=fsdp builds it and the compressors it refuses, and the Slurm job scripts a
+FSDP strategy as hardware=fsdp builds it and the compressors it (and hardware=deepspeed) refuses, and the Slurm job scripts a
 sweep submits (a stand-in sbatch on PATH captures them)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from squeeze import compress as compression
-from squeeze import pipeline, sharding
+from squeeze import pipeline, run, sharding
 from squeeze.errors import SqueezeError
 
 from conftest import CONF, compose_cfg, fast, read_result, run_cli
@@ -127,12 +127,37 @@ def test_fsdp_on_two_cpu_processes_trains_and_saves_what_ddp_does(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_compressors_that_cannot_shard_refuse_in_one_line(tmp_path, name):
-    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", f"compress={name}"], tmp_path)
-    with pytest.raises(SqueezeError, match=REFUSED[name]) as e:
+@pytest.mark.parametrize("hardware", ["fsdp", "deepspeed"])
+def test_compressors_that_cannot_shard_refuse_in_one_line(tmp_path, name, hardware):
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", f"hardware={hardware}", f"compress={name}"], tmp_path)
+    reason = REFUSED[name] if hardware == "fsdp" else "ZeRO trains flat copies of the weights"
+    with pytest.raises(SqueezeError, match=reason) as e:
         sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
-    assert "\n" not in str(e.value) and f"compress={name} cannot run under hardware=fsdp" in str(e.value)
+    assert "\n" not in str(e.value) and f"compress={name} cannot run under hardware={hardware}" in str(e.value)
     sharding.check_compressors(compression.build_chain(cfg.compress), "ddp")  # unsharded: no refusal
+
+
+def test_hardware_deepspeed_says_what_it_needs(tmp_path, monkeypatch):
+    """ZeRO 1/2 through Lightning's DeepSpeedStrategy: CUDA only and an optional package, so on a machine
+    without either a run fails before loading anything, naming the fix; ZeRO-3 points to hardware=fsdp."""
+    import importlib.util
+
+    with pytest.raises(SqueezeError, match="ZeRO stage 1 or 2; .* use hardware=fsdp"):
+        sharding.deepspeed(stage=3)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    with pytest.raises(SqueezeError, match=r"pip install -e '.\[deepspeed\]'"):
+        sharding.deepspeed()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SqueezeError, match="runs only on CUDA GPUs .* hardware=fsdp trainer.accelerator=cpu"):
+        sharding.deepspeed()
+    with pytest.raises(SqueezeError, match="hardware=deepspeed runs only on CUDA GPUs"):
+        run.train(compose_cfg("train", [*fast("rotten_tomatoes"), "model=tiny_bert", "hardware=deepspeed"],
+                              tmp_path / "run"))
+    record = read_result(tmp_path / "run")
+    assert record["status"] == "failed" and "hardware=deepspeed runs only on CUDA GPUs" in record["error"]
+    assert record["train_seconds"] is None
 
 
 def test_one_shot_compressors_may_shard(tmp_path):
