@@ -96,7 +96,8 @@ def load_splits(
     only_test: bool = False,
 ) -> datasets.DatasetDict:
     """Load train/validation/test. A split the source lacks (`splits.<name>: null`) is carved out of
-    train by fraction (`carve`), with a fixed seed so every run of a sweep sees the same split.
+    train by fraction (`carve`), drawn with `seed` (the data module's fixed split_seed, so every run of a
+    sweep, whatever its own seed, sees the same split).
 
     `only_test`: the files are the test split and nothing else is loaded (evaluating one file)."""
     splits = dict(splits or {s: s for s in SPLITS})
@@ -219,6 +220,7 @@ class TaskData(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        split_seed: int = 42,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -231,6 +233,10 @@ class TaskData(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        # The held-out examples (carved validation/test, and samples of them) are drawn with their own fixed
+        # seed, not the run's: every seed of a sweep is scored on the same examples, and a teacher fine-tuned
+        # at one seed never trained on what a student at another seed is tested on.
+        self.split_seed = split_seed
         self.datasets: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -239,14 +245,15 @@ class TaskData(L.LightningDataModule):
         files = resolve_data_files(self.data_files, self.asset)
         # evaluate.py task.data.data_files=<file>: one file, not a split mapping, is what to score.
         only_test = stage == "test" and self.data_files is not None and not _is_mapping(self.data_files)
-        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.seed, self.hub_files,
+        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.split_seed, self.hub_files,
                           only_test=only_test)
         for split in raw:
             rows = raw[split]
             limit = self.max_examples.get(split)
             if limit is not None and limit < len(rows):
                 # A sample of examples; but a text stream must stay contiguous (the first rows).
-                rows = rows.shuffle(seed=self.seed) if self.sample_rows else rows
+                seed = self.seed if split == "train" else self.split_seed
+                rows = rows.shuffle(seed=seed) if self.sample_rows else rows
                 rows = rows.select(range(limit))
             if len(rows) == 0:
                 raise SqueezeError(f"split {split!r} is empty; check task.data.data_files / splits")

@@ -77,16 +77,17 @@ class DialogData(TaskData):
                     raise SqueezeError(f"no *.yml files in {assets.locate(self.asset)}")
             raw = {split: drop_duplicates(read_chatterbot(paths, self.skip_malformed))
                    for split, paths in files.items()}
-            return choose_splits(raw, self.splits, self.carve, self.seed, group=lambda c: _normal(c["turns"][0]))
+            return choose_splits(raw, self.splits, self.carve, self.split_seed,
+                                 group=lambda c: _normal(c["turns"][0]))
         elif self.source == "convai2":
             files = resolve_data_files(self.data_files, self.asset)
             if not files:
                 raise SqueezeError("source convai2 reads a local ConvAI2 JSON file: set task.data.data_files")
             raw = read_convai2(files)
         else:
-            rows = load_splits(self.source, self.name, None, self.splits, self.carve, self.seed, self.hub_files)
+            rows = load_splits(self.source, self.name, None, self.splits, self.carve, self.split_seed, self.hub_files)
             return {split: rows[split].to_list() for split in SPLITS}
-        return choose_splits(raw, self.splits, self.carve, self.seed)
+        return choose_splits(raw, self.splits, self.carve, self.split_seed)
 
     def _examples(self, conversations: list[dict[str, Any]], split: str, first_id: int) -> list[dict[str, Any]]:
         out = []
@@ -113,11 +114,12 @@ class DialogData(TaskData):
         for split in SPLITS:
             examples = self.examples[split]
             limit = self.max_examples.get(split)
+            seed = self.seed if split == "train" else self.split_seed  # held-out examples: the same every run
             if limit is not None and limit < len(examples):
-                examples = random.Random(f"{self.seed}/{split}").sample(examples, limit)
+                examples = random.Random(f"{seed}/{split}").sample(examples, limit)
             needed = self.candidates_per_example(split) - 1
             if self.source == "chatterbot":
-                sample_distractors(examples, pool, needed, random.Random(f"{self.seed}/{split}/distractors"))
+                sample_distractors(examples, pool, needed, random.Random(f"{seed}/{split}/distractors"))
             self.examples[split] = examples
             self.datasets[split] = self.encode(examples, split)
 
