@@ -603,3 +603,23 @@ def test_attention_transfer_trains_with_its_logged_part(teacher_run, tmp_path):
     summary = read_result(tmp_path)["compress"]["kd"]
     assert summary["attention"] == 2.0 and summary["teacher_cache"] is None
     assert spy._module.model.config._attn_implementation != "eager"
+
+
+def test_alpha_zero_trains_the_student_alone_without_running_the_teacher():
+    """The study's reference row (compress.kd.alpha=0: the cut student on the task alone) costs no teacher."""
+    from squeeze.compress.distillation import Distill
+    from squeeze.modules import SequenceClassification
+
+    class Unreachable(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the teacher ran")
+
+    student = _tiny("tiny_bert", layers=2)
+    batch = {**text_batch(tiny_tokenizer("tiny_bert")), "labels": torch.tensor([1, 0, 1])}
+    module = Distill(SequenceClassification(student), Unreachable(), TargetSpec(), alpha=0.0, beta=0.0)
+    parts = module.losses(batch)
+    assert set(parts) == {"loss", "loss_task"}
+    assert torch.allclose(parts["loss"], student(**batch).loss)
+    module.alpha = 0.5  # any teacher term runs it
+    with pytest.raises(AssertionError, match="the teacher ran"):
+        module.losses(batch)

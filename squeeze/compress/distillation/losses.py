@@ -91,13 +91,18 @@ def loss_parts(student_out, targets: Targets, batch: dict, spec: TargetSpec, alp
     task's own training loss when it is more than the head's (the dialog task's LM + next-utterance loss);
     default the head's."""
     mask = batch["attention_mask"] if spec.level == "token" else None
-    if targets.top_indices is not None:
-        kd = topk_kd_loss(student_out.logits, targets.top_logprobs, targets.top_indices, spec.temperature, mask)
-    else:
-        kd = kd_loss(student_out.logits, targets.logits, spec.temperature, mask)
     task = student_out.loss if task_loss is None else task_loss
-    parts = {"loss_task": task, "loss_kd": kd}
-    total = (1 - alpha) * task + alpha * kd
+    parts = {"loss_task": task}
+    total = (1 - alpha) * task
+    if targets.top_indices is not None:
+        parts["loss_kd"] = topk_kd_loss(student_out.logits, targets.top_logprobs, targets.top_indices,
+                                        spec.temperature, mask)
+    elif targets.logits is not None:
+        parts["loss_kd"] = kd_loss(student_out.logits, targets.logits, spec.temperature, mask)
+    elif alpha > 0:
+        raise ValueError("alpha > 0 needs the teacher's logits or top-k log-probs")
+    if "loss_kd" in parts:
+        total = total + alpha * parts["loss_kd"]
     if spec.hidden:
         student_hidden = pick_hidden(student_out.hidden_states, spec.student_layers, batch["attention_mask"], spec)
         parts["loss_hidden"] = hidden_loss(student_hidden, targets.hidden, mask)

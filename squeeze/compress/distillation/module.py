@@ -112,7 +112,11 @@ class Distill(FineTune):
         student_out = self.model(**batch, output_hidden_states=self.spec.hidden or self._task.wants_hidden_states,
                                  output_attentions=self.spec.attention)
         task = self._task.task_loss(batch, student_out)
-        parts = loss_parts(student_out, self.teacher_targets(batch), batch, self.spec, self.alpha, self.beta,
+        # alpha=0 with no hidden or attention term: the student alone on the task (the study's reference row),
+        # so the teacher is not run at all.
+        wanted = self.alpha > 0 or self.spec.hidden or self.spec.attention
+        targets = self.teacher_targets(batch) if wanted else Targets()
+        parts = loss_parts(student_out, targets, batch, self.spec, self.alpha, self.beta,
                            task_loss=task.pop("loss"), gamma=self.gamma)
         return {**parts, **task}
 
