@@ -149,7 +149,10 @@ def check_compressors(chain: Iterable, strategy: Any) -> None:
         reason = getattr(c, "unsharded", None)
         if reason:
             if hardware == "deepspeed":
-                reason = "ZeRO trains flat copies of the weights inside its optimizer, which masks and fake-quant do not reach"
+                reason = ("ZeRO trains flat copies of the weights inside its optimizer, which masks and fake-quant "
+                          "do not reach" if c.trains else
+                          "it leaves integer weights, and DeepSpeed's engine runs floating-point parameters only "
+                          f"(quantize the finished run: python evaluate.py ckpt=<run dir> compress={c.name})")
             raise SqueezeError(f"compress={c.name} cannot run under hardware={hardware}: {reason}; train with "
                                "hardware=gpu or hardware=ddp instead")
 
