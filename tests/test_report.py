@@ -221,6 +221,28 @@ def test_a_label_names_a_row(tmp_path):
     assert "compress.imp.label" not in read_csv(out / "cells.csv")[0]  # a name, not a setting
 
 
+def test_distillation_cells_are_told_apart_by_their_resolved_teacher(tmp_path):
+    """teacher=auto, teacher_best_of={seed: [42]} and the stored baseline's path are one teacher: one row."""
+    root = tmp_path / "sweep"
+    stored, other = "/cache/baselines/minilm_rotten-tomatoes_4ae6", "/runs/another-teacher"
+    write_cell(root, "0", chain="none", quality=0.82)
+
+    def kd(name, seed, quality, teacher, best_of, source):
+        write_cell(root, name, chain="kd", quality=quality, seed=seed,
+                   settings={"kd": {"teacher": teacher, "teacher_best_of": best_of, "alpha": 0.5, "label": "kd"}},
+                   compress={"chain": ["kd"], "kd": {"teacher": {"source": source, "layers": 6}}})
+
+    kd("1", 0, 0.80, "auto", None, stored)
+    kd("2", 1, 0.82, "auto", {"seed": [0]}, stored)
+    kd("3", 2, 0.81, stored, None, stored)
+    kd("4", 0, 0.70, other, None, other)
+    built = report.build([root], tmp_path / "out", draw=False)
+    rows = {r["label"]: r for r in built.groups[0].rows}
+    assert set(rows) == {"none", f"kd (kd teacher={stored})", f"kd (kd teacher={other})"}
+    assert rows[f"kd (kd teacher={stored})"]["n_ok"] == 3
+    assert rows[f"kd (kd teacher={stored})"]["quality_mean"] == pytest.approx(0.81)
+
+
 def test_optional_columns_are_shown_where_recorded_and_blank_where_not(tmp_path):
     root = tmp_path / "sweep"
     write_cell(root, "0", chain="none", quality=0.80, train_s=10.0)

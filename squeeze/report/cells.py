@@ -164,6 +164,12 @@ def compress_settings(record: dict, chain: str) -> tuple[dict[str, dict[str, Any
         label = flat.pop("label", None)
         if label not in (None, ""):
             labels[name] = str(label)
+        # Distillation: what tells cells apart is the teacher they learned from, not how it was found
+        # (teacher=auto, teacher_best_of={seed: [42]} and a path naming the same stored baseline are one teacher).
+        source = _dig(record, "compress", name, "teacher", "source")
+        if source is not None and "teacher" in flat:
+            flat = {k: v for k, v in flat.items() if k != "teacher_best_of" and not k.startswith("teacher_best_of.")}
+            flat["teacher"] = source
         settings[name] = flat
     return settings, labels
 WHERE = {"size_mb": "checkpoint_bytes", "latency_ms": "perf.latency.batch_1", "energy_kwh": "energy.kwh",
