@@ -105,6 +105,7 @@ class Distillation(Compressor):
         self._check_settings()
         self._teacher: nn.Module | None = None
         self._module: Distill | None = None
+        self._attn_implementation: str | None = None  # the student's own kernel, while attention transfer swaps it
         self._summary: dict[str, Any] = {}
 
     def _check_settings(self) -> None:
@@ -162,7 +163,6 @@ class Distillation(Compressor):
             teacher_layers=tuple(t for t, _ in pairs), student_layers=tuple(s for _, s in pairs),
             top_k=self.top_k, temperature=self.temperature, attention=self.attention > 0,
         )
-        self._attn_implementation = None
         if self.attention > 0:
             self._attention_transfer(teacher, student, where)
         if teacher is model and self.head != "causal_lm":
