@@ -121,11 +121,17 @@ def deepspeed(stage: int = 2, offload_optimizer: bool = False, **kwargs: Any):
     return DeepSpeedStrategy(stage=int(stage), offload_optimizer=offload_optimizer, **kwargs)
 
 
+def _target(strategy: Any) -> str:
+    """What names a strategy: its string, a config entry's _target_, or an object's class name."""
+    if isinstance(strategy, str):
+        return strategy.lower()
+    target = strategy.get("_target_", "") if hasattr(strategy, "get") else type(strategy).__name__
+    return str(target).lower()
+
+
 def hardware_name(strategy: Any) -> str:
     """The hardware= option a sharding strategy came from, for messages."""
-    target = strategy if isinstance(strategy, str) else (
-        strategy.get("_target_", "") if hasattr(strategy, "get") else type(strategy).__name__)
-    return "deepspeed" if "deepspeed" in str(target).lower() else "fsdp"
+    return "deepspeed" if "deepspeed" in _target(strategy) else "fsdp"
 
 
 def is_sharded(strategy: Any) -> bool:
@@ -134,8 +140,7 @@ def is_sharded(strategy: Any) -> bool:
         return False
     if isinstance(strategy, str):
         return strategy.startswith(("fsdp", "deepspeed"))
-    target = strategy.get("_target_", "") if hasattr(strategy, "get") else type(strategy).__name__
-    return any(word in str(target).lower() for word in ("fsdp", "deepspeed"))
+    return any(word in _target(strategy) for word in ("fsdp", "deepspeed"))
 
 
 def check_compressors(chain: Iterable, strategy: Any) -> None:
