@@ -210,7 +210,6 @@ class ResumeCheckpoint(Checkpoint):
         self._loader_state: list[dict] | None = None
         self._since = time.monotonic()
         self._step_before = 0
-        self._flush = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.monotonic()
@@ -230,10 +229,6 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_before = trainer.global_step
-        if self._flush:  # the saved batch's own train metrics, which Lightning logs after the save
-            self._flush = False
-            for logger in trainer.loggers:
-                logger.save()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step_before or trainer.sanity_checking:
@@ -245,6 +240,7 @@ class ResumeCheckpoint(Checkpoint):
         if self.every_seconds is not None and time.monotonic() - self._since >= self._interval():
             due = True
         if trainer.strategy.broadcast(due):  # every rank saves, or none (time differs between ranks)
+            log_train_row_ahead(trainer)
             self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -270,7 +266,6 @@ class ResumeCheckpoint(Checkpoint):
             logger.save()
         self.saves.append(time.monotonic() - start)
         self.saved_step = trainer.global_step
-        self._flush = True
         self._since = time.monotonic()
 
     # what goes into every checkpoint (ModelCheckpoint's too)
@@ -287,6 +282,25 @@ class ResumeCheckpoint(Checkpoint):
         self._loader_state = (fit_loop.get("state_dict") or {}).get("combined_loader")
         self.resumed = {"step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}
         self.saved_step = self.resumed["step"]
+
+
+def log_train_row_ahead(trainer) -> None:
+    """Write this batch's train row to metrics.csv now, before the step checkpoint that covers it.
+
+    Lightning logs a batch's train metrics only after every on_train_batch_end hook, i.e. after the checkpoint is
+    on disk: a kill -9 between the two would lose the row for good (the resumed run starts after that step). The
+    row is what Lightning's update_train_step_metrics is about to log (same values, step and epoch); the CSV
+    logger then drops the repeat."""
+    connector = trainer._logger_connector
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+    if not loggers or not (connector.should_update_logs or trainer.fast_dev_run):
+        return
+    row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in connector.metrics["log"].items()}
+    if not row:
+        return
+    row.setdefault("epoch", trainer.current_epoch)
+    for logger in loggers:
+        logger.log_ahead(row, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 def rng_states() -> dict[str, Any]:
@@ -407,9 +421,26 @@ class CSVLogger(LightningCSVLogger):
     directory is not empty."""
 
     _resume: tuple[int, int] | None = None
+    _ahead: tuple[int, dict[str, Any]] | None = None
 
     def resume_at(self, step: int, rows: int | None) -> None:
         self._resume = (int(step), int(rows or 0))
+
+    def log_ahead(self, metrics: dict[str, Any], step: int) -> None:
+        """Log and flush a row before Lightning does (log_train_row_ahead); its later call for that step adds
+        only what was not in it."""
+        self._ahead = (int(step), dict(metrics))
+        super().log_metrics(metrics, step)
+        self.save()
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._ahead is not None and step == self._ahead[0]:
+            logged = self._ahead[1]
+            self._ahead = None
+            metrics = {k: v for k, v in metrics.items() if k not in logged}
+            if not metrics or set(metrics) == {"epoch"}:
+                return
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment

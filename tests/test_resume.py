@@ -60,6 +60,27 @@ def _train(args: list[str], cwd: Path, log: Path, timeout: float = 600) -> int:
         proc.kill()
 
 
+def _start_killed_after_save(args: list[str], cwd: Path, log: Path, step: int) -> subprocess.Popen:
+    """train.py, killed (SIGKILL, by itself) the moment its last.ckpt of optimizer step `step` is renamed into
+    place: the worst moment for what the checkpoint covers, hit every time rather than by a poll's luck."""
+    script = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        from squeeze.resume import AtomicCheckpointIO
+        save = AtomicCheckpointIO.save_checkpoint
+        def save_then_die(self, checkpoint, path, storage_options=None):
+            save(self, checkpoint, path, storage_options)
+            if os.path.basename(path) == "last.ckpt" and checkpoint["global_step"] == {step}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        AtomicCheckpointIO.save_checkpoint = save_then_die
+        sys.argv = [{str(ROOT / "train.py")!r}, *sys.argv[1:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
 def _csv_steps(run_dir: Path) -> list[int]:
     with open(run_dir / "csv" / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
@@ -70,15 +91,15 @@ def test_kill_9_and_resume_from_a_step_checkpoint_matches_the_uninterrupted_run(
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert _train([*args, f"hydra.run.dir={whole}"], tmp_path, tmp_path / "whole.log") == 0
 
-    proc = _start([*args, f"hydra.run.dir={parts}"], tmp_path, tmp_path / "parts.log")
+    # Killed mid-epoch (8 steps an epoch) the instant the step-15 checkpoint lands: nothing after it reached the disk.
+    proc = _start_killed_after_save([*args, f"hydra.run.dir={parts}"], tmp_path, tmp_path / "parts.log", step=15)
+    assert proc.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "parts.log").read_text()[-3000:]
     last = parts / "checkpoints" / "last.ckpt"
-    _wait_for(last.is_file, proc, tmp_path / "parts.log")
-    proc.send_signal(signal.SIGKILL)  # mid-epoch, somewhere after the first step checkpoint
-    proc.wait(timeout=60)
     killed = read_result(parts)
     assert killed["status"] == "running"  # a killed run is told from one that never started
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert step % 5 == 0 and 0 < step < 120
+    assert step == 15
+    assert _csv_steps(parts) == list(range(15))  # the rows the checkpoint covers were written before it
 
     assert _train([*args, f"hydra.run.dir={parts}", "ckpt_path=last"], tmp_path, tmp_path / "resume.log") == 0
     resumed, uninterrupted = read_result(parts), read_result(whole)
