@@ -310,7 +310,7 @@ def test_tiny_llama_trains_and_generates(tmp_path):
     assert {"test/bleu", "test/ter", "test/hits@1", "test/perplexity"} <= set(record["metrics"])
 
 
-COMPRESS_SETTINGS = {"[imp,dq]": ["compress.imp.end_step=4", "compress.imp.frequency=2"], "[rows,qat]": [],
+COMPRESS_SETTINGS = {"[imp,dq]": ["compress.imp.end_step=2", "compress.imp.frequency=1"], "[rows,qat]": [],
                      "kd": ["compress.kd.student.layers=1"]}  # kd's teacher: the run's own model
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import signal
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAMILIES, FAST, build_tiny, compose_cfg, read_result, tiny_spec
@@ -28,7 +30,7 @@ from squeeze.compress.pruning import (
     stage_sparsity,
     stages_to_target,
 )
-from squeeze.errors import SqueezeError
+from squeeze.errors import Interrupted, SqueezeError
 
 TINY = FAMILIES
 
@@ -101,6 +103,7 @@ def test_adaptive_stages_and_decision():
     ({"end_step": 5, "start_step": 10}, "compress.imp.end_step=5 must be a step number ≥ start_step"),
     ({"rewind_step": 50}, "compress.imp.rewind_step=50 comes after the first pruning step \\(10\\)"),
     ({"include": ["attn("]}, "compress.imp.include='attn\\(' is not a valid regular expression"),
+    ({"recovery": 1.0}, "compress.imp.recovery=1.0 must be a share in \\[0, 1\\)"),
 ])
 def test_bad_settings_fail_with_one_line(settings, message):
     with pytest.raises(SqueezeError, match=message) as error:
@@ -123,7 +126,7 @@ def test_the_config_path_users_type(tmp_path):
     cfg = compose_cfg("train", ["compress=imp", "compress.imp.target=0.5", "compress.imp.schedule=fixed"], tmp_path)
     (imp,) = build_chain(cfg.compress)
     assert imp.name == "imp" and imp.target == 0.5 and imp.include is None and imp.exclude is None
-    assert imp.test_best_checkpoint is False
+    assert imp.test_best_checkpoint and imp.recovery == 0.3  # the best validation after the last event
     # null patterns are the family's, filled in when the model is seen, and recorded as used.
     imp.prepare_model(build_tiny("tiny_gpt2")[0], None)
     assert imp.include == [r"attn|mlp"] and imp.exclude == [r"wte|wpe|ln_"]
@@ -184,9 +187,12 @@ def test_target_sparsity_is_reached_exactly(name, granularity, tmp_path):
 
 
 # -- during training (the callback's hooks, driven by hand) --------------------------------------------
-def _trainer(optimizer, step=0):
-    return SimpleNamespace(global_step=step, optimizers=[optimizer], loggers=[], estimated_stepping_batches=1000,
-                           sanity_checking=False, callback_metrics={})
+def _trainer(optimizer, step=0, total=1000):
+    # Validation every 2 of 100 batches an epoch (what an adaptive plan reads); no checkpoint callbacks.
+    return SimpleNamespace(global_step=step, optimizers=[optimizer], loggers=[], estimated_stepping_batches=total,
+                           sanity_checking=False, callback_metrics={}, checkpoint_callbacks=[], ckpt_path=None,
+                           enable_validation=True, val_check_batch=2, num_training_batches=100,
+                           check_val_every_n_epoch=1, accumulate_grad_batches=1)
 
 
 def _optimizer(model, **kwargs):
@@ -281,6 +287,8 @@ def test_adaptive_prunes_only_at_validations_under_the_threshold(tmp_path):
     for loss in (1.2, 0.8, 1.1, 0.9, 0.5):
         trainer.callback_metrics = {"val/loss": torch.tensor(loss)}
         imp.on_validation_end(trainer, None)
+        assert round(mask_sparsity(imp.masks), 3) == (levels[-1] if levels else 0.0)  # not at that validation
+        imp.on_train_batch_start(trainer, None, None, 0)  # but before the next step
         levels.append(round(mask_sparsity(imp.masks), 3))
     assert levels == [0.0, 0.5, 0.5, 0.7, 0.7]
     assert imp.stage == 2 and imp.summary()["reached_target"]
@@ -296,8 +304,9 @@ def _csv_sparsity(run_dir):
 
 
 @pytest.mark.parametrize("name, settings", [
-    ("tiny_gpt2", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
-    ("tiny_opt", ["compress.imp.schedule=cubic", "compress.imp.end_step=6", "compress.imp.frequency=2"]),
+    # 8 steps: the events end by step 5, the last 3 train at the target
+    ("tiny_gpt2", ["compress.imp.schedule=cubic", "compress.imp.end_step=5", "compress.imp.frequency=2"]),
+    ("tiny_opt", ["compress.imp.schedule=cubic", "compress.imp.end_step=5", "compress.imp.frequency=2"]),
     # adaptive: validation every 2 steps, each under the (generous) threshold until the target is reached
     ("tiny_bert", ["compress.imp.schedule=adaptive", "compress.imp.fraction=0.5", "compress.imp.threshold=100",
                    "compress.imp.granularity=row", "trainer.val_check_interval=2"]),
@@ -319,6 +328,9 @@ def test_a_run_reaches_the_target_and_evaluate_reloads_the_sparse_model(name, se
     logged = _csv_sparsity(tmp_path)
     assert [s for s, _ in logged] == [e["step"] for e in imp["events"]] and len(logged) >= 2
     assert logged[-1][1] == pytest.approx(0.7, abs=0.005)
+    # No event in the last 30% of the 8 steps: the tested model trained 3 or more steps at the target.
+    assert imp["deadline_step"] == 5 and imp["events"][-1]["step"] <= 5
+    assert imp["steps_after_last_event"] == 8 - imp["events"][-1]["step"] >= 3
     # The model directory is the sparse format, with no dense copy, and evaluate.py reads it.
     files = {p.name for p in (tmp_path / "model").iterdir()}
     assert formats.sparse.SPARSE_FILE in files and "model.safetensors" not in files
@@ -333,24 +345,38 @@ def test_a_run_reaches_the_target_and_evaluate_reloads_the_sparse_model(name, se
     assert evaluated["nonzero_params"] == saved["nonzero_params"]
 
 
+class StopAt(L.Callback):
+    """Stops the run as a SIGTERM would, before optimizer step `step` + 1 (the step-`step` checkpoint is on disk)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Interrupted(signal.SIGTERM, step=self.step)
+
+
 def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path):
     # One training example and a constant learning rate: both runs see exactly the same steps, so any
     # difference comes from what the checkpoint did (not) carry: masks, schedule state, rewind values.
     common = [*FAST, "model=tiny_llama", "task=rotten_tomatoes", "task.data.max_examples.train=1",
               "task.data.batch_size=1", "scheduler=null", "optimizer.lr=1e-2", "trainer.max_epochs=100",
-              "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "+callbacks.checkpoint.every_n_epochs=4",
-              "compress=imp",
-              "compress.imp.target=0.6", "compress.imp.end_step=8", "compress.imp.frequency=2",
+              "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "trainer.max_steps=10",
+              "checkpoint.every_n_steps=1", "checkpoint.every_minutes=null", "compress=imp",
+              "compress.imp.target=0.6", "compress.imp.end_step=6", "compress.imp.frequency=2",
               "compress.imp.rewind_step=1"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run.train(compose_cfg("train", [*common, "trainer.max_steps=8"], whole))["status"] == "ok"
-    assert run.train(compose_cfg("train", [*common, "trainer.max_steps=4"], parts))["status"] == "ok"
-    assert [e["step"] for e in read_result(parts)["compress"]["imp"]["events"]] == [2, 4]
-    resumed = run.train(compose_cfg("train", [*common, "trainer.max_steps=8", "ckpt_path=last"], parts))
+    assert run.train(compose_cfg("train", common, whole))["status"] == "ok"
+    with pytest.raises(SystemExit):  # interrupted after step 4 (squeeze.guard: status "interrupted")
+        run.train(compose_cfg("train", [*common, "+callbacks.stop._target_=test_pruning.StopAt",
+                                        "+callbacks.stop.step=4"], parts))
+    assert read_result(parts)["status"] == "interrupted"
+    resumed = run.train(compose_cfg("train", [*common, "ckpt_path=last"], parts))
     assert resumed["status"] == "ok", resumed["error"]
-    assert [e["step"] for e in resumed["compress"]["imp"]["events"]] == [2, 4, 6, 8]
-    # The rows before the resume are kept and the resumed run pruned only the remaining stages (once each).
-    assert [step for step, _ in _csv_sparsity(parts)] == [2, 4, 6, 8]
+    assert resumed["resumed_from"]["step"] == 4
+    assert [e["step"] for e in resumed["compress"]["imp"]["events"]] == [2, 4, 6]
+    # The rows before the resume are kept and the resumed run pruned only the remaining stage (once).
+    assert [step for step, _ in _csv_sparsity(parts)] == [2, 4, 6]
     a = formats.load(whole / "model", "sequence_classification")
     b = formats.load(parts / "model", "sequence_classification")
     weights_a, _ = select_weights(a, *_defaults(a))
@@ -358,7 +384,11 @@ def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path)
     for n, p in weights_a.items():
         assert torch.equal(p == 0, weights_b[n] == 0), n
         torch.testing.assert_close(p, weights_b[n])
-    assert read_result(whole)["compress"]["imp"]["sparsity"] == resumed["compress"]["imp"]["sparsity"]
+    summary = read_result(whole)["compress"]["imp"]
+    assert summary["sparsity"] == resumed["compress"]["imp"]["sparsity"]
+    # No validation at all (limit_val_batches=0): the last weights are tested, and the record says so.
+    assert summary["steps_after_last_event"] == resumed["compress"]["imp"]["steps_after_last_event"] == 4
+    assert summary["validations_after_last_event"] == 0 and read_result(whole)["validation"] is None
 
 
 def test_fixed_steps_of_the_original_weights_reach_90_percent_in_nine_events():
@@ -373,14 +403,14 @@ def test_fixed_steps_of_the_original_weights_reach_90_percent_in_nine_events():
 
 
 def test_end_step_null_reaches_the_target_at_70_percent_of_the_run():
-    imp = IterativeMagnitudePruning(target=0.5)  # the defaults: cubic, end_step null
-    imp.resolve_end_step(100)
-    assert imp.end_step == 70 and imp.sparsity_at(70) == 0.5 and imp.sparsity_at(69) < 0.5
+    imp = IterativeMagnitudePruning(target=0.5)  # the defaults: cubic, end_step null, recovery 0.3
+    imp.plan_for(100)
+    assert imp.end_step == imp.deadline == 70 and imp.sparsity_at(70) == 0.5 and imp.sparsity_at(69) < 0.5
     short = IterativeMagnitudePruning(target=0.5)
-    short.resolve_end_step(6)
+    short.plan_for(6)
     assert short.end_step == 4 and short.sparsity_at(4) == 0.5
     with pytest.raises(SqueezeError, match="needs a run of known length"):
-        IterativeMagnitudePruning().resolve_end_step(math.inf)
+        IterativeMagnitudePruning().plan_for(math.inf)
 
 
 def test_a_six_step_run_with_the_defaults_is_pruned(tmp_path):
@@ -391,3 +421,158 @@ def test_a_six_step_run_with_the_defaults_is_pruned(tmp_path):
     assert record["status"] == "ok", record["error"]
     assert abs(record["sparsity"] - 0.7) < 0.01
     assert record["compress"]["imp"]["schedule"]["end_step"] == 4
+
+
+# -- recovery: no event in the last `recovery` share of the run, and the tested model is the one after it ------
+def test_the_deadline_leaves_the_last_30_percent_of_the_steps_and_at_least_one():
+    from squeeze.compress import pruning_deadline
+    from squeeze.compress.pruning import first_validation
+
+    assert [pruning_deadline(t, 0.3) for t in (100, 10, 8, 6, 2, 1)] == [70, 7, 5, 4, 1, 0]
+    assert pruning_deadline(10, 0.0) == 9  # always at least one step after the last event
+    # Lightning's validation rules: every 4 batches of a 10-batch epoch; at its end; every 2nd epoch; across epochs
+    assert first_validation(4, 10, 1) == 4 and first_validation(math.inf, 10, 1) == 10
+    assert first_validation(10, 10, 2) == 20 and first_validation(25, 10, None) == 25
+    assert first_validation(4, 10, 1, accumulate=2) == 2 and first_validation(None, 10, 1) is None
+
+
+REFUSED = FAST + ["model=tiny_bert", "task=rotten_tomatoes", "perf=null", "trainer.limit_val_batches=1",
+                  "compress=imp", "compress.imp.target=0.75"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    # the target on the last step of 8 (the observed failure): events must end by step 5
+    (["compress.imp.schedule=cubic", "compress.imp.end_step=8", "compress.imp.frequency=2"],
+     r"reaches its target at step 8, but this run's last 3 of 8 optimizer steps are kept to recover "
+     r"\(compress.imp.recovery=0.3\), so pruning ends by step 5; set compress.imp.end_step ≤ 5"),
+    # half, then a quarter: 2 events every 2 steps end at step 4, after step 3 of 5
+    (["trainer.max_steps=5", "compress.imp.schedule=fixed", "compress.imp.fraction=0.5",
+      "compress.imp.frequency=2"],
+     r"reaches its target at step 4 \(2 events every 2 steps from step 0\), but .* pruning ends by step 3; lower "
+     r"compress.imp.frequency to ≤ 1, or train ≥ 6 steps"),
+    # 8 batches an epoch validated only at its end: after step 5, so adaptive could never prune
+    (["compress.imp.schedule=adaptive", "compress.imp.fraction=0.5", "compress.imp.threshold=100"],
+     r"schedule=adaptive prunes at validations, and this run first validates after step 8, but .* pruning ends "
+     r"by step 5; validate more often"),
+])
+def test_a_schedule_with_no_recovery_is_refused_before_training(settings, message, tmp_path):
+    with pytest.raises(SqueezeError, match=message) as error:
+        run.train(compose_cfg("train", [*REFUSED, "trainer.max_steps=8", *settings], tmp_path))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists() and not (tmp_path / "model").exists()
+
+
+def test_a_rewind_belongs_to_its_event_and_none_comes_after_the_deadline(tmp_path):
+    model = build_tiny("tiny_gpt2")[0]
+    # 10 steps: events every 3 steps (half, then a quarter more) end at step 6, before the deadline (7).
+    imp = IterativeMagnitudePruning(target=0.75, schedule="fixed", fraction=0.5, frequency=3, rewind_step=0)
+    optimizer = _optimizer(model, lr=1e-2)
+    trainer = _trainer(optimizer, total=10)
+    imp.on_train_start(trainer, SimpleNamespace(model=model))
+    pretrained = {n: p.detach().clone() for n, p in imp._weights.items()}
+    rewound = []
+
+    def at_pretrained():  # the survivors are back at their pretrained values
+        return all(torch.equal(p[imp.masks[n]], pretrained[n][imp.masks[n]]) for n, p in imp._weights.items())
+
+    for _ in range(10):
+        _train(model, imp, optimizer, trainer, 1)
+        if at_pretrained():
+            rewound.append(trainer.global_step)
+    assert imp.deadline == 7 and [e["step"] for e in imp.events] == [3, 6] and rewound == [3, 6]
+    imp.on_train_end(trainer, None)
+    assert imp.summary()["steps_after_last_event"] == 4
+    # adaptive: a validation inside the recovery window chooses no stage, so nothing is pruned or rewound there
+    model = build_tiny("tiny_gpt2")[0]
+    adaptive = IterativeMagnitudePruning(target=0.75, schedule="adaptive", fraction=0.5, threshold=10.0, rewind_step=0)
+    trainer = _trainer(_optimizer(model), total=10)
+    adaptive.on_train_start(trainer, SimpleNamespace(model=model))
+    trainer.callback_metrics = {"val/loss": torch.tensor(0.1)}
+    for step in (7, 8):
+        trainer.global_step = step
+        adaptive.on_validation_end(trainer, None)
+        adaptive.on_train_batch_start(trainer, None, None, 0)
+    assert [e["step"] for e in adaptive.events] == [7]  # the validation at the deadline prunes, the next does not
+
+
+def _state(ckpt) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def _val_losses(run_dir) -> list[tuple[int, float]]:
+    """(optimizer steps before the validation, val/loss): Lightning logs a validation at step k - 1 of metrics.csv."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]) + 1, float(r["val/loss"])) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+def test_the_tested_model_is_the_best_validation_after_the_last_event_also_when_resumed(tmp_path):
+    # 64 examples, 8 a batch: 8 steps an epoch, 10 steps, validated every 2; events at steps 3 and 6 (deadline 7),
+    # so validations 6, 8 and 10 see the final sparsity. The checkpoint kept is the one of the highest val/loss
+    # (mode max): continuous, and here the denser model's validation at step 4 has the highest of all, so a best
+    # kept from before the last event would show.
+    common = [*FAST, "model=tiny_gpt2", "task=rotten_tomatoes", "perf=null", "callbacks.energy=null",
+              "task.monitor=val/loss", "task.monitor_mode=max", "trainer.max_steps=10", "trainer.max_epochs=100",
+              "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+              "checkpoint.every_n_steps=1", "checkpoint.every_minutes=null", "compress=imp",
+              "compress.imp.schedule=fixed", "compress.imp.fraction=0.5", "compress.imp.target=0.75",
+              "compress.imp.frequency=3", "compress.imp.rewind_step=0"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run.train(compose_cfg("train", common, whole))["status"] == "ok"
+    saved = read_result(whole)
+    imp = saved["compress"]["imp"]
+    assert [e["step"] for e in imp["events"]] == [3, 6] and imp["deadline_step"] == 7
+    assert imp["steps_after_last_event"] == 4 and imp["validations_after_last_event"] == 3
+    assert saved["sparsity"] == pytest.approx(0.75, abs=0.005)
+    # validation.best: the best of the validations after the last event (not of the denser model's before it)
+    losses = _val_losses(whole)
+    assert [s for s, _ in losses] == [2, 4, 6, 8, 10]
+    after = max(v for s, v in losses if s >= 6)
+    assert max(v for _, v in losses) > after  # the data this test needs: an earlier, denser "best"
+    assert saved["validation"]["best"] == pytest.approx(after, rel=1e-6)
+    # ... and that checkpoint (the only best one kept) is the model tested and saved, at the target sparsity
+    assert [p.name for p in (whole / "checkpoints").glob("best*.ckpt")] == ["best.ckpt"]
+    best = _state(whole / "checkpoints" / "best.ckpt")
+    assert best["global_step"] >= 6
+    tested = formats.load(whole / "model", "sequence_classification")
+    for name, p in tested.named_parameters():
+        torch.testing.assert_close(p, best["state_dict"][f"model.{name}"], rtol=0, atol=0)
+    weights, _ = select_weights(tested, *_defaults(tested))
+    assert mask_sparsity({n: p != 0 for n, p in weights.items()}) == pytest.approx(0.75, abs=0.005)
+
+    # Interrupted mid-epoch between the two events (its best checkpoint then from the validation at step 4), and
+    # resumed: the second event forgets that one too, and the run ends where the uninterrupted one did.
+    with pytest.raises(SystemExit):
+        run.train(compose_cfg("train", [*common, "+callbacks.stop._target_=test_pruning.StopAt",
+                                        "+callbacks.stop.step=5"], parts))
+    assert _state(parts / "checkpoints" / "best.ckpt")["global_step"] == 4
+    resumed = run.train(compose_cfg("train", [*common, "ckpt_path=last"], parts))
+    assert resumed["status"] == "ok", resumed["error"]
+    assert resumed["resumed_from"]["step"] == 5
+    assert resumed["validation"]["best"] == pytest.approx(saved["validation"]["best"], rel=1e-6)
+    assert resumed["metrics"] == pytest.approx(saved["metrics"], rel=1e-6, abs=1e-7)
+    assert resumed["compress"]["imp"]["steps_after_last_event"] == 4
+    assert resumed["compress"]["imp"]["validations_after_last_event"] == 3
+    assert _state(parts / "checkpoints" / "best.ckpt")["global_step"] == best["global_step"]
+
+
+def test_the_offline_presets_pruning_ends_before_their_recovery_window(tmp_path):
+    from squeeze.compress.pruning import first_validation
+    from squeeze.compress.structured import HeadPruning
+    from test_presets import _cells
+
+    checked = 0
+    for name in ("best_way_to_squeeze_offline", "nanogpt_compression_offline", "pruning_rates_offline",
+                 "gpt2_compression_offline"):
+        for cell in _cells(name, tmp_path):
+            if not any(o.startswith("compress=") and ("imp" in o or "heads" in o) for o in cell):
+                continue
+            cfg = compose_cfg("train", cell, tmp_path)
+            steps, every = int(cfg.trainer.max_steps), cfg.trainer.val_check_interval
+            for compressor in build_chain(cfg.compress):
+                if isinstance(compressor, IterativeMagnitudePruning):
+                    # every preset validates every k batches of an epoch longer than the run
+                    compressor.plan_for(steps, first_validation(every, 10**6, 1))
+                    checked += 1
+                elif isinstance(compressor, HeadPruning):
+                    assert compressor.iterations == 1  # cut before fine-tuning: the whole run recovers
+    assert checked >= 6

@@ -5,6 +5,7 @@ what was removed; importance ranks a dead head last; a real run prunes, trains, 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 
 import pytest
@@ -250,6 +251,7 @@ def test_rows_equal_masked_dense_keep_divisibility_and_reload(kind, auto, tmp_pa
     ({"amount": "half"}, "neither a fraction"),
     ({"method": "random"}, "method='random' is not one of"),
     ({"iterations": 3}, "every_n_steps ≥ 1"),
+    ({"recovery": -0.1}, r"recovery=-0.1 must be a share in \[0, 1\)"),
 ])
 def test_bad_settings_fail_when_built(kwargs, match):
     with pytest.raises(SqueezeError, match=match):
@@ -367,19 +369,42 @@ def test_heads_then_rows_on_opt_reload_with_squeeze_and_with_trust_remote_code(t
 
 
 def test_iterative_pruning_fine_tunes_between_steps(tmp_path):
+    # 7 steps, validated every 2: cuts before step 1 and at step 3 (by the deadline, step 4: the last 30% recover),
+    # so the validation at step 2 scores the wider model and those at 4 and 6 the final one.
     cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=heads", "compress.heads.method=magnitude",
                                         "compress.heads.amount=2", "compress.heads.iterations=2",
-                                        "compress.heads.every_n_steps=2"], tmp_path)
+                                        "compress.heads.every_n_steps=3", "trainer.max_steps=7",
+                                        "trainer.val_check_interval=2", "task.monitor=val/loss",
+                                        "task.monitor_mode=min"], tmp_path)
     record = run.train(cfg)
     assert record["status"] == "ok", record.get("error")
-    summary = read_result(tmp_path)["compress"]["heads"]
+    saved = read_result(tmp_path)
+    summary = saved["compress"]["heads"]
     assert summary["steps_done"] == 2 and summary["heads_kept_per_layer"] == [2, 2]
+    assert summary["event_steps"] == [0, 3] and summary["steps_after_last_event"] == 4
+    # The model tested is the best validation after the last cut (its shapes), not an earlier, wider one.
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] in (4, 6)
+    assert best["state_dict"]["model.bert.encoder.layer.0.attention.self.query.weight"].shape[0] == 2 * HEAD_DIM
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        # Lightning logs the validation after optimizer step k at metrics.csv step k - 1
+        losses = {int(r["step"]) + 1: float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+    assert sorted(losses) == [2, 4, 6]
+    assert saved["validation"]["best"] == pytest.approx(min(losses[4], losses[6]), rel=1e-6)
 
 
 def test_iterative_pruning_that_cannot_finish_is_refused(tmp_path):
     cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=heads", "compress.heads.method=magnitude",
                                         "compress.heads.iterations=3", "compress.heads.every_n_steps=10"], tmp_path)
-    with pytest.raises(SqueezeError, match="comes at step 20, but the run trains 3 steps"):
+    with pytest.raises(SqueezeError, match=r"comes at step 20, but this run's last 1 of 3 optimizer steps are kept "
+                                           r"to recover \(compress.heads.recovery=0.3\), so pruning ends by step 2; "
+                                           r"lower every_n_steps to ≤ 1"):
+        run.train(cfg)
+    # the last step on the run's last step: no step left to recover (4 steps: pruning ends by step 2)
+    cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=heads", "compress.heads.method=magnitude",
+                                        "compress.heads.iterations=2", "compress.heads.every_n_steps=3",
+                                        "trainer.max_steps=4"], tmp_path)
+    with pytest.raises(SqueezeError, match="comes at step 3, but .* pruning ends by step 2"):
         run.train(cfg)
 
 

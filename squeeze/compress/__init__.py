@@ -27,14 +27,23 @@ from its result (`trained_after`, set here): `[wanda, imp]` fine-tunes from Wand
 qat]` trains the smoothed model. Otherwise it is applied at finalize, to the weights that are saved.
 So `[pkd, imp, dq]` distills a pruned student and quantizes the result; `[dq, qat]` fails fast.
 
+Pruning during fine-tuning (imp, heads in steps) ends early enough for the model to recover: no pruning event
+in the last `recovery` share of the run's optimizer steps (`pruning_deadline`), and each event makes Lightning's
+ModelCheckpoint forget its best checkpoint (`Compressor.restart_best_checkpoint`), so the best validation it keeps,
+which the run tests and records as validation.best, is one of the model at its final sparsity.
+
 A compressor never imports another one; chaining is the run's job (squeeze/run.py).
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from squeeze.config import chain_name, used_compressors  # noqa: F401  (chain_name re-exported for the run)
 from squeeze.errors import SqueezeError
 
@@ -52,8 +61,8 @@ class Compressor(L.Callback):
     # Acts only on the fine-tuned weights (at finalize), so applying it to a stored fine-tuned model is the
     # same run (squeeze.baselines). Not so for what prunes before fine-tuning (rows, heads) or trains.
     after_training: bool = False
-    # The weights tested and saved: the best validation checkpoint, or the last weights. Pruning
-    # wants the last ones: an early "best" checkpoint has not reached the target sparsity yet.
+    # The weights tested and saved: the best validation checkpoint, or the last weights. A pruner keeps the
+    # best one among the validations after its last event (restart_best_checkpoint), so it can test the best.
     test_best_checkpoint: bool = True
     # Why it cannot run under a sharding strategy (hardware=fsdp), in one clause; None: it can.
     unsharded: str | None = None
@@ -74,6 +83,40 @@ class Compressor(L.Callback):
     def summary(self) -> dict[str, Any]:
         """What result.json records under compress.<name> (settings and achieved figures)."""
         return {}
+
+    def restart_best_checkpoint(self, trainer) -> None:
+        """The model just changed (pruned): the validations so far scored another, denser model. Lightning's
+        ModelCheckpoint forgets its best ones (scores, paths and files), so the best it keeps, which the run
+        tests and records, is among the validations from now on. Its state is in every checkpoint, so a
+        resumed run keeps forgetting what the uninterrupted one forgot."""
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            stale = [p for p in callback.best_k_models if p and p != callback.last_model_path]
+            callback.best_k_models, callback.kth_best_model_path = {}, ""
+            callback.best_model_score, callback.best_model_path, callback.current_score = None, "", None
+            callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
+            resumed_from = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
+            for path in stale:  # a denser model's checkpoint left as best.ckpt would pass for the result
+                if Path(path).resolve() != resumed_from:
+                    trainer.strategy.remove_checkpoint(path)
+
+
+RECOVERY = 0.3  # the share of a run's optimizer steps after the last pruning event, by default
+
+
+def pruning_deadline(total_steps: float, recovery: float) -> int:
+    """The last optimizer step at which a pruning event may fall in a run of `total_steps` steps: the last
+    `recovery` share of them (at least one step) trains the model at its final sparsity, so what is validated,
+    tested and saved has recovered from the last event. 100 steps, recovery 0.3: events up to step 70."""
+    total = int(total_steps)
+    return total - max(1, math.ceil(round(recovery * total, 9)))  # round: 0.3 * 10 is 3.0000000000000004
+
+
+def check_recovery(recovery: Any, what: str) -> None:
+    if isinstance(recovery, bool) or not isinstance(recovery, (int, float)) or not 0 <= recovery < 1:
+        raise SqueezeError(f"{what}={recovery!r} must be a share in [0, 1) of the run's optimizer steps kept to "
+                           "recover after the last pruning event (0.3: no pruning in the last 30%)")
 
 
 def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:

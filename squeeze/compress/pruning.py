@@ -8,6 +8,10 @@ columns).
 When: a schedule, a pure function of the optimizer step (`fixed`, `cubic`) or of the validation
 loss (`adaptive`). After each pruning event the surviving weights can be rewound to their values
 at step `rewind_step` (0: the pretrained weights), as in lottery-ticket rewinding.
+Recovery: no event (so no rewind, which belongs to its event) after the deadline, the step that leaves the
+last `recovery` share of the run's optimizer steps (0.3: 30%) to train at the final sparsity; a schedule
+that cannot finish by then is refused before training. Each event restarts the best-validation checkpoint,
+so the model tested and saved, and validation.best, are the best one after the last event.
 Kept pruned: pruned entries' gradients are zeroed before every optimizer step (so Adam's moments
 stay zero and clipping ignores them), their moments are zeroed when they are pruned, and the masks
 are re-applied after every step, so AdamW and weight decay leave them exactly zero. Masks, schedule
@@ -32,7 +36,7 @@ from torch import nn
 
 from squeeze.arch import adapter_for
 from squeeze.arch.linear import is_transposed
-from squeeze.compress import Compressor
+from squeeze.compress import RECOVERY, Compressor, check_recovery, pruning_deadline
 from squeeze.errors import SqueezeError
 
 log = logging.getLogger("squeeze")
@@ -83,6 +87,27 @@ def cubic_sparsity(step: int, target: float, start: int, end: int, frequency: in
 def adaptive_should_prune(val_loss: float, threshold: float, level: float, target: float) -> bool:
     """Prune the next stage only while the model is good enough (validation loss under the threshold)."""
     return level < target - _EPS and math.isfinite(val_loss) and val_loss < threshold
+
+
+def first_validation(val_check_batch: float | None, epoch_batches: float, every_n_epochs: int | None,
+                     accumulate: int = 1) -> float | None:
+    """The optimizer step after which a run first validates, by Lightning's rules (validation after every
+    `val_check_batch` batches of an epoch, or counted across epochs when `every_n_epochs` is None, and at
+    each epoch's last batch); None when that depends on time or on data of unknown length."""
+    if val_check_batch is None or not math.isfinite(epoch_batches):
+        return None
+    if every_n_epochs is None:
+        return val_check_batch // accumulate if math.isfinite(val_check_batch) else None
+    at = min(val_check_batch, epoch_batches)
+    steps = math.ceil(at / accumulate) if at == epoch_batches else int(at) // accumulate  # the last batch steps
+    return (every_n_epochs - 1) * math.ceil(epoch_batches / accumulate) + steps
+
+
+def _first_validation_of(trainer) -> float | None:
+    if not trainer.enable_validation:  # limit_val_batches=0, or no validation data
+        return math.inf
+    return first_validation(trainer.val_check_batch, trainer.num_training_batches, trainer.check_val_every_n_epoch,
+                            trainer.accumulate_grad_batches)
 
 
 # -- what to prune ---------------------------------------------------------------------------------
@@ -176,15 +201,12 @@ class IterativeMagnitudePruning(Compressor):
     `start_step`; `cubic` follows Zhu & Gupta from `start_step` to `end_step`, updating every
     `frequency` steps; `adaptive` prunes one `fraction` stage at a validation whose val/loss is below
     `threshold`, then waits for the next validation under it. `rewind_step`: None (no rewind) or k.
+    `recovery`: the share of the run's optimizer steps after the last event (no event after the deadline).
     """
 
     name = "imp"
     trains = True
     unsharded = "its masks cover whole weight matrices, and FSDP keeps each rank only a flat shard of them"
-    # Tested and saved: the last weights, which are at the target sparsity. The best-validation
-    # checkpoint is usually an early, denser one (pruning costs accuracy), so testing it would
-    # report a model that is not the pruned one.
-    test_best_checkpoint = False
 
     def __init__(
         self,
@@ -200,6 +222,7 @@ class IterativeMagnitudePruning(Compressor):
         step_of: str = "remaining",
         threshold: float | None = None,
         rewind_step: int | None = None,
+        recovery: float = RECOVERY,
     ):
         self.target = target
         self.schedule = schedule
@@ -210,12 +233,17 @@ class IterativeMagnitudePruning(Compressor):
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.fraction, self.threshold, self.rewind_step = fraction, threshold, rewind_step
         self.step_of = step_of
+        self.recovery = recovery
         self._check_settings()
         self.masks: dict[str, torch.Tensor] = {}
         self.level = 0.0  # the sparsity the masks implement
         self.stage = 0  # pruning events so far
         self.events: list[dict[str, float]] = []
         self.rewind_values: dict[str, torch.Tensor] | None = None
+        self.deadline: int | None = None  # the last step an event may fall at (pruning_deadline), set at train start
+        self._pending: float | None = None  # adaptive: the level a validation chose, pruned before the next step
+        self._validations_after = 0  # validations since the last event: the candidates for the best checkpoint
+        self._fit_end_step: int | None = None
         self._weights: dict[str, nn.Parameter] = {}
         self._transposed: set[str] = set()
         self._restored: dict[str, Any] | None = None
@@ -241,7 +269,8 @@ class IterativeMagnitudePruning(Compressor):
         if self.schedule == "cubic" and self.end_step is not None and (
                 not isinstance(self.end_step, int) or self.end_step < self.start_step):
             raise bad("end_step", self.end_step, f"must be a step number ≥ start_step ({self.start_step}), or null "
-                                                 "(the target at 70% of the run's steps)")
+                                                 "(the target where the recovery steps start: 70% of the run)")
+        check_recovery(self.recovery, "compress.imp.recovery")
         if self.step_of not in STEP_OF:
             raise bad("step_of", self.step_of, f"is not one of {', '.join(STEP_OF)}")
         if self.schedule in ("fixed", "adaptive") and not (isinstance(self.fraction, (int, float))
@@ -280,15 +309,45 @@ class IterativeMagnitudePruning(Compressor):
     def end_step_known(self) -> bool:
         return self.schedule != "cubic" or self.end_step is not None
 
-    def resolve_end_step(self, total_steps: float) -> None:
-        """end_step null: the cubic schedule reaches its target at 70% of this run's optimizer steps, so a short
-        or long run neither ends unpruned nor prunes too late to recover (Zhu & Gupta leave the rest to recover)."""
-        if self.end_step is not None or self.schedule != "cubic":
-            return
+    def plan_for(self, total_steps: float, first_validation_step: float | None = None) -> None:
+        """Fit the schedule into a run of `total_steps` optimizer steps before it trains: the deadline, cubic's
+        end_step when null (the deadline itself: 70% of the run with recovery 0.3, where Zhu & Gupta leave the
+        rest to recover), and a one-line refusal of a schedule that cannot finish by the deadline.
+        `first_validation_step` (adaptive): when the run first validates, inf if never, None if unknown."""
         if not math.isfinite(total_steps):
-            raise SqueezeError("compress.imp.end_step=null needs a run of known length; set trainer.max_steps or "
-                               "compress.imp.end_step")
-        self.end_step = max(self.start_step + 1, int(0.7 * total_steps))
+            raise SqueezeError("compress.imp needs a run of known length to keep its last steps for recovery "
+                               "(compress.imp.recovery); set trainer.max_steps")
+        total = int(total_steps)
+        self.deadline = deadline = pruning_deadline(total, self.recovery)
+        window = (f"this run's last {total - deadline} of {total} optimizer steps are kept to recover "
+                  f"(compress.imp.recovery={self.recovery}), so pruning ends by step {deadline}")
+        if self.schedule == "adaptive":
+            if first_validation_step is not None and first_validation_step > deadline:
+                when = "never validates" if math.isinf(first_validation_step) else \
+                    f"first validates after step {int(first_validation_step)}"
+                raise SqueezeError(f"compress.imp schedule=adaptive prunes at validations, and this run {when}, but "
+                                   f"{window}; validate more often (trainer.val_check_interval, limit_val_batches)")
+            return
+        if self.schedule == "cubic" and self.end_step is None:
+            self.end_step = max(self.start_step, deadline)
+        final = self.final_step()
+        if final > deadline:
+            longer = final + 1
+            while pruning_deadline(longer, self.recovery) < final:
+                longer += 1
+            how = ""
+            first = self.start_step + (0 if self.schedule == "cubic" else self.frequency)
+            if first > deadline:
+                fix = f"lower compress.imp.start_step to ≤ {max(0, deadline - first + self.start_step)}"
+            elif self.schedule == "cubic":
+                fix = f"set compress.imp.end_step ≤ {deadline} (or null: step {deadline})"
+            else:
+                stages = stages_to_target(self.target, self.fraction, self.step_of)
+                how = f" ({stages} events every {self.frequency} steps from step {self.start_step})"
+                most = (deadline - self.start_step) // stages
+                fix = f"lower compress.imp.frequency to ≤ {most}" if most >= 1 else "prune more per event (fraction)"
+            raise SqueezeError(f"compress.imp reaches its target at step {final}{how}, but {window}; {fix}, or "
+                               f"train ≥ {longer} steps")
         if self.rewind_step is not None and self.rewind_step > self.first_step():
             raise SqueezeError(f"compress.imp.rewind_step={self.rewind_step} comes after the first pruning step "
                                f"({self.first_step()}); rewind to an earlier step")
@@ -324,14 +383,17 @@ class IterativeMagnitudePruning(Compressor):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._bind(pl_module.model)
-        if self.schedule != "adaptive":
-            total = trainer.estimated_stepping_batches
-            self.resolve_end_step(total)
-            if math.isfinite(total) and self.final_step() > total:
-                log.warning("compress.imp reaches its target sparsity at step %d but this run trains %d steps; "
-                            "lower compress.imp.end_step (cubic) or frequency", self.final_step(), int(total))
+        self.plan_for(trainer.estimated_stepping_batches,
+                      _first_validation_of(trainer) if self.schedule == "adaptive" else None)
         self._keep_rewind_values(trainer.global_step)
         self._follow_schedule(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # adaptive: the stage a validation chose is pruned here, not at that validation's end, where
+        # ModelCheckpoint would then keep the pruned weights under the denser model's score.
+        if self._pending is not None:
+            level, self._pending = self._pending, None
+            self.prune(level, trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Zero gradients stay zero through clipping and Adam's moments: the step cannot move pruned entries.
@@ -345,15 +407,24 @@ class IterativeMagnitudePruning(Compressor):
         self._follow_schedule(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self.schedule != "adaptive" or trainer.sanity_checking or not self._weights:
+        if trainer.sanity_checking or not self._weights:
             return
+        self._validations_after += 1
+        if self.schedule != "adaptive" or (self.deadline is not None and trainer.global_step > self.deadline):
+            return  # adaptive: a validation in the recovery window prunes nothing
         loss = trainer.callback_metrics.get("val/loss")
         if loss is None:
             self._warn_once("no-val-loss", "compress.imp schedule=adaptive found no val/loss after validation; "
                                            "nothing pruned")
             return
         if adaptive_should_prune(float(loss), self.threshold, self.level, self.target):
-            self.prune(stage_sparsity(self.stage + 1, self.target, self.fraction, self.step_of), trainer)
+            self._pending = stage_sparsity(self.stage + 1, self.target, self.fraction, self.step_of)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._fit_end_step = trainer.global_step
+        if not self.events:
+            log.warning("compress.imp pruned nothing during training%s", " (no validation loss under the threshold "
+                        "before the deadline)" if self.schedule == "adaptive" else "")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -362,6 +433,8 @@ class IterativeMagnitudePruning(Compressor):
             "events": [dict(e) for e in self.events],
             "masks": {n: m.cpu() for n, m in self.masks.items()},
             "rewind_values": None if self.rewind_values is None else {n: t.cpu() for n, t in self.rewind_values.items()},
+            "pending": self._pending,
+            "validations_after_last_event": self._validations_after,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,6 +467,13 @@ class IterativeMagnitudePruning(Compressor):
             "include": self.include,
             "exclude": self.exclude,
             "events": self.events,
+            "recovery": self.recovery,
+            "deadline_step": self.deadline,
+            # null: nothing pruned during training (events is empty), or no training
+            "steps_after_last_event": (self._fit_end_step - self.events[-1]["step"]
+                                       if self.events and self._fit_end_step is not None else None),
+            # the best of these is the checkpoint tested and validation.best; 0: the last weights were tested
+            "validations_after_last_event": self._validations_after if self.events else None,
         }
 
     # -- the work --------------------------------------------------------------------------------------
@@ -415,6 +495,8 @@ class IterativeMagnitudePruning(Compressor):
                 raise SqueezeError("the checkpoint's pruning masks are for other parameters than compress.imp "
                                    "selects now; resume with the include/exclude patterns it was trained with")
             self.level, self.stage, self.events = restored["level"], restored["stage"], list(restored["events"])
+            self._pending = restored.get("pending")
+            self._validations_after = restored.get("validations_after_last_event", 0)
             values = restored["rewind_values"]
             self.rewind_values = None if values is None else {n: values[n] for n in self._weights}
             self.masks = {n: restored["masks"][n].to(p.device) for n, p in self._weights.items()}
@@ -435,8 +517,8 @@ class IterativeMagnitudePruning(Compressor):
             self.rewind_values = {n: p.detach().to("cpu", copy=True) for n, p in self._weights.items()}
 
     def _follow_schedule(self, trainer) -> None:
-        if self.schedule == "adaptive":
-            return
+        if self.schedule == "adaptive" or (self.deadline is not None and trainer.global_step > self.deadline):
+            return  # past the deadline only if the run trains longer than it said: still no event there
         level = self.sparsity_at(trainer.global_step)
         if level > self.level + _EPS:
             self.prune(level, trainer)
@@ -455,6 +537,9 @@ class IterativeMagnitudePruning(Compressor):
                 p.masked_fill_(~self.masks[name], 0)
         for optimizer in (trainer.optimizers if trainer is not None else []):
             self.zero_optimizer_state(optimizer)
+        if trainer is not None:
+            self.restart_best_checkpoint(trainer)
+        self._validations_after = 0
         self.level = level
         self.stage += 1
         reached = mask_sparsity(self.masks)

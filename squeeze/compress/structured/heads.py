@@ -4,6 +4,7 @@ layer by weight magnitude or by gradient importance, once before fine-tuning or 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from squeeze.arch import Adapter, HeadLayout
 from squeeze.arch.loading import reload_kind
-from squeeze.compress import Compressor
+from squeeze.compress import RECOVERY, Compressor, check_recovery, pruning_deadline
 from squeeze.compress.structured.amounts import check_amount, keep_highest, removed_by, units_to_remove
 from squeeze.compress.structured.importance import gradient_head_scores, magnitude_head_scores
 from squeeze.compress.structured.surgery import (
@@ -35,14 +36,17 @@ class HeadPruning(Compressor):
 
     `amount`: a fraction of each layer's heads (float in [0, 1)) or a count of heads (int).
     `layers`: which layers to prune (fnmatch patterns or numbers); null prunes all of them.
+    `recovery` (in steps): the share of the run's optimizer steps after the last step, which must fit before it.
     """
 
     name = "heads"
 
     def __init__(self, amount: float = 0.25, method: str = "gradient", importance_batches: int = 8,
-                 iterations: int = 1, every_n_steps: int = 0, layers: Sequence[str | int] | None = None):
+                 iterations: int = 1, every_n_steps: int = 0, layers: Sequence[str | int] | None = None,
+                 recovery: float = RECOVERY):
         what = self._what
         check_amount(amount, f"{what}.amount")
+        check_recovery(recovery, f"{what}.recovery")
         if method not in METHODS:
             raise SqueezeError(f"{what}.method={method!r} is not one of {list(METHODS)}")
         if iterations < 1 or (iterations > 1 and every_n_steps < 1):
@@ -51,15 +55,18 @@ class HeadPruning(Compressor):
         if method == "gradient" and importance_batches < 1:
             raise SqueezeError(f"{what}.importance_batches={importance_batches}; gradient importance needs ≥ 1 batch")
         self.amount, self.method, self.importance_batches = amount, method, importance_batches
-        self.iterations, self.every_n_steps = iterations, every_n_steps
+        self.iterations, self.every_n_steps, self.recovery = iterations, every_n_steps, recovery
         self.layer_patterns = list(layers) if layers else None
         # Gradient importance needs training batches, and later steps need fine-tuning between them.
         self.trains = method == "gradient" or iterations > 1
-        # Shapes change during fit when pruning in steps: an early best checkpoint no longer fits.
-        self.test_best_checkpoint = iterations == 1
+        # In steps, shapes change during fit; each cut restarts the best checkpoint, so the best one (tested
+        # and saved) comes after the last cut and has the final shapes.
         if iterations > 1:
             self.unsharded = "pruning in steps cuts weight matrices during fit, which FSDP has flattened into shards"
         self._done = 0
+        self._event_steps: list[int] = []  # the optimizer step of each cut (0: before fine-tuning)
+        self._deadline: int | None = None
+        self._fit_end_step: int | None = None
         self._adapter: Adapter | None = None
         self._targets: dict[int, int] = {}  # layer → KV groups to remove in the end
         self._before: dict[str, Any] = {}
@@ -74,7 +81,7 @@ class HeadPruning(Compressor):
     def prepare_model(self, model, tokenizer):
         self._plan(model)
         if self.method == "magnitude":
-            self._step(model, batches=None)
+            self._step(model, batches=None, step=0)
         return model
 
     def setup(self, trainer, pl_module, stage):
@@ -82,22 +89,39 @@ class HeadPruning(Compressor):
             # Before the optimizer exists, so it is built on the pruned parameters; on the run's
             # device (Lightning would move the model there next anyway), not on the CPU.
             pl_module.model.to(trainer.strategy.root_device)
-            self._step(pl_module.model, self._batches(trainer))
+            self._step(pl_module.model, self._batches(trainer), trainer.global_step)
 
     def on_train_start(self, trainer, pl_module):
         if self.iterations > 1 and trainer.world_size > 1:
             raise SqueezeError(f"{self._what}: pruning in {self.iterations} steps changes parameter shapes during fit, "
                                "which distributed training cannot follow; use iterations=1 or a single device")
+        if self.iterations == 1:
+            return  # cut before fine-tuning: the whole run recovers
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise SqueezeError(f"{self._what}: pruning in {self.iterations} steps needs a run of known length to keep "
+                               f"its last steps for recovery ({self._what}.recovery); set trainer.max_steps")
+        total = int(total)
+        self._deadline = pruning_deadline(total, self.recovery)
         last = (self.iterations - 1) * self.every_n_steps
-        if self.iterations > 1 and last >= trainer.estimated_stepping_batches:
+        if last > self._deadline:
+            most = self._deadline // (self.iterations - 1)
+            fix = f"lower every_n_steps to ≤ {most} or iterations" if most >= 1 else "lower iterations"
             raise SqueezeError(f"{self._what}: the last of {self.iterations} pruning steps every {self.every_n_steps} "
-                               f"steps comes at step {last}, but the run trains {trainer.estimated_stepping_batches} "
-                               "steps; lower every_n_steps or iterations, or train longer")
+                               f"steps comes at step {last}, but this run's last {total - self._deadline} of {total} "
+                               f"optimizer steps are kept to recover ({self._what}.recovery={self.recovery}), so "
+                               f"pruning ends by step {self._deadline}; {fix}, or train longer")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._done < self.iterations and trainer.global_step >= self._done * self.every_n_steps:
-            surgery = self._step(pl_module.model, self._batches(trainer) if self.method == "gradient" else None)
+        step = trainer.global_step
+        if self._done < self.iterations and step >= self._done * self.every_n_steps and \
+                (self._deadline is None or step <= self._deadline):
+            surgery = self._step(pl_module.model, self._batches(trainer) if self.method == "gradient" else None, step)
             surgery.repoint(trainer.optimizers)
+            self.restart_best_checkpoint(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._fit_end_step = trainer.global_step
 
     def finalize(self, model):
         self._after = {"params": count_params(model)[0], "heads": self._heads(model), "reload": reload_kind(model)}
@@ -110,6 +134,11 @@ class HeadPruning(Compressor):
             "unit": "kv_group" if self._adapter is not None and self._adapter.config_head_counts else "head",
             "iterations": self.iterations,
             "steps_done": self._done,
+            "recovery": self.recovery if self.iterations > 1 else None,
+            "event_steps": self._event_steps,
+            # fine-tuning steps after the last cut (all of them when it was cut once, before); null: not trained
+            "steps_after_last_event": (self._fit_end_step - self._event_steps[-1]
+                                       if self._event_steps and self._fit_end_step is not None else None),
             "heads_per_layer_before": self._before.get("heads"),
             "heads_kept_per_layer": self._after.get("heads"),
             "params_before": self._before.get("params"),
@@ -155,7 +184,7 @@ class HeadPruning(Compressor):
                     break
         return batches
 
-    def _step(self, model, batches) -> Surgery:
+    def _step(self, model, batches, step: int) -> Surgery:
         adapter, i = self._adapter, self._done
         layers = [layer for _, layer in adapter.layers(model)]
         if self.method == "gradient":
@@ -170,5 +199,6 @@ class HeadPruning(Compressor):
             keep[idx] = keep_highest(scores[idx], remove_now)
         surgery = prune_heads(model, adapter, keep, self._what)
         self._done += 1
+        self._event_steps.append(step)
         log.info("%s: step %d/%d, heads per layer %s", self._what, self._done, self.iterations, self._heads(model))
         return surgery

@@ -40,6 +40,7 @@ class RowPruning(Compressor):
         self.layer_patterns = list(layers) if layers else None
         self._before: dict[str, Any] = {}
         self._after: dict[str, Any] = {}
+        self._fit_end_step: int | None = None
 
     @property
     def _what(self) -> str:
@@ -58,6 +59,9 @@ class RowPruning(Compressor):
         record_shapes(model, adapter, what)
         return model
 
+    def on_train_end(self, trainer, pl_module):
+        self._fit_end_step = trainer.global_step
+
     def finalize(self, model):
         self._after = {"params": count_params(model)[0], **self._sizes(model), "reload": reload_kind(model)}
         return model
@@ -74,6 +78,8 @@ class RowPruning(Compressor):
             "params_before": self._before.get("params"),
             "params_after": self._after.get("params"),
             "reload": self._after.get("reload"),
+            # cut once, before fine-tuning: every fine-tuning step comes after it; null: not trained
+            "steps_after_last_event": self._fit_end_step,
         }
 
     def _sizes(self, model) -> dict[str, list[int]]:
