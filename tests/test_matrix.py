@@ -1,8 +1,9 @@
 """Every compressor and the documented chains on every tiny family, each a short real run (2 steps): it
 finishes, its saved model reloads and re-evaluates to the run's own test metrics, and the saved model
 holds what the compressor promises (sparsity, fewer heads, a narrower MLP, integer layers in a smaller
-directory, fewer layers). Every family does every cell; what a 2-layer model cannot do (PKD's 1-layer
-student) is refused with one line that says why."""
+directory, fewer layers) and runs the kernels it names. The quantizers' kernel options (dq's torchao
+backend, int8wo/int4wo's cpu_kernel=dequantize) are cells too. Every family does every cell; what a 2-layer
+model cannot do (PKD's 1-layer student) is refused with one line that says why."""
 
 from __future__ import annotations
 
@@ -32,14 +33,26 @@ SETTINGS = {  # what makes a compressor finish within 2 steps
     "imp": ["compress.imp.end_step=1", "compress.imp.frequency=1"],  # the target from step 1 on
     "heads": ["compress.heads.importance_batches=1"],
 }
+# The quantizers' kernel options, as cells of their own: {cell: (chain, overrides)}.
+OPTIONS = {
+    "dq-torchao": ("dq", ["compress.dq.backend=torchao"]),
+    "int8wo-dequantize": ("int8wo", ["compress.int8wo.cpu_kernel=dequantize"]),
+    "int4wo-dequantize": ("int4wo", ["compress.int4wo.cpu_kernel=dequantize"]),
+}
+# What the integer linear layers of each cell's last quantizer may run in the test (record["kernels"]). The
+# CPU kernels take every tiny layer; the test batches have more than KERNEL_MAX_ROWS rows, which run
+# dequantize_bf16 where the CPU has native bf16 matmul.
+KERNELS = {"dq": {"fbgemm_dynamic"}, "dq-torchao": {"torchao"}, "int8wo-dequantize": {"dequantize_fp32"},
+           "int4wo-dequantize": {"dequantize_fp32"}, "int4wo": {"int4pack_mm_bf16", "dequantize_bf16"},
+           "int8wo": {"int8pack_mm_bf16", "dequantize_bf16"}, "qat": {"int8pack_mm_bf16", "dequantize_bf16"}}
 
 
 def _parts(chain: str) -> list[str]:
     return chain.strip("[]").split(",")
 
 
-def _train(family: str, chain: str, run_dir):
-    overrides = SHORT + [f"model={family}", f"compress={chain}", "trainer.max_steps=2"]
+def _train(family: str, chain: str, run_dir, options: tuple[str, ...] = ()):
+    overrides = SHORT + [f"model={family}", f"compress={chain}", "trainer.max_steps=2", *options]
     overrides += [s for part in _parts(chain) for s in SETTINGS.get(part, [])]
     if DISTILLERS & set(_parts(chain)):
         overrides.append(layers_override(family, TEACHER_LAYERS))
@@ -77,13 +90,20 @@ def _sparsity(model) -> float:
 # most unlike the others); the chains on the other families run with -m slow (the suite's time budget).
 CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if c.startswith("[") and f != "tiny_gpt2" else [], id=f"{f}-{c}")
          for f in FAMILIES for c in CHAINS]
+# The kernel options: each on one family by default (BERT, the compressed-tensors format, for dq's torchao
+# backend; GPT-2, the packed format, for cpu_kernel), the rest with -m slow.
+_OPTION_FAMILY = {"dq-torchao": "tiny_bert", "int8wo-dequantize": "tiny_gpt2", "int4wo-dequantize": "tiny_gpt2"}
+CELLS += [pytest.param(f, c, marks=[] if f == _OPTION_FAMILY[c] else [pytest.mark.slow], id=f"{f}-{c}")
+          for f in FAMILIES for c in OPTIONS]
 
 
 @pytest.mark.parametrize("family, chain", CELLS)
 def test_cell(family, chain, baseline, tmp_path):
     base_record, _, dense = baseline(family)
-    record, run_dir = (base_record, baseline(family)[1]) if chain == "none" else (_train(family, chain, tmp_path),
-                                                                                  tmp_path)
+    cell = chain
+    chain, options = OPTIONS.get(cell, (cell, []))
+    record, run_dir = (base_record, baseline(family)[1]) if chain == "none" else (
+        _train(family, chain, tmp_path, tuple(options)), tmp_path)
     assert record["status"] == "ok", record.get("error")
     parts = set(_parts(chain))
 
@@ -114,8 +134,13 @@ def test_cell(family, chain, baseline, tmp_path):
     integer = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if parts & QUANTIZERS:
         assert integer and all(m.weight.dtype == torch.int8 for m in integer)
+        # The test ran the cell's kernels, and the reloaded model runs them again (kernel and cpu_kernel saved).
+        last = [p for p in _parts(chain) if p in QUANTIZERS][-1]
+        allowed = KERNELS[cell if cell in OPTIONS else last]
+        for ran in (record["kernels"], evaluated["kernels"]):
+            assert ran and {k for kinds in ran.values() for k in kinds} <= allowed, ran
     else:
-        assert not integer
+        assert not integer and record["kernels"] is None
     if not parts <= {"none"} | DISTILLERS:  # smaller than the dense run's (a kd student: than its teacher)
         assert record["checkpoint_bytes"] < base_record["checkpoint_bytes"]
 

@@ -11,9 +11,10 @@
     integer weights that compressed-tensors cannot express (`why_not_compressed`):
                         squeeze's packed format (packed.py)                              squeeze only
 
-squeeze's loader gives back its own integer layers (QuantizedLinear with the kernel the model was
-saved with: fbgemm's dynamic int8 for compress=dq, ...), bit-identical to the saved model; transformers'
-loader gives compressed-tensors' layers with the same weights.
+squeeze's loader gives back its own integer layers (QuantizedLinear with the kernel and cpu_kernel the
+model was saved with: fbgemm's dynamic int8 for compress=dq, ...), bit-identical to the saved model;
+transformers' loader gives compressed-tensors' layers with the same weights. Kernels' packed weights are
+built at first use and never saved. `kernels_used(model)` says which kernels the integer layers ran.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from squeeze import models
 from squeeze.arch.pruned_attention import LAYOUT
 from squeeze.formats import compressed, packed, sparse
 from squeeze.formats.common import model_class, normal_mode
-from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear
+from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear, kernels_used  # noqa: F401
 
 
 

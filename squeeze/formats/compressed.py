@@ -14,7 +14,7 @@ the same model without squeeze, and squeeze's own loader rebuilds its integer la
         scales: [out, 1] per channel, [out, in/group] per group, [1] per tensor (float32)
         QAT's static input ranges: <layer>.input_scale, <layer>.input_zero_point ([1])
       metadata: format="pt"; squeeze = JSON {layers: how squeeze rebuilds each integer layer (its kernel,
-                embedding dtype, ...), tied: {name: the name whose storage it shares}}
+                cpu_kernel, embedding dtype, ...), tied: {name: the name whose storage it shares}}
 
 What the schemes say: weights int, symmetric or not, strategy tensor / channel / group; the inputs of
 compress=dq layers are dynamic int8, per tensor and asymmetric for the fbgemm kernel (as

@@ -10,7 +10,8 @@ still writes where compressed-tensors cannot express the model (squeeze/formats/
         <name>:int4    a 4-bit weight, two values a byte: the low nibble holds the even entry (row-major),
                        each nibble two's complement; so int4 weights take 1/8 of fp32 and int8 1/4
       metadata: format="squeeze-packed", version="1",
-                layers = JSON {layer name: how to rebuild it (type, bits, shapes, bias, kernel, from_conv1d)},
+                layers = JSON {layer name: how to rebuild it (type, bits, shapes, bias, kernel, cpu_kernel,
+                         from_conv1d)},
                 int4   = JSON {name: shape} of the nibble-packed tensors,
                 tied   = JSON {name: the name whose storage it shares}, e.g. lm_head.weight → wte.weight
 
@@ -108,7 +109,8 @@ def empty_layer(meta: dict) -> nn.Module:
         return QuantizedEmbedding(rows, cols, meta["bits"], meta["scale_shape"], meta["affine"], meta["padding_idx"],
                                   meta["dtype"])
     return QuantizedLinear(cols, rows, meta["bits"], meta["scale_shape"], meta["affine"], meta["bias"], meta["kernel"],
-                           meta["input_bits"], meta["input_affine"], meta["from_conv1d"])
+                           meta["input_bits"], meta["input_affine"], meta["from_conv1d"],
+                           meta.get("cpu_kernel", "auto"))  # saved before cpu_kernel existed: auto
 
 
 def load_packed(directory: str | Path, head: str):

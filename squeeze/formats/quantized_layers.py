@@ -5,15 +5,23 @@ packed on disk by the format), float32 scales [rows or 1, groups] and, affine, i
 They sit below the compressors: the quantization compressors create them, the formats save and
 rebuild them, and neither needs the other.
 
-Kernels (measured on the 2-core AVX2 CPU these were written on; see benchmarks/quantization.py):
+Kernels (measured on the 2-core AVX512 CPU these were written on; see benchmarks/quantization.py):
   dynamic_fbgemm   int8 activations quantized per call × int8 weights, torch's fbgemm kernel
                    (quantized::linear_dynamic, what torch.ao's quantize_dynamic runs): CPU only, and
-                   the fastest here — several times faster than fp32 on a 768×3072 layer, while
-                   torchao 0.18's int8 dynamic path (torch._int_mm) was ~10× slower than fp32.
+                   several times faster than fp32 on a 768×3072 layer, while torchao 0.18's int8
+                   dynamic path (torch._int_mm) was ~10× slower than fp32.
   dynamic_torchao  torchao's Int8DynamicActivationInt8WeightConfig: the maintained path, also on GPU.
-  weight_only      float activations × dequantized int8/int4 weights on CPU (a size saving, not a
-                   speed-up: no CPU kernel here beat fp32); torchao's int8 / int4 (tinygemm) weight-only
-                   kernels on a GPU.
+  weight_only      float activations × int8/int4 weights. On CPU (cpu_kernel=auto) torch's weight-only
+                   kernels, vectorized for bf16 activations only, so the activations are cast to bf16
+                   around the matmul (and the output back): int8 with one scale per channel or tensor
+                   (aten._weight_int8pack_mm), int4 in groups of 32…256 (aten._weight_int4pack_mm_for_cpu,
+                   packed at first use). At batch-1 decode they read 1/4 and 1/8 of fp32's bytes, which is
+                   what a decode step waits on. Above KERNEL_MAX_ROWS activation rows, on CPUs with native
+                   bf16 matmul, the weight is dequantized to bf16 for one oneDNN GEMM instead. Layers no
+                   kernel takes (int8 groups, group 48, a row length not a multiple of 16) and
+                   cpu_kernel=dequantize dequantize the whole weight in the input's dtype per call (a size
+                   saving only). On a GPU, torchao's int8 / int4 (tinygemm) weight-only kernels.
+Each layer remembers which of these it ran (`kernels_ran`; kernels_used(model) counts them).
 """
 
 from __future__ import annotations
@@ -31,6 +39,16 @@ from squeeze.errors import SqueezeError
 from squeeze.formats.integers import Scheme, dequantize, fake_quant_with
 
 KERNELS = ("weight_only", "dynamic_fbgemm", "dynamic_torchao")
+CPU_KERNELS = ("auto", "dequantize")  # how weight_only runs on CPU (QuantizedLinear's docstring)
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes, largest first
+# Activation rows above which the weight-only kernels give way to a bf16 GEMM (CPUs with native bf16 only):
+# they reread the weight per 4 rows, so they win at decode; on the 576/768-wide layers of SmolLM2 and BERT
+# (one thread) they were ahead at 16 rows, behind at 32, and 2-3× behind at 128.
+KERNEL_MAX_ROWS = 16
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+# Looked up once: torch.ops attribute access costs a few µs, and a decode step calls these ~200 times.
+_INT8_MM = getattr(getattr(torch.ops.aten, "_weight_int8pack_mm", None), "default", None)
+_INT4_MM = getattr(getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None), "default", None)
 
 
 class _QuantizedWeight(nn.Module):
@@ -70,81 +88,327 @@ class _QuantizedWeight(nn.Module):
 
 class QuantizedLinear(_QuantizedWeight):
     """A Linear layer with an integer weight, run by one of KERNELS; optionally its input is quantized
-    with a fixed range learned during QAT (`input_scale`, `input_zero_point`)."""
+    with a fixed range learned during QAT (`input_scale`, `input_zero_point`).
+
+    `cpu_kernel` (weight_only on CPU): "auto" runs torch's int8 / int4 weight-only kernels where the layer's
+    scheme and shape allow, "dequantize" always dequantizes the whole weight (the path before the kernels,
+    kept for comparisons). Which kernel really ran is remembered in `kernels_ran` (see kernels_used)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, scale_shape: Sequence[int], affine: bool,
                  bias: bool, kernel: str = "weight_only", input_bits: int | None = None,
-                 input_affine: bool = False, from_conv1d: bool = False):
+                 input_affine: bool = False, from_conv1d: bool = False, cpu_kernel: str = "auto"):
         super().__init__((out_features, in_features), bits, scale_shape, affine)
         self.in_features, self.out_features = in_features, out_features
         self.kernel = kernel
+        self.cpu_kernel = checked_cpu_kernel(cpu_kernel)
         self.from_conv1d = from_conv1d  # recorded: GPT-2's Conv1D, its weight transposed to Linear's layout
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.input_bits = input_bits
         self.register_buffer("input_scale", torch.ones(()) if input_bits else None)
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8)
                              if input_bits and input_affine else None)
-        self._cache = None  # the kernel's own packed weight, built on first use
+        self._cache: _Kernel | None = None  # the path chosen at first use, and what it built (never registered)
+        self.kernels_ran: set[str] = set()
 
     def set_input_range(self, scale: torch.Tensor | None, zero_point: torch.Tensor | None, bits: int | None) -> None:
         self.input_bits = bits
         self.input_scale, self.input_zero_point = scale, zero_point
 
-    def set_kernel(self, kernel: str) -> None:
-        self.kernel, self._cache = kernel, None
+    def set_kernel(self, kernel: str, cpu_kernel: str | None = None) -> None:
+        self.kernel, self._cache, self.kernels_ran = kernel, None, set()
+        if cpu_kernel is not None:
+            self.cpu_kernel = checked_cpu_kernel(cpu_kernel)
         if kernel.startswith("dynamic"):  # the dynamic kernel quantizes activations itself
             self.set_input_range(None, None, None)
 
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        super().set_weight(q, scale, zero_point)
+        self._cache = None
+
+    def share_weight(self, other: _QuantizedWeight) -> None:
+        super().share_weight(other)
+        self._cache = None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.scheme().describe()}, kernel={self.kernel}")
+                f"{self.scheme().describe()}, kernel={self.kernel}, cpu_kernel={self.cpu_kernel}")
 
     def meta(self) -> dict[str, Any]:
         return {"type": "linear", **self.quant_meta(), "bias": self.bias is not None, "kernel": self.kernel,
-                "input_bits": self.input_bits, "input_affine": self.input_zero_point is not None,
-                "from_conv1d": self.from_conv1d}
+                "cpu_kernel": self.cpu_kernel, "input_bits": self.input_bits,
+                "input_affine": self.input_zero_point is not None, "from_conv1d": self.from_conv1d}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None  # new integers: repack
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # moved or cast (model.to(...)): what the kernel derived is stale
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = fake_quant_with(x, self.input_scale, self.input_zero_point,
                                 Scheme(self.input_bits, self.input_zero_point is None, "tensor"))
-        if self.kernel == "dynamic_fbgemm":
-            return self._fbgemm(x)
-        if self.kernel == "dynamic_torchao" or (x.is_cuda and self.kernel == "weight_only"):
-            weight = self._torchao(x.device)
-            if weight is not None:
-                return F.linear(x.to(weight.dtype), weight, None).to(x.dtype) + (
-                    0 if self.bias is None else self.bias.to(x.dtype))
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        kernel = self._cache
+        if kernel is None or not kernel.fits(x):
+            kernel = self._cache = self._choose(x)
+        return kernel(self, x)
 
-    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _choose(self, x: torch.Tensor) -> _Kernel:
+        """The path for inputs like `x`, chosen once per device, dtype and need of a gradient."""
+        if self.kernel == "dynamic_fbgemm":
+            return _Fbgemm(self, x)
+        if self.kernel == "dynamic_torchao" or (x.is_cuda and self.kernel == "weight_only"):
+            weight = torchao_weight(self, x.device)
+            if weight is not None:
+                return _Torchao(x, weight)
+        elif (self.kernel == "weight_only" and self.cpu_kernel == "auto" and x.is_cpu and self.weight.is_cpu
+              and not x.requires_grad and x.dtype in (torch.float32, torch.bfloat16)):
+            # The kernels have no backward: a gradient through this layer takes the dequantized path.
+            kernel = cpu_kernel_for(self, x)
+            if kernel is not None:
+                return kernel
+        return _Dequantize(x)
+
+
+# -- the paths a QuantizedLinear runs -----------------------------------------------------------------
+# Each is a plain object the layer keeps in `_cache`: what it derives from the integers (packed weights,
+# bf16 scales) never becomes a parameter or buffer, so the state dict and the saved formats hold only the
+# integers and scales (a torchao tensor in the state dict once broke saving).
+class _Kernel:
+    name = ""
+
+    def __init__(self, x: torch.Tensor):
+        self.device, self.dtype, self.grad = x.device, x.dtype, x.requires_grad
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype is self.dtype and x.requires_grad == self.grad and x.device == self.device
+
+    def __call__(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Dequantize(_Kernel):
+    """The whole weight dequantized on every call, then a float matmul in the input's dtype: the fallback
+    wherever no kernel fits, and what cpu_kernel=dequantize forces."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__(x)
+        self.name = f"dequantize_{_SHORT.get(x.dtype, str(x.dtype).removeprefix('torch.'))}"
+
+    def __call__(self, layer, x):
+        layer.kernels_ran.add(self.name)
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return F.linear(x, layer.dequantized().to(x.dtype), bias)
+
+
+class _Fbgemm(_Kernel):
+    name = "fbgemm_dynamic"
+
+    def __init__(self, layer, x):
         if x.device.type != "cpu":
             raise SqueezeError(f"compress=dq's fbgemm kernel runs on CPU only, but this model runs on {x.device}; "
                                "evaluate it with hardware=cpu, or use compress.dq.backend=torchao or compress=int8wo")
-        if self._cache is None:
-            self._cache = fbgemm_pack(self.weight, self.scale, self.bias)
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._cache,
-                                                  reduce_range()).to(x.dtype)
+        super().__init__(x)
+        self.packed = fbgemm_pack(layer.weight, layer.scale, layer.bias)
 
-    def _torchao(self, device: torch.device):
-        """torchao's quantized weight for this layer on `device` (built once), or None for no kernel."""
-        if self._cache is not None and self._cache.device == device:
-            return self._cache
-        from torchao.quantization import quantize_
+    def __call__(self, layer, x):
+        layer.kernels_ran.add(self.name)
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, reduce_range()).to(x.dtype)
 
-        config, dtype = torchao_config(self.kernel, self.scheme())
-        if config is None:
-            return None
-        holder = nn.Linear(self.in_features, self.out_features, bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            holder.weight.copy_(self.dequantized().to(device, dtype))
-        quantize_(holder, config)
-        self._cache = holder.weight
-        return self._cache
+
+class _Torchao(_Kernel):
+    name = "torchao"
+
+    def __init__(self, x, weight: torch.Tensor):
+        super().__init__(x)
+        self.weight = weight
+
+    def __call__(self, layer, x):
+        layer.kernels_ran.add(self.name)
+        out = F.linear(x.to(self.weight.dtype), self.weight, None).to(x.dtype)
+        return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+
+class _Int8Pack(_Kernel):
+    """torch's int8 weight-only CPU kernel: bf16 activations × int8 weights, one bf16 scale per output
+    channel (a per-tensor scale is repeated per channel). Affine weights, (q - z)·s = q·s - z·s, subtract
+    z·s times the sum of each activation row."""
+
+    name = "int8pack_mm_bf16"
+
+    def __init__(self, layer, x):
+        super().__init__(x)
+        rows = layer.weight.shape[0]
+        self.q = _aligned(layer.weight.detach())  # the layer's own int8 tensor when aligned: no copy
+        scale = layer.scale.detach().reshape(-1).expand(rows)
+        self.scales = scale.to(torch.bfloat16).contiguous()
+        self.zero = None if layer.zero_point is None else (layer.zero_point.reshape(-1).float() * scale).contiguous()
+        self.bias = None if layer.bias is None else layer.bias.detach().to(x.dtype)
+        self.many_rows = _Bf16Gemm(layer, self.bias) if cpu_has_bf16_matmul() else None
+
+    def __call__(self, layer, x):
+        a = x.reshape(-1, x.shape[-1])
+        if a.shape[0] > KERNEL_MAX_ROWS and self.many_rows is not None:
+            return self.many_rows(layer, x)
+        layer.kernels_ran.add(self.name)
+        a = _aligned(a.to(torch.bfloat16))
+        out = _INT8_MM(a, self.q, self.scales)
+        if self.zero is not None:  # in fp32: the correction can be as large as the product itself
+            out = out.float() - a.sum(-1, keepdim=True, dtype=torch.float32) * self.zero
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _Int4Pack(_Kernel):
+    """torch's int4 weight-only CPU kernel (tinygemm's CPU port): bf16 activations × 4-bit weights packed
+    for this CPU's vector width, groups of `group` entries sharing a bf16 scale and offset. It computes
+    (u - 8)·s + o for nibbles u: squeeze's codes q ∈ [-8, 7] are u = q + 8, and an affine zero point z
+    (w = (q - z)·s) is the offset o = -z·s. Per-channel scales (or larger groups) repeat per `group`."""
+
+    name = "int4pack_mm_bf16"
+
+    def __init__(self, layer, x, group: int):
+        super().__init__(x)
+        q = layer.weight.detach()
+        rows, cols = q.shape
+        groups = layer.scale.shape[1]
+        self.rows, self.group = rows, group
+        pad = -rows % 16  # the packing takes output channels in blocks of 16; padded rows are zero
+        codes = F.pad(q.to(torch.int32) + 8, (0, 0, 0, pad), value=8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        repeat = cols // groups // group
+        scale = layer.scale.detach().expand(rows, groups).repeat_interleave(repeat, dim=1)
+        offset = torch.zeros_like(scale) if layer.zero_point is None else \
+            -layer.zero_point.expand(rows, groups).float().repeat_interleave(repeat, dim=1) * scale
+        pairs = F.pad(torch.stack([scale, offset], -1), (0, 0, 0, 0, 0, pad))  # [rows + pad, groups', 2]
+        self.scales_and_zeros = pairs.transpose(0, 1).to(torch.bfloat16).contiguous()  # [groups', rows + pad, 2]
+        self.bias = None if layer.bias is None else layer.bias.detach().to(x.dtype)
+        self.many_rows = _Bf16Gemm(layer, self.bias) if cpu_has_bf16_matmul() else None
+
+    def __call__(self, layer, x):
+        a = x.reshape(-1, x.shape[-1])
+        if a.shape[0] > KERNEL_MAX_ROWS and self.many_rows is not None:
+            return self.many_rows(layer, x)
+        layer.kernels_ran.add(self.name)
+        out = _INT4_MM(_aligned(a.to(torch.bfloat16)), self.packed, self.group, self.scales_and_zeros)
+        if out.shape[1] != self.rows:
+            out = out[:, :self.rows]
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.rows)
+
+
+class _Bf16Gemm:
+    """Many activation rows (a long prompt, a batch): the kernels above reread the weight for every 4 rows,
+    while one dequantization straight to bf16 (codes and zero points are exact in bf16) feeds oneDNN's
+    bf16 GEMM, native on AVX512-BF16 / AMX CPUs (the only ones that get this path)."""
+
+    name = "dequantize_bf16"
+
+    def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None):
+        self.scale = layer.scale.detach().to(torch.bfloat16).unsqueeze(-1)  # [rows or 1, groups, 1]
+        self.zero = None if layer.zero_point is None else layer.zero_point.to(torch.bfloat16).unsqueeze(-1)
+        self.bias = bias
+
+    def __call__(self, layer, x):
+        layer.kernels_ran.add(self.name)
+        q = layer.weight
+        codes = q.view(*self.scale.shape[:2], -1).to(torch.bfloat16)
+        if self.zero is not None:
+            codes = codes - self.zero
+        out = F.linear(x.to(torch.bfloat16), (codes * self.scale).view(q.shape)).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous at a 64-byte aligned address. The AVX kernels read rows with aligned vector loads:
+    a view at an unaligned offset (a slice of a bf16 tensor) would crash the process, not raise."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def cpu_kernel_for(layer: QuantizedLinear, x: torch.Tensor) -> _Kernel | None:
+    """torch's int4 or int8 weight-only CPU kernel for this layer, or None where neither takes its scheme
+    or shape (that layer then dequantizes, as before)."""
+    rows, cols = layer.weight.shape
+    groups = layer.scale.shape[1]
+    # Entries sharing a scale along a row: int4's kernel takes groups of 32…256, so any length one of those
+    # divides (a whole row of 576 → 64) works by repeating the scale; 48 does not.
+    length = cols // groups
+    group = next((g for g in INT4_GROUPS if length % g == 0), None)
+    try:
+        if layer.bits == 4 and group is not None and _INT4_MM is not None:
+            return _checked(_Int4Pack(layer, x, group), layer, x)
+        # The int8 kernel steps through a row 16 values at a time (AVX512), with no remainder loop: other
+        # lengths would read past the row.
+        if groups == 1 and cols % 16 == 0 and _INT8_MM is not None:
+            return _checked(_Int8Pack(layer, x), layer, x)
+    except RuntimeError as e:  # a torch build without these CPU kernels: dequantize, as before
+        warnings.warn(f"squeeze: torch's weight-only CPU kernel failed ({str(e).splitlines()[0]}); "
+                      "this layer dequantizes its weight on each call instead", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _checked(kernel: _Kernel, layer: QuantizedLinear, x: torch.Tensor) -> _Kernel:
+    # One zero row through the kernel now, so an op this build lacks fails here (and falls back) rather than
+    # in the middle of a run. `kernels_ran` is not touched: nothing has run yet.
+    ran = set(layer.kernels_ran)
+    try:
+        kernel(layer, torch.zeros(1, x.shape[-1], dtype=x.dtype))
+    finally:
+        layer.kernels_ran = ran
+    return kernel
+
+
+def torchao_weight(layer: QuantizedLinear, device: torch.device):
+    """torchao's quantized weight for this layer on `device`, or None where torchao has no kernel."""
+    from torchao.quantization import quantize_
+
+    config, dtype = torchao_config(layer.kernel, layer.scheme())
+    if config is None:
+        return None
+    holder = nn.Linear(layer.in_features, layer.out_features, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        holder.weight.copy_(layer.dequantized().to(device, dtype))
+    quantize_(holder, config)
+    # A Parameter: kept inside the plain _Torchao object, never assigned to a module (which would register it)
+    return holder.weight
+
+
+def kernels_used(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{"linear" | "lm_head": {kernel: layers}} of the model's QuantizedLinear layers, by the kernels they
+    ran (a layer that ran two, e.g. int8pack_mm_bf16 for decode steps and dequantize_bf16 for a long
+    prompt, counts under both; "not_run" for one that has not run); {} without integer linears."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    counts: dict[str, dict[str, int]] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            kind = counts.setdefault("lm_head" if module is head else "linear", {})
+            for name in sorted(module.kernels_ran) or ["not_run"]:
+                kind[name] = kind.get(name, 0) + 1
+    return counts
+
+
+def use_cpu_kernel(model: nn.Module, cpu_kernel: str) -> int:
+    """Set how every weight-only QuantizedLinear of `model` runs on CPU (CPU_KERNELS); how many were set. For
+    comparing the kernels with the dequantized path on one model (the saved meta keeps the setting)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel == "weight_only"]
+    for layer in layers:
+        layer.set_kernel(layer.kernel, cpu_kernel)
+    return len(layers)
+
+
+def checked_cpu_kernel(value: str, where: str = "cpu_kernel") -> str:
+    if value not in CPU_KERNELS:
+        raise SqueezeError(f"{where}={value!r} is not one of {list(CPU_KERNELS)} (auto: torch's int8/int4 CPU "
+                           "kernels where they fit; dequantize: the whole weight dequantized on each call)")
+    return value
 
 
 class QuantizedEmbedding(_QuantizedWeight):
@@ -193,12 +457,23 @@ def reduce_range() -> bool:
 
 def cpu_has_int8_dot() -> bool:
     """True when the CPU sums u8×s8 products in int32 (x86 AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())  # not Linux: none, the safe 7 bits
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): oneDNN's bf16 GEMM is then
+    several times faster than fp32's; elsewhere bf16 is converted to fp32 and gains nothing."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: keep the conservative 7 bits
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
 
 
 def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

@@ -25,5 +25,6 @@ from squeeze.formats.integers import (  # noqa: F401
     quantization_error_bound,
 )
 from squeeze.formats.quantized_layers import (  # noqa: F401
-    KERNELS, QuantizedEmbedding, QuantizedLinear, dynamic_kernels_available, fbgemm_pack, torchao_config,
+    CPU_KERNELS, KERNELS, QuantizedEmbedding, QuantizedLinear, dynamic_kernels_available, fbgemm_pack, kernels_used,
+    torchao_config, use_cpu_kernel,
 )

@@ -16,7 +16,7 @@ from squeeze.arch.linear import as_out_in, features, replace_module
 from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 from squeeze.formats.integers import Scheme, choose_qparams, quantize
-from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear, _QuantizedWeight
+from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear, _QuantizedWeight, checked_cpu_kernel
 
 BITS = (4, 8)
 GRANULARITIES = ("channel", "tensor")
@@ -92,11 +92,11 @@ def check_groups(where: str, layers: dict[str, nn.Module], group_size: int | Non
 
 # -- conversion to integers -----------------------------------------------------------------------------
 def quantize_layers(model: nn.Module, layers: dict[str, nn.Module], scheme: Scheme, kernel: str,
-                    input_ranges: dict[str, tuple] | None = None) -> dict[str, int]:
+                    input_ranges: dict[str, tuple] | None = None, cpu_kernel: str = "auto") -> dict[str, int]:
     """Replace `layers` (from select_layers) in `model` by integer layers; counts by what was done.
 
     A layer that is already integer (a QAT run followed by dq) keeps its integers when they already
-    fit `scheme` (only its kernel changes), else its dequantized weight is quantized again."""
+    fit `scheme` (only its kernel and cpu_kernel change), else its dequantized weight is quantized again."""
     counts = {"linear": 0, "conv1d": 0, "embedding": 0, "reused": 0, "requantized": 0}
     done: dict[int, _QuantizedWeight] = {}  # by id of the source weight: tied layers share one integer tensor
     for name, module in layers.items():
@@ -106,7 +106,7 @@ def quantize_layers(model: nn.Module, layers: dict[str, nn.Module], scheme: Sche
         if isinstance(module, _QuantizedWeight) and module.scheme() == scheme:
             counts["reused"] += 1
             if isinstance(module, QuantizedLinear):
-                module.set_kernel(kernel)
+                module.set_kernel(kernel, cpu_kernel)
             done[source] = module
             continue
         if isinstance(module, _QuantizedWeight):
@@ -122,7 +122,8 @@ def quantize_layers(model: nn.Module, layers: dict[str, nn.Module], scheme: Sche
         else:
             new = QuantizedLinear(weight.shape[1], weight.shape[0], scheme.bits, scheme.blocks(weight.shape),
                                   not scheme.symmetric, bias=module.bias is not None, kernel=kernel,
-                                  from_conv1d=kind == "conv1d" or getattr(module, "from_conv1d", False))
+                                  from_conv1d=kind == "conv1d" or getattr(module, "from_conv1d", False),
+                                  cpu_kernel=cpu_kernel)
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
             if input_ranges and name in input_ranges and not kernel.startswith("dynamic"):
@@ -145,6 +146,7 @@ class _Quantization(Compressor):
     unsharded = ("it leaves integer weights, and FSDP shards only floating-point parameters (quantize the "
                  "finished run: python evaluate.py ckpt=<run> compress=dq|int8wo|int4wo)")
     kernel = "weight_only"
+    cpu_kernel = "auto"  # weight_only on CPU: torch's int8/int4 kernels where they fit (quantized_layers.py)
 
     def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
                  weights: str = "symmetric", embeddings: bool = True, exclude: Sequence[str] = (),
@@ -163,6 +165,7 @@ class _Quantization(Compressor):
         check_scheme(self.where, self.bits, self.granularity, self.group_size)
         if self.weights not in SCHEMES:
             raise SqueezeError(f"{self.where}.weights={self.weights!r} is not one of {list(SCHEMES)}")
+        checked_cpu_kernel(self.cpu_kernel, f"{self.where}.cpu_kernel")
 
     @property
     def scheme(self) -> Scheme:
@@ -184,12 +187,13 @@ class _Quantization(Compressor):
         self.check()
         layers = self.layers(model)
         check_groups(self.where, layers, self.group_size)
-        self.counts = quantize_layers(model, layers, self.scheme, self.kernel, input_ranges)
+        self.counts = quantize_layers(model, layers, self.scheme, self.kernel, input_ranges, self.cpu_kernel)
         return model
 
     def summary(self) -> dict[str, Any]:
         quantized = sum(self.counts.get(k, 0) for k in ("linear", "conv1d", "embedding"))
         return {"scheme": self.scheme.describe(), "bits": self.bits, "granularity": self.granularity,
                 "group_size": self.group_size, "weights": self.weights, "kernel": self.kernel,
+                **({"cpu_kernel": self.cpu_kernel} if self.kernel == "weight_only" else {}),
                 "embeddings": self.embeddings, "lm_head": self.lm_head, "embeddings_quantized": self.counts.get("embedding", 0),
                 "quantized_modules": quantized, "by_kind": dict(self.counts)}

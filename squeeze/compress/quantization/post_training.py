@@ -64,9 +64,18 @@ class DynamicQuantization(_Quantization):
 
 class WeightOnlyQuantization(_Quantization):
     """Post-training weight-only quantization (`compress=int8wo`, `compress=int4wo`): integer weights
-    with per-channel or group-wise scales; activations stay in float."""
+    with per-channel or group-wise scales; activations stay in float. `cpu_kernel`: "auto" runs torch's
+    int8/int4 CPU kernels (bf16 activations around the matmul) where a layer's scheme fits them,
+    "dequantize" the whole weight dequantized per call, as before them (for comparisons). It is saved
+    with the model, so an evaluation of the saved model runs the same path."""
 
     after_training = True
+
+    def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
+                 weights: str = "symmetric", embeddings: bool = True, exclude: Sequence[str] = (),
+                 lm_head: bool = True, cpu_kernel: str = "auto"):
+        super().__init__(bits, granularity, group_size, weights, embeddings, exclude, lm_head)
+        self.cpu_kernel = cpu_kernel
 
     def finalize(self, model):
         return self.convert(model)
