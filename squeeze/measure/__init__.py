@@ -15,6 +15,9 @@ resident just before) is the batch's own working memory.
 
 Decoding speed is greedy `generate` of exactly `new_tokens` tokens from the first tokens of real test
 examples, timed like latency; models that cannot generate (encoders, classification heads) skip it.
+
+Comparing rows of a sweep: squeeze.measure.side_by_side (`python -m squeeze.measure DIR`) times several saved
+models in one process, in interleaved rounds, with these helpers.
 """
 
 from __future__ import annotations
