@@ -5,25 +5,24 @@
     python evaluate.py model=smollm2 task=austen task.data.protocol=sliding task.data.stride=128
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from squeeze import run
-from squeeze.config import lenient_compressor_settings
+from squeeze import config, run, safe_load
 from squeeze.errors import SqueezeError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    config.runs_started()
     try:
-        record = run.evaluate(cfg)
+        config.check_before_loading(cfg)  # compressor settings, the model directory, optimizer and scheduler
+        with safe_load.trusting(cfg.get(safe_load.FLAG)):
+            record = run.evaluate(cfg)
     except SqueezeError as e:
         run.main_exit(e)
     run.print_summary(record)
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = lenient_compressor_settings(sys.argv[1:])  # compress.<name>.<key>=v for a mixed sweep
-    main()
+    config.run_entry(main)  # lenient compress.<name>.<key> / model.name_or_path; Hydra's errors as one line

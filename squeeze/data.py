@@ -9,7 +9,9 @@ run hands them a model only to check that inputs fit its context.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +28,7 @@ from squeeze.metrics import IGNORE_INDEX, PROTOCOLS, align_labels, encode_last_w
 from squeeze.models import max_positions
 from squeeze.resume import resumable
 
+log = logging.getLogger("squeeze")
 SPLITS = ("train", "validation", "test")
 LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "conll")
 
@@ -177,13 +180,37 @@ def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
     except SqueezeError:
         raise
     except Exception as e:  # the hub client raises many types; all mean "could not load"
-        where = "the local files" if data_files else "the hub"
+        if data_files:  # no network involved: a file without rows, or one the builder cannot read
+            for split, files in data_files.items():
+                for path in files:
+                    if not _has_rows(path, source):
+                        raise SqueezeError(f"data file {path} (split {split!r}) has no rows"
+                                           f"{' (only a header)' if source == 'csv' else ''}; give a file with "
+                                           "examples (task.data.data_files)") from e
+            raise SqueezeError(f"could not read the {source} files {sorted(f for fs in data_files.values() for f in fs)}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; check "
+                               "task.data.data_files and task.data.source") from e
+        where = "the hub"
         raise SqueezeError(
             f"could not load dataset {source!r}{f' ({name})' if name else ''} from {where}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; without network "
             "use an offline task (task=rotten_tomatoes, wnut16, austen) or task.data.data_files=..."
         ) from e
     return raw
+
+
+def _has_rows(path: str, builder: str) -> bool:
+    """Whether a plain-text data file holds an example: a CSV a line beyond its header, JSON/text any line.
+    Compressed or binary files are taken to have rows (the builder's own error then stands)."""
+    if _file_kind(path) not in (".csv", ".tsv", ".json", ".jsonl", ".txt", ".text") or Path(path).suffix in (
+            ".gz", ".bz2", ".xz", ".zst"):
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = sum(1 for line in f if line.strip())
+    except OSError:
+        return True
+    return lines > (1 if builder == "csv" else 0)
 
 
 def load_hub_files(repo_id: str, hub_files: Mapping[str, Any]) -> datasets.DatasetDict:
@@ -238,15 +265,13 @@ class TaskData(L.LightningDataModule):
         # at one seed never trained on what a student at another seed is tested on.
         self.split_seed = split_seed
         self.datasets: dict[str, Any] = {}
+        self._raw: dict[bool, datasets.DatasetDict] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        files = resolve_data_files(self.data_files, self.asset)
         # evaluate.py task.data.data_files=<file>: one file, not a split mapping, is what to score.
-        only_test = stage == "test" and self.data_files is not None and not _is_mapping(self.data_files)
-        raw = load_splits(self.source, self.name, files, self.splits, self.carve, self.split_seed, self.hub_files,
-                          only_test=only_test)
+        raw = self.raw_splits(only_test=stage == "test" and self.single_file)
         for split in raw:
             rows = raw[split]
             limit = self.max_examples.get(split)
@@ -258,6 +283,18 @@ class TaskData(L.LightningDataModule):
             if len(rows) == 0:
                 raise SqueezeError(f"split {split!r} is empty; check task.data.data_files / splits")
             self.datasets[split] = self.encode(rows, split)
+
+    @property
+    def single_file(self) -> bool:
+        return self.data_files is not None and not _is_mapping(self.data_files)
+
+    def raw_splits(self, only_test: bool = False) -> datasets.DatasetDict:
+        """The splits as loaded, before slicing and encoding (kept: labels may be read from them first)."""
+        if only_test not in self._raw:
+            files = resolve_data_files(self.data_files, self.asset)
+            self._raw[only_test] = load_splits(self.source, self.name, files, self.splits, self.carve, self.split_seed,
+                                               self.hub_files, only_test=only_test)
+        return self._raw[only_test]
 
     def encode(self, rows: datasets.Dataset, split: str):
         raise NotImplementedError
@@ -300,21 +337,65 @@ class TaskData(L.LightningDataModule):
 
 
 class _Labelled(TaskData):
-    """Label names come from the config; data may hold names (local files) or indices (hub)."""
+    """Label names come from the config; data may hold names (local files) or indices (hub). The user's own files
+    (task.data.data_files outside the task's asset) whose label names are not the task's, and `labels: null`,
+    take the data's names, sorted, as the class ids, as transformers' example scripts do; the model records them
+    in id2label/label2id."""
 
-    def __init__(self, tokenizer, labels: Sequence[str], max_length: int = 128, **kwargs):
+    own_files_name_labels = True  # False: the task's labels hold for the user's files too (labels: null reads them)
+
+    def __init__(self, tokenizer, labels: Sequence[str] | None, max_length: int = 128, **kwargs):
         super().__init__(tokenizer, **kwargs)
-        if not labels:
-            raise SqueezeError("task.data.labels must list the class names")
-        self.labels = [str(x) for x in labels]
-        self.label2id = {name: i for i, name in enumerate(self.labels)}
+        self.configured = [str(x) for x in labels] if labels else None
+        read = self.configured is None or (self.own_files_name_labels and self._own_files())
+        self._labels = None if read else self.configured
         self.max_length = max_length
 
     length_key = "max_length"
 
     @property
+    def labels(self) -> list[str]:
+        if self._labels is None:  # read from the data (loaded now; setup uses the same load)
+            self._labels = self._labels_of_data()
+        return self._labels
+
+    @functools.cached_property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    @property
     def input_length(self) -> int:
         return self.max_length
+
+    def label_values(self, rows: datasets.Dataset) -> list[Any]:
+        raise NotImplementedError
+
+    def _own_files(self) -> bool:
+        """task.data.data_files that are not the task's asset's own: their labels are the user's."""
+        if self.data_files is None:
+            return False
+        files = resolve_data_files(self.data_files, self.asset)
+        home = assets.locate(self.asset).resolve() if self.asset else None
+        return home is None or any(not Path(f).resolve().is_relative_to(home) for fs in files.values() for f in fs)
+
+    def _labels_of_data(self) -> list[str]:
+        raw = self.raw_splits(only_test=self.single_file)  # every row, whichever split it ends up in
+        values = {v for split in raw.values() for v in self.label_values(split) if v is not None}
+        if not values:
+            raise SqueezeError("the data has no labels; check task.data.data_files and its label column")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):  # class ids already
+            if self.configured and max(values) < len(self.configured) and min(values) >= 0:
+                return self.configured
+            if min(values) < 0:
+                raise SqueezeError(f"the data's labels include {min(values)}; class ids start at 0")
+            return [str(i) for i in range(max(values) + 1)]
+        names = {str(v) for v in values}
+        if self.configured and names <= set(self.configured):
+            return self.configured
+        found = sorted(names)
+        log.info("labels from the data (sorted; class id = position): %s%s", found,
+                 f" (the task's {self.configured} do not name them)" if self.configured else "")
+        return found
 
     def label_id(self, value: Any) -> int:
         if isinstance(value, str) and value in self.label2id:
@@ -333,6 +414,9 @@ class ClassificationData(_Labelled):
     def __init__(self, tokenizer, text_column: str = "text", label_column: str = "label", **kwargs):
         super().__init__(tokenizer, **kwargs)
         self.text_column, self.label_column = text_column, label_column
+
+    def label_values(self, rows):
+        return rows[self.label_column] if self.label_column in rows.column_names else []
 
     def encode(self, rows, split):
         for column in (self.text_column, self.label_column):
@@ -356,9 +440,14 @@ class ClassificationData(_Labelled):
 class TokenClassificationData(_Labelled):
     """One tag per word (NER); words are split into sub-tokens and only the first is labelled."""
 
+    own_files_name_labels = False  # the task's module names the tags from task.data.labels (conf/task/*.yaml)
+
     def __init__(self, tokenizer, tokens_column: str = "tokens", tags_column: str = "tags", **kwargs):
         super().__init__(tokenizer, **kwargs)
         self.tokens_column, self.tags_column = tokens_column, tags_column
+
+    def label_values(self, rows):
+        return [t for seq in rows[self.tags_column] for t in seq] if self.tags_column in rows.column_names else []
 
     def encode(self, rows, split):
         for column in (self.tokens_column, self.tags_column):

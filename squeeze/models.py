@@ -137,12 +137,14 @@ class ModelSpec:
 
 
 class Pretrained(ModelSpec):
-    """Pretrained weights from a hub id, a local directory, or an offline asset (by asset name)."""
+    """Pretrained weights from a hub id, a local directory, or an offline asset (by asset name). `family: null`
+    (model=local, or any model= given model.name_or_path=<dir>): encoder or decoder as config.json's
+    architecture says (its adapter in squeeze.arch)."""
 
     def __init__(
         self,
         name: str,
-        family: str,
+        family: str | None,
         name_or_path: str | None = None,
         asset: str | None = None,
         dtype: str = "float32",
@@ -154,17 +156,44 @@ class Pretrained(ModelSpec):
         self.asset = asset
         self.dtype = dtype
 
+    # Read when first asked (the run asks before anything loads), not in __init__: Hydra's instantiate would wrap
+    # the one-line error of a bad directory in its own.
+    @property
+    def family(self) -> str:
+        if self._family is None:
+            self._family = self._read_family()
+        return self._family
+
+    @family.setter
+    def family(self, value: str | None) -> None:
+        self._family = value
+
+    def _read_family(self) -> str:
+        config = self._load(AutoConfig.from_pretrained, "config")
+        adapter = arch.find_adapter(config.model_type)
+        if adapter is None:
+            raise SqueezeError(f"model {self.name}: {self.location} holds a {config.model_type!r} model, which squeeze "
+                               f"has no adapter for, so it cannot tell encoder from decoder; give model.family=encoder "
+                               f"or decoder (families with adapters: {arch.supported()})")
+        self._model_type = config.model_type
+        return adapter.kind
+
     @property
     def location(self) -> str:
         return str(assets.locate(self.asset)) if self.asset else str(self.name_or_path)
 
     def _load(self, fn, what: str, **kwargs):
         location = self.location
-        if location.startswith((".", "/", "~")) and not Path(location).expanduser().exists():
+        local = location.startswith((".", "/", "~"))
+        if local and not Path(location).expanduser().exists():
             raise SqueezeError(f"model directory {location} does not exist; check model.name_or_path")
         try:
-            return fn(location, **kwargs)
+            return fn(str(Path(location).expanduser()) if local else location, **kwargs)
         except OSError as e:
+            if local or Path(location).is_dir():  # no network involved: say what the directory lacks
+                raise SqueezeError(f"could not load the {what} of model {self.name} from directory {location} "
+                                   f"({_first_line(e)}); give a directory save_pretrained wrote (config.json, "
+                                   "weights, tokenizer files)") from e
             raise SqueezeError(
                 f"could not load the {what} of model {self.name} from {location!r} ({_first_line(e)}); "
                 "without network use an offline model (model=minilm, smollm2, tiny_bert, tiny_gpt2, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from squeeze.config import lenient_compressor_settings
+from squeeze.config import check_compressor_setting, lenient_compressor_settings
 from squeeze.errors import SqueezeError
 
 _SETTING = re.compile(r"^\+{0,2}compress\.([A-Za-z_][\w-]*)\.")
@@ -35,6 +35,53 @@ def prune_cells(jobs: list[list[str]], default: list[str]) -> list[list[str]]:
             seen.add(tuple(kept))
             cells.append(kept)
     return cells
+
+
+def check_settings(jobs: list[list[str]], default: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Every `compress.<name>.<key>` of the sweep names a compressor and one of its settings
+    (squeeze.config.check_compressor_setting); then the cells (prune_cells). A setting that no cell keeps (no cell
+    uses its compressor) is an error before the first cell starts; one that only some cells keep is said, with
+    which cells (the lines returned, for the log)."""
+    for job in jobs:
+        defined = {m.group(1) for o in job if (m := _SETTING.match(o)) and _key(o).endswith("._target_")}
+        for override in job:
+            found = _SETTING.match(override)
+            if found and found.group(1) not in defined:  # a compressor defined on the command line has no YAML
+                check_compressor_setting(found.group(1), _key(override).split(".")[2:])
+    cells = prune_cells(jobs, default)
+    dropped = {_key(o): found.group(1) for job in jobs for o in job
+               if (found := _SETTING.match(o)) and found.group(1) not in chosen(job, default)}
+    notes = []
+    for key, name in dropped.items():
+        kept = [i for i, cell in enumerate(cells) if any(_key(o) == key for o in cell)]
+        rest = [i for i in range(len(cells)) if i not in kept]
+        if not kept:
+            chains = list(dict.fromkeys(_chain(cell, default) for cell in cells))
+            other = next((c for c in chains if c != "none"), None)
+            example = f"[{other.replace('+', ',')},{name}]" if other else name
+            raise SqueezeError(f"{key}: no cell of this sweep uses {name} (compress={','.join(chains)}); add it to "
+                               f"a chain (e.g. compress={example}) or drop the setting")
+        if rest:
+            others = ", ".join(dict.fromkeys(_chain(cells[i], default) for i in rest))
+            notes.append(f"{key} applies to cells {_numbers(kept)} (their chain has {name}), not to cells "
+                         f"{_numbers(rest)} ({others})")
+    return cells, notes
+
+
+def _chain(cell: list[str], default: list[str]) -> str:
+    return "+".join(chosen(cell, default)) or "none"
+
+
+def _numbers(indices: list[int]) -> str:
+    """0-2,5: cell numbers as the sweep directories' prefixes (hydra.job.num) give them."""
+    spans, start = [], None
+    for i, n in enumerate(indices):
+        if start is None:
+            start = n
+        if i + 1 == len(indices) or indices[i + 1] != n + 1:
+            spans.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(spans)
 
 
 def with_rows(jobs: list[list[str]], rows: list[str], setups: list[str] | None = None) -> list[list[str]]:

@@ -1,8 +1,11 @@
 """Compressor settings set once for a whole sweep: ignored by the cells that do not use that compressor,
 and no cell repeated because of them (issue: `compress=none,imp compress.imp.end_step=10` stopped at once)."""
 
+import csv
+
 from omegaconf import OmegaConf
 
+from squeeze import report
 from squeeze.compress import build_chain
 from squeeze.config import chain_name, lenient_compressor_settings
 from squeeze.sweeper import chosen, prune_cells
@@ -53,3 +56,9 @@ def test_a_mixed_sweep_sets_a_compressor_once_and_runs_each_cell_once(tmp_path):
     assert [r.get("sparsity") for r in records[1:]] == [0.3, 0.5] or \
         all(abs(r["sparsity"] - t) < 0.01 for r, t in zip(records[1:], (0.3, 0.5)))
     assert records[1]["compress"]["imp"]["label"] == "pr"
+    # The sweep said where imp's settings went, and the report shows them only for the cells they reached.
+    assert "compress.imp.target applies to cells 1-2 (their chain has imp), not to cells 0 (none)" in \
+        done.stdout + done.stderr
+    with open(report.build([tmp_path], out=tmp_path / "report", draw=False).cells_csv) as f:
+        cells = {(c["chain"], c["compress.imp.target"]) for c in csv.DictReader(f)}
+    assert cells == {("none", ""), ("imp", "0.3"), ("imp", "0.5")}

@@ -1,14 +1,17 @@
 """squeeze's sweeper: Hydra's basic sweeper, except that a cell does not repeat for settings of compressors
-it does not use (squeeze.sweeper.prune_cells), and a preset's `rows` (squeeze.sweeper.with_rows) are crossed
+it does not use (squeeze.sweeper.prune_cells; a setting no cell uses, or a misspelt one, stops the sweep before
+its first cell: squeeze.sweeper.check_settings), and a preset's `rows` (squeeze.sweeper.with_rows) are crossed
 with the sweep. Hydra takes plugins only from the hydra_plugins namespace."""
 
-
+import logging
 from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-import squeeze.config  # noqa: F401  registers hydra/sweeper=squeeze (SqueezeSweeperConf)
-from squeeze.sweeper import prune_cells, with_rows
+import squeeze.config  # registers hydra/sweeper=squeeze (SqueezeSweeperConf); settings checks
+from squeeze.sweeper import check_settings, with_rows
+
+log = logging.getLogger("squeeze")
 
 
 class SqueezeSweeper(BasicSweeper):
@@ -22,7 +25,10 @@ class SqueezeSweeper(BasicSweeper):
         default = [str(k) for k, v in (self.config.get("compress") or {}).items()
                    if v is not None and "_target_" in v] if self.config is not None else []
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        jobs = prune_cells(with_rows(jobs, self.rows, self.setups), default)
+        jobs, notes = check_settings(with_rows(jobs, self.rows, self.setups), default)
+        for note in notes:  # a setting for a compressor only some cells use: which cells it reaches
+            log.info(note)
+        squeeze.config.runs_started()  # launchers' errors are Hydra's to report again
         if max_batch_size is None:
             return [jobs]
         return [jobs[i:i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
