@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze.errors import Interrupted, SqueezeError
+from squeeze.loggers import wandb_outcome
 from squeeze.record import write_record
 from squeeze.summary import headline_figures
 
@@ -55,12 +56,15 @@ def _finish(record: dict[str, Any], run_dir: Path) -> None:
     loggers = record.pop("_loggers", [])
     try:
         write_record(run_dir, record)  # first: a logger failing below must not cost the record
-        if record["status"] == "ok":
-            figures = headline_figures(record)
-            for logger in loggers:
+        figures = headline_figures(record) if record["status"] == "ok" else {}
+        for logger in loggers:
+            if figures:
                 logger.log_metrics(figures)
-                if type(logger).__name__ == "WandbLogger":
-                    logger.experiment.summary.update(figures)
+            if type(logger).__name__ == "WandbLogger":  # failed and interrupted runs too: their error line
+                try:
+                    wandb_outcome(logger, record, run_dir, figures)
+                except Exception as e:  # W&B's trouble must not turn a finished run into a failed one
+                    log.warning("W&B did not take the run's summary and files: %s", e)
     finally:
         for logger in loggers:
             try:
