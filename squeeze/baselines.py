@@ -10,8 +10,10 @@ An entry is a complete squeeze run directory (result.json, model/, checkpoints/,
 weights (model, task, trainer, optimizer, scheduler, seed; not loggers, callbacks' paths, perf or compress).
 It is ready when its result.json says "ok". It is trained under an exclusive file lock, so cells launched
 in parallel train it once and the others wait; a killed training resumes from the entry's own last.ckpt
-the next time any cell asks for it. Entries are not versioned by squeeze's code: after changing how
-fine-tuning works, point `baseline.store_dir` elsewhere or delete the store.
+the next time any cell asks for it. The key also holds FINE_TUNING_VERSION, so an entry trained by code that
+fine-tuned differently is never reused: it is trained again under a new key (the old one stays on disk until
+deleted), and every record says which version trained its model (`fine_tuning_version`, and
+`baseline.fine_tuning_version` for a cell on a stored baseline).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from squeeze import assets
+from squeeze import assets, loggers
 from squeeze.errors import SqueezeError
 from squeeze.record import read_record
 
 log = logging.getLogger("squeeze")
 KEY_SECTIONS = ("model", "task", "trainer", "optimizer", "scheduler", "seed")
+# Bump on any change to squeeze that alters a fine-tuned model for the same config (data order, splits, the
+# loss, optimizer or scheduler wiring, mixed precision, the best-checkpoint rule): stored baselines trained
+# before it are not reused. 1: the store's first versioned key (held-out splits by split_seed, December 2026).
+FINE_TUNING_VERSION = 1
 RUN_PLACEHOLDER = "<run_dir>"
 REUSE_CHOICES = (True, False, "multirun")
 
@@ -51,6 +57,7 @@ class Baseline:
         """What a cell records under `baseline` (and the report reads to count a baseline's cost once)."""
         energy = self.record.get("energy") or {}
         return {"dir": str(self.dir), "key": self.key, "trained_here": self.trained_here,
+                "fine_tuning_version": self.record.get("fine_tuning_version"),
                 "train_seconds": self.record.get("train_seconds"), "kwh": energy.get("kwh"),
                 "co2_kg": energy.get("co2_kg"), "validation": self.record.get("validation")}
 
@@ -90,7 +97,7 @@ def baseline_config(cfg: DictConfig, run_dir: Path, overrides: Mapping[str, Any]
 
 
 def key_of(config: Mapping[str, Any]) -> str:
-    shaping = {k: config.get(k) for k in KEY_SECTIONS}
+    shaping = {**{k: config.get(k) for k in KEY_SECTIONS}, "fine_tuning_version": FINE_TUNING_VERSION}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -128,6 +135,9 @@ def obtain(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], d
             return Baseline(entry, key, record, trained_here=False)
         log.info("baseline %s: not in the store, fine-tuning it into %s", key, entry)
         config = _replace_strings(config, RUN_PLACEHOLDER, str(entry))
+        # Logged once, as itself: the cell's resolved logger settings would name and group it as that cell's row.
+        name = f"{config['model'].get('name')}-{config['task'].get('name')} baseline {key}"
+        config["logger"] = loggers.for_baseline(config.get("logger"), name)
         record = train(OmegaConf.create(config), entry)
     if record.get("status") != "ok":
         raise SqueezeError(f"the fine-tuned baseline this cell needs failed to train ({record.get('error')}); "

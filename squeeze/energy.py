@@ -196,7 +196,8 @@ class CpuRamTracker:
 
 # -- the callback -------------------------------------------------------------------------------------
 class EnergyMeter(L.Callback):
-    """Measures the training phase (fit, validation included) and the evaluation phase (test).
+    """Measures the training phase (fit, validation included) and the evaluation phase (test); the run
+    measures its compression work (prepare, finalize) as the `compress` phase through start/stop.
 
     `record()` gives result.json's `energy` section; each phase is also logged as `energy/<phase>_kwh`
     and `energy/<phase>_co2_kg`. Runs on global rank 0 (codecarbon's machine-level CPU/RAM model and
@@ -254,11 +255,13 @@ class EnergyMeter(L.Callback):
             parts["gpu_kwh"] = joules / JOULES_PER_KWH
             kwh_it += parts["gpu_kwh"]
         kwh, co2 = facility(kwh_it, self.pue, self.kg_per_kwh)
-        self.phases[phase] = {
-            "kwh": kwh, "co2_kg": co2, "kwh_it": kwh_it, "seconds": seconds,
-            **{k: v for k, v in parts.items() if k.endswith("_kwh")},
-            "methods": methods, "method": summarise_methods(methods),
-        }
+        figures = {"kwh": kwh, "co2_kg": co2, "kwh_it": kwh_it, "seconds": seconds,
+                   **{k: v for k, v in parts.items() if k.endswith("_kwh")}}
+        earlier = self.phases.get(phase)
+        if earlier is not None:  # a phase entered again (compression before and after fit) adds up
+            figures = {k: v + earlier.get(k, 0.0) for k, v in figures.items()}
+            methods = {**earlier["methods"], **methods}
+        self.phases[phase] = {**figures, "methods": methods, "method": summarise_methods(methods)}
         if trainer is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"energy/{phase}_kwh": kwh, f"energy/{phase}_co2_kg": co2}, step=trainer.global_step)

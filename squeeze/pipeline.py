@@ -1,13 +1,16 @@
 """Pipeline parallelism (`hardware=pipeline`): a causal LM cut into N stages of consecutive layers, one
 process per stage, micro-batches through torch's own schedules (torch.distributed.pipelining: GPipe
 or 1F1B). Causal-LM fine-tuning only; the record gets the mean training loss, tokens/s and every
-stage's peak memory.
+stage's peak memory, and the stages' trained weights come back to the parent as one model, which the run
+tests, saves and measures like any other (squeeze.run).
 
 torch does the scheduling and the stage-to-stage sends; what is written here is the cut, which torch
 cannot do on a transformers model without tracing it: every stage keeps the model's own forward, fed
 with input ids on the first stage and with the previous stage's hidden states (`inputs_embeds`) on the
 others. Position embeddings and embedding dropout, which that forward applies to `inputs_embeds`, are
-neutralised after the first stage, and the final norm and head run on the last stage only.
+neutralised after the first stage, and the final norm and head run on the last stage only. A head tied
+to the input embeddings (GPT-2) lives on the first and the last stage: their gradients are summed between
+the two before every step, so both copies stay the one tensor a single process trains.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -54,6 +58,31 @@ class Stage(nn.Module):
                 setattr(owner, child_name, nn.Identity())  # the final norm belongs to the last stage
         self.model, self.first, self.last = model, first, last
         self.base = model.get_submodule(model.base_model_prefix)
+        self.start, self.stack_name = start, name
+        self.embedding_prefixes = tuple(f"{owner_name}.{n}." if owner_name else f"{n}."
+                                        for n, c in owner.named_children() if isinstance(c, nn.Embedding))
+
+    def owned_state(self) -> dict[str, torch.Tensor]:
+        """The weights this stage trained, named as in the whole model: its layers (renumbered from `start`),
+        the embeddings on the first stage, the rest (final norm, head) on the last."""
+        state, prefix = {}, self.stack_name + "."
+        for key, value in self.model.state_dict().items():
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                state[f"{prefix}{int(index) + self.start}.{rest}"] = value
+            elif key.startswith(self.embedding_prefixes):
+                if self.first:
+                    state[key] = value
+            elif self.last:
+                state[key] = value
+        return state
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """The input embedding on the first stage, the output head on the last, when the model ties the two."""
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or head.weight is not embeddings.weight:
+            return None
+        return embeddings.weight if self.first else head.weight if self.last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
@@ -90,10 +119,11 @@ def check(head: str, chain: list) -> None:
 
 
 def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches: int = 4, schedule: str = "gpipe",
-        lr: float = 5e-5, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+        lr: float = 5e-5, seed: int = 0, steps: int | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Train on `batches` (one optimizer step each) with `stages` processes; returns the record's
-    `pipeline` figures. `build()` returns the model (called in every process: same seed, same weights).
-    stages=1 runs the same loop in this process without pipelining, the baseline."""
+    `pipeline` figures and the trained model (the stages' weights in one model, built with `build()`).
+    `build()` returns the model (called in every process: same seed, same weights). stages=1 runs the same
+    loop in this process without pipelining, the baseline."""
     if schedule not in SCHEDULES:
         raise SqueezeError(f"hardware.pipeline.schedule={schedule!r} is not one of {list(SCHEDULES)}")
     steps = len(batches) if steps is None else min(steps, len(batches))
@@ -103,9 +133,19 @@ def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_worker, args=(stages, port, build, batches, microbatches, schedule, lr, seed, results),
-                       nprocs=stages, join=True, start_method="spawn")
+    with tempfile.TemporaryDirectory(prefix="squeeze-pipeline-") as shards:
+        results = mp.get_context("spawn").Manager().dict()
+        mp.start_processes(_worker, args=(stages, port, build, batches, microbatches, schedule, lr, seed, results,
+                                          shards), nprocs=stages, join=True, start_method="spawn")
+        torch.manual_seed(seed)
+        model = build()
+        state: dict[str, torch.Tensor] = {}
+        for rank in range(stages):  # weights only: files this run's own processes wrote
+            state.update(torch.load(os.path.join(shards, f"stage-{rank}.pt"), map_location="cpu", weights_only=True))
+        missing = set(model.state_dict()) - set(state)
+        if missing:
+            raise RuntimeError(f"the pipeline stages did not return {sorted(missing)[:3]}")
+        model.load_state_dict(state)
     per_stage = [results[i] for i in range(stages)]
     last = per_stage[-1]
     seconds = max(s["seconds"] for s in per_stage)
@@ -113,12 +153,13 @@ def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches
     return {"stages": stages, "microbatches": microbatches, "schedule": schedule, "steps": steps,
             "losses": last["losses"], "loss": sum(last["losses"]) / len(last["losses"]),
             "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
+            # The stages run on CPU processes (gloo): their peak is the process's resident set.
             "per_stage": [{"stage": i, "layers": s["layers"], "peak_memory_bytes": s["peak"],
-                           "peak_memory_kind": "cpu_rss" if not torch.cuda.is_available() else "cuda_max_allocated",
-                           "params": s["params"]} for i, s in enumerate(per_stage)]}
+                           "peak_memory_kind": "cpu_rss", "params": s["params"]}
+                          for i, s in enumerate(per_stage)]}, model
 
 
-def _single(build, batches, lr, seed) -> dict[str, Any]:
+def _single(build, batches, lr, seed) -> tuple[dict[str, Any], nn.Module]:
     from squeeze.measure import process_peak_rss
 
     torch.manual_seed(seed)
@@ -140,7 +181,7 @@ def _single(build, batches, lr, seed) -> dict[str, Any]:
             "loss": sum(losses) / len(losses), "train_seconds": seconds, "train_tokens": tokens,
             "tokens_per_s": tokens / seconds,
             "per_stage": [{"stage": 0, "layers": [0, layers], "peak_memory_bytes": process_peak_rss(),
-                           "peak_memory_kind": "cpu_rss", "params": sum(p.numel() for p in model.parameters())}]}
+                           "peak_memory_kind": "cpu_rss", "params": sum(p.numel() for p in model.parameters())}]}, model
 
 
 def _stack(model):
@@ -149,7 +190,7 @@ def _stack(model):
     return adapter_for(model).layer_stack(model)[1]
 
 
-def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed, results):
+def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed, results, shards):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from squeeze.measure import process_peak_rss
@@ -168,6 +209,9 @@ def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         pipe = cls(stage, n_microbatches=microbatches, loss_fn=causal_lm_loss)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+        # Every rank joins the group (new_group is collective); only the two holding a tied weight use it.
+        tied_group = dist.new_group([0, stages - 1])
+        tied = module.tied_weight()
         losses = []
         dist.barrier()
         begin = time.perf_counter()
@@ -181,10 +225,13 @@ def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed
                 losses.append(float(torch.stack(micro).detach().mean()))
             else:
                 pipe.step()
+            if tied is not None and tied.grad is not None:  # the embedding's and the head's shares of one gradient
+                dist.all_reduce(tied.grad, group=tied_group)
             optimizer.step()
             optimizer.zero_grad()
         dist.barrier()
         seconds = time.perf_counter() - begin
+        torch.save(module.owned_state(), os.path.join(shards, f"stage-{rank}.pt"))
         results[rank] = {"seconds": seconds, "losses": losses, "layers": [start, stop], "peak": process_peak_rss(),
                          "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
     finally:

@@ -8,6 +8,10 @@ Keys (schema 1; later features add keys, never change these):
   metrics      test metrics, named as logged ("test/accuracy", "test/perplexity", ...); sentiment adds
                test/precision and test/recall (macro, like test/f1), LAMBADA test/last_word_accuracy and
                test/last_word_perplexity
+  kernels      {"linear" | "lm_head": {kernel: layers}}: which kernels the integer linear layers ran by the end
+               of the test (int8pack_mm_bf16, int4pack_mm_bf16, dequantize_bf16 (many rows), dequantize_fp32,
+               fbgemm_dynamic, torchao, not_run; a layer that ran two counts under both;
+               squeeze/formats/quantized_layers.py kernels_used), null without integer linears
   compress     {chain: [names in order], <name>: what that compressor records}
   sparsity     global fraction of pruned weights (the last pruner in the chain), null without pruning
   validation   {monitor, mode, best}: the best validation value of the monitored metric (for
@@ -21,7 +25,8 @@ Keys (schema 1; later features add keys, never change these):
   train_tokens, train_tokens_per_s  non-padding input tokens of the fit's training steps (all ranks), and
                that over train_seconds (validation and checkpointing included); null without training
   peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
-  pipeline     hardware=pipeline only (squeeze/pipeline.py; no test metrics, no saved model): {stages,
+  pipeline     hardware=pipeline only (squeeze/pipeline.py; the trained model is then tested, saved and
+               measured in one process like any run's, metrics.train/loss added): {stages,
                microbatches, schedule, steps, losses (per step), loss (their mean, also metrics.train/loss),
                train_seconds, train_tokens, tokens_per_s, per_stage: [{stage, layers: [start, stop),
                peak_memory_bytes, peak_memory_kind, params}]}
@@ -45,6 +50,15 @@ Keys (schema 1; later features add keys, never change these):
                checkpoint to resume from (null when none was written yet), null unless interrupted
   checkpoint_seconds  {mid_epoch_saves, seconds}: what the mid-epoch checkpoints (squeeze.resume) cost, within
                train_seconds; null without them
+  compress_seconds  wall time of the compression work (prepare, calibration, finalize), also energy's
+               `compress` phase
+  cost         {own: {seconds, kwh}, total: {seconds, kwh}, inference: {kwh_per_1k, unit ("examples" |
+               "tokens"), count}}: what the row spent beyond the model it started from, that plus what the
+               starting model cost, and the evaluation's energy per 1,000 test examples or tokens
+               (squeeze/cost.py says what counts where); kwh null without energy measurement
+  fine_tuning_version  squeeze.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
+               (runs that trained); a cell on a stored baseline has it under baseline.fine_tuning_version
+  validation   (post-training rows: {monitor, mode, best, from}: one validation pass of the compressed model)
 """
 
 from __future__ import annotations
@@ -95,6 +109,8 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "resumed_from": None,
         "interrupted": None,
         "checkpoint_seconds": None,
+        "compress_seconds": None,
+        "cost": None,
     }
 
 

@@ -39,6 +39,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
+from squeeze import safe_load
 from squeeze.errors import Interrupted, SqueezeError
 
 log = logging.getLogger("squeeze")
@@ -68,7 +69,7 @@ def is_sharded(path: str | Path) -> bool:
 def checkpoint_position(path: str | Path) -> dict[str, Any]:
     """The optimizer step and epoch a checkpoint holds (memory-mapped: the tensors are not read)."""
     file = Path(path) / SHARDED_META if is_sharded(path) else Path(path)
-    ckpt = torch.load(str(file), map_location="cpu", mmap=True, weights_only=False)
+    ckpt = safe_load.load(file, mmap=True)  # read as data before Lightning resumes from it (squeeze.safe_load)
     return {"checkpoint": str(path), "step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
             "csv_rows": ckpt.get(CSV_ROWS_KEY)}
 
@@ -118,6 +119,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(fd)
         except OSError:
             pass
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None):
+        """Lightning's resume (`trainer.fit(ckpt_path=...)`) asks for weights_only=False; read it as data instead
+        (squeeze.safe_load: refused with one line unless trust_checkpoint=true). Remote URLs keep Lightning's
+        reader, weights-only too unless trusted."""
+        if "://" in str(path):
+            with torch.serialization.safe_globals(safe_load.safe_types()):
+                return super().load_checkpoint(path, map_location, weights_only=not safe_load.trusted())
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return safe_load.load(path, map_location=map_location)
 
 
 def cluster_plugins() -> list[Any]:

@@ -34,12 +34,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
-from squeeze import artifacts, baselines
+from squeeze import artifacts, baselines, cost
 from squeeze import compress as compression
 from squeeze import models
 from squeeze import formats
 from squeeze import guard, measure, resume, speculative
-from squeeze import pipeline, sharding
+from squeeze import pipeline, safe_load, sharding
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
@@ -74,16 +74,17 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
     sharding.check_compressors(chain, cfg.trainer.get("strategy"))  # hardware=fsdp: refuse what cannot shard
     spec, tokenizer, data = _prepare(cfg)
     compression.calibrate(chain, data, cfg.get("calibration"))  # post-training methods calibrate on its train split
+    trainer, loggers = _trainer(cfg, run_dir, extra_callbacks=chain)  # first: its energy meter times what follows
+    record["_loggers"] = loggers
     model = spec.build(cfg.task.head, data_labels(data))
     models.finish_model(model, tokenizer)
-    for compressor in chain:
-        model = compressor.prepare_model(model, tokenizer)
+    with _compress_phase(trainer, record, chain):
+        for compressor in chain:
+            model = compressor.prepare_model(model, tokenizer)
     data.check_model(model)
     module = _module(cfg, model)
     for compressor in chain:
         module = compressor.wrap_module(module)
-    trainer, loggers = _trainer(cfg, run_dir, extra_callbacks=chain)
-    record["_loggers"] = loggers
 
     if cfg.trainer.get("max_steps", -1) != 0:
         ckpt_path = _resume_path(cfg.get("ckpt_path"), run_dir)
@@ -107,6 +108,7 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
         if all(c.test_best_checkpoint for c in chain):
             _restore_sharded_best(trainer)  # hardware=fsdp: a sharded best checkpoint loads while still sharded
         sharding.gather(trainer, module)  # hardware=fsdp: the whole model again, for what follows fit
+        record["fine_tuning_version"] = baselines.FINE_TUNING_VERSION  # the code that trained this model
         record["train_tokens"] = getattr(module, "train_tokens", None)
         record["train_tokens_per_s"] = measure.tokens_per_s(record["train_tokens"], record["train_seconds"])
         record["checkpoint_seconds"] = _checkpoint_seconds(trainer)
@@ -118,7 +120,8 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
 
     # Compression made permanent, in the configured order, before the model is tested and saved:
     # what is measured is exactly what is on disk.
-    _finalize(chain, module, record)
+    with _compress_phase(trainer, record, chain):
+        _finalize(chain, module, record)
     if as_baseline:  # a store entry (squeeze.baselines): the cells that use it test their own model
         if trainer.is_global_zero:
             _save_model(module.model, tokenizer, run_dir, record)
@@ -131,6 +134,14 @@ def _train(cfg: DictConfig, record: dict[str, Any], run_dir: Path, as_baseline: 
         _measure(cfg, trainer, module.model, data, record)
     if teacher is not None:
         record["spent"] = baselines.spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
+    # A post-training chain fine-tuned here starts from that fine-tuned model: its training is what it started
+    # from, not its own cost. A distilled student started from its teacher.
+    post_training = bool(chain) and all(c.after_training for c in chain)
+    base = (cost.started_from(teacher.record) if teacher is not None else
+            {"seconds": record["train_seconds"], "kwh": cost.phase(record, "train").get("kwh")} if post_training
+            else None)
+    record["cost"] = cost.row_cost(record, trains=not post_training, own_train_seconds=record["train_seconds"],
+                                   base=base, units=cost.evaluated_units(data, record.get("perplexity")))
     return record
 
 
@@ -176,9 +187,12 @@ def _on_stored_baseline(cfg: DictConfig, chain, record: dict[str, Any], run_dir:
     own_energy = record.get("energy")
     record.update(baseline=base.summary(), train_seconds=base.record.get("train_seconds"),
                   train_tokens=base.record.get("train_tokens"), train_tokens_per_s=base.record.get("train_tokens_per_s"),
-                  validation=base.record.get("validation"),
+                  # a compressed model's own validation pass (_evaluate); the baseline row is the stored model
+                  validation=record.get("validation") or base.record.get("validation"),
                   energy=baselines.merged_energy(base.record.get("energy"), own_energy))
     record["spent"] = baselines.spent(base, own_energy)
+    if not chain:  # the baseline row: its own cost is the fine-tuning it is
+        record["cost"]["own"] = dict(record["cost"]["total"])
     return record
 
 
@@ -205,16 +219,27 @@ def _auto_teachers(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> ba
 
 
 def _train_pipeline(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """hardware=pipeline (squeeze/pipeline.py): fine-tuning only; the stages' figures, no saved model."""
+    """hardware=pipeline (squeeze/pipeline.py): fine-tuning in stages; the stages' figures, then the trained
+    model tested, saved and measured in this process like any run's, so it is a row beside the others."""
     pipeline.check(cfg.task.head, compression.build_chain(cfg.compress))
-    spec, _, data = _prepare(cfg)
+    spec, tokenizer, data = _prepare(cfg)
     data.setup("fit")
     steps = int(cfg.trainer.get("max_steps") or -1)
     batches = [b for _, b in zip(range(steps) if steps > 0 else iter(int, 1), data.train_dataloader())]
-    figures = pipeline.run(functools.partial(spec.build, cfg.task.head, None), batches, **cfg.pipeline,
-                           lr=float(cfg.optimizer.lr), seed=int(cfg.seed))
+    figures, model = pipeline.run(functools.partial(spec.build, cfg.task.head, None), batches, **cfg.pipeline,
+                                  lr=float(cfg.optimizer.lr), seed=int(cfg.seed))
     record.update(pipeline=figures, train_seconds=figures["train_seconds"], train_tokens=figures["train_tokens"],
-                  train_tokens_per_s=figures["tokens_per_s"], metrics={"train/loss": figures["loss"]})
+                  train_tokens_per_s=figures["tokens_per_s"], fine_tuning_version=baselines.FINE_TUNING_VERSION)
+    models.finish_model(model, tokenizer)
+    module = _module(cfg, model)
+    trainer, loggers = _trainer(cfg, run_dir)
+    record["_loggers"] = loggers
+    _test(trainer, module, data, record, ckpt_path=None)
+    record["metrics"]["train/loss"] = figures["loss"]
+    _save_model(module.model, tokenizer, run_dir, record)
+    _measure(cfg, trainer, module.model, data, record)
+    record["cost"] = cost.row_cost(record, trains=True, own_train_seconds=figures["train_seconds"], base=None,
+                                   units=cost.evaluated_units(data, record.get("perplexity")))
     return record
 
 
@@ -237,14 +262,22 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
     data.tokenizer = tokenizer
     data.check_model(model)
     compression.calibrate(chain, data, cfg.get("calibration"))
-    for compressor in chain:
-        model = compressor.prepare_model(model, tokenizer)
-    module = _module(cfg, model)
-    _finalize(chain, module, record)
-    trainer, loggers = _trainer(cfg, run_dir)
+    trainer, loggers = _trainer(cfg, run_dir)  # first: its energy meter times the compression
     record["_loggers"] = loggers
+    with _compress_phase(trainer, record, chain):
+        for compressor in chain:
+            model = compressor.prepare_model(model, tokenizer)
+        module = _module(cfg, model)
+        _finalize(chain, module, record)
     record["train_seconds"] = 0.0
+    if chain:  # validation.best describes the model that is tested: the compressed one
+        record["validation"] = _validation_pass(cfg, trainer, module, data)
     _test(trainer, module, data, record, ckpt_path=None)
+    # What it started from: the finished run it compressed (its whole cost), or a pretrained model.
+    base = None if trained is None else cost.started_from(trained.record) if trained.record else \
+        {"seconds": None, "kwh": None}
+    record["cost"] = cost.row_cost(record, trains=False, own_train_seconds=0.0, base=base,
+                                   units=cost.evaluated_units(data, record.get("perplexity")))
     if trainer.is_global_zero:
         _measure(cfg, trainer, module.model, data, record)
         if cfg.get("decode") == "speculative":
@@ -268,11 +301,11 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[st
 def _prepare(cfg: DictConfig, trained_model: dict | None = None):
     check_counts(cfg.trainer, cfg.task.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    spec = instantiate(cfg.model, _convert_="all")
+    spec = _build(cfg.model, _convert_="all")
     name, family = (trained_model["name"], trained_model["family"]) if trained_model else (spec.name, spec.family)
     models.check_compatible(name, family, cfg.task.name, cfg.task.head)
     tokenizer = spec.tokenizer()
-    data = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    data = _build(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
     return spec, tokenizer, data
 
 
@@ -283,29 +316,35 @@ def data_labels(data) -> list[str] | None:
 def _module(cfg: DictConfig, model) -> L.LightningModule:
     kwargs: dict[str, Any] = {"model": model}
     if cfg.get("optimizer") is not None:
-        kwargs["optimizer"] = instantiate(cfg.optimizer)
+        kwargs["optimizer"] = _build(cfg.optimizer)
     if cfg.get("scheduler") is not None:
-        kwargs["scheduler"] = instantiate(cfg.scheduler)
-    return instantiate(cfg.task.module, _convert_="all", **kwargs)
+        kwargs["scheduler"] = _build(cfg.scheduler)
+    return _build(cfg.task.module, _convert_="all", **kwargs)
 
 
 def _trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     _check_sweep_strategy(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += list(extra_callbacks)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [_build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(resume.AtomicCheckpointIO())
     plugins += resume.cluster_plugins()
+    trainer = _build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
+                     plugins=plugins)
+    return trainer, loggers
+
+
+def _build(node, **kwargs):
+    """hydra.utils.instantiate, where a SqueezeError raised while building (a data module reading its files, a
+    strategy builder) stays its own one line instead of Hydra's wrapped traceback."""
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                              default_root_dir=str(run_dir), plugins=plugins)
-    except InstantiationException as e:  # a strategy builder's own one-line error (hardware=fsdp/deepspeed)
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
         if isinstance(e.__cause__, SqueezeError):
             raise e.__cause__ from None
         raise
-    return trainer, loggers
 
 
 def _model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -340,7 +379,7 @@ def _restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
     callback = _model_checkpoint(trainer)
     best = callback.best_model_path if callback else ""
     if best and Path(best).is_file():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        state = safe_load.load(best)["state_dict"]
         module.load_state_dict(state)
 
 
@@ -354,6 +393,41 @@ def _finalize(chain, module: L.LightningModule, record: dict[str, Any]) -> None:
     record["sparsity"] = next((s for s in reversed(sparsities) if s is not None), None)
 
 
+class _compress_phase:
+    """A chain's compression work (prepare, calibration, finalize) timed into record["compress_seconds"] and
+    measured as the energy meter's `compress` phase (summed over the times it is entered): a row's own cost
+    (squeeze.cost). Without compressors there is no such phase."""
+
+    def __init__(self, trainer: L.Trainer, record: dict[str, Any], chain):
+        meter = next((c for c in trainer.callbacks if isinstance(c, EnergyMeter)), None)
+        self.meter, self.record, self.active = meter, record, bool(chain)
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        if self.active and self.meter is not None:
+            self.meter.start("compress")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        if self.meter is not None:
+            self.meter.stop("compress")
+        self.record["compress_seconds"] = (self.record.get("compress_seconds") or 0.0) + time.perf_counter() - self.start
+
+
+def _validation_pass(cfg: DictConfig, trainer: L.Trainer, module, data) -> dict[str, Any] | None:
+    """The monitored metric of one validation pass over this model (a post-training row's validation.best), or
+    None when the task has no validation split here (evaluate.py scoring one file)."""
+    data.setup("test")
+    if "validation" not in (getattr(data, "datasets", None) or {}):
+        return None
+    results = trainer.validate(module, datamodule=data, verbose=False)
+    value = (results[0] if results else {}).get(cfg.task.monitor)
+    return None if value is None else {"monitor": cfg.task.monitor, "mode": cfg.task.monitor_mode,
+                                       "best": float(value), "from": "validation pass of the compressed model"}
+
+
 def _check_post_training(chain) -> None:
     for c in chain:
         if c.trains:
@@ -365,6 +439,7 @@ def _test(trainer: L.Trainer, module, data, record: dict[str, Any], ckpt_path: s
     start = time.perf_counter()
     results = trainer.test(module, datamodule=data, ckpt_path=ckpt_path, verbose=False)
     record["eval_seconds"] = time.perf_counter() - start
+    record["kernels"] = formats.kernels_used(module.model) or None  # what the integer layers ran in the test
     record["metrics"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if hasattr(data, "protocol_record"):
         record["perplexity"] = data.protocol_record
@@ -467,7 +542,7 @@ def _load_checkpoint(cfg, spec, tokenizer, trained: artifacts.Artifact, labels, 
     ckpt = Path(trained.reference)
     if trained.kind == artifacts.CKPT:
         model = spec.build(head, labels)
-        state = torch.load(str(trained.checkpoint), map_location="cpu", weights_only=False)["state_dict"]
+        state = safe_load.load(trained.checkpoint, trust=bool(cfg.get(safe_load.FLAG)))["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         with _readable_checkpoint_errors(ckpt):
             model.load_state_dict(weights)
@@ -559,7 +634,7 @@ def _resolved(cfg: DictConfig) -> dict[str, Any]:
 def _same_cell(config: dict[str, Any]) -> str:
     """A cell's config as result.json holds it (JSON), without what only steers this invocation (resuming,
     rerunning failed cells)."""
-    kept = {k: v for k, v in config.items() if k not in ("ckpt_path", "rerun_failed", "hydra")}
+    kept = {k: v for k, v in config.items() if k not in ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra")}
     return json.dumps(kept, sort_keys=True, default=jsonable)
 
 

@@ -9,9 +9,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 def headline_figures(record: dict[str, Any]) -> dict[str, float]:
-    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`) for loggers."""
-    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "train_seconds",
-                                               "eval_seconds", "peak_memory_bytes") if record.get(k) is not None}
+    """The record's figures as flat metric names (`result/…`, `perf/…`, `energy/…`, `cost/…`) for loggers."""
+    out = {f"result/{k}": record[k] for k in ("params", "nonzero_params", "checkpoint_bytes", "sparsity",
+                                               "train_seconds", "eval_seconds", "compress_seconds",
+                                               "peak_memory_bytes") if record.get(k) is not None}
+    if (record.get("validation") or {}).get("best") is not None:  # the model tested: fit's best, or its own pass
+        out["result/validation_best"] = record["validation"]["best"]
     out.update({k: v for k, v in record["metrics"].items()})
     perf = record.get("perf") or {}
     for name, timing in perf.get("latency", {}).items():
@@ -29,7 +32,27 @@ def headline_figures(record: dict[str, Any]) -> dict[str, float]:
     energy = record.get("energy") or {}
     if energy:
         out["energy/kwh"], out["energy/co2_kg"] = energy["kwh"], energy["co2_kg"]
+    cost = record.get("cost") or {}
+    for part in ("own", "total"):
+        for unit in ("seconds", "kwh"):
+            if (cost.get(part) or {}).get(unit) is not None:
+                out[f"cost/{part}_{unit}"] = cost[part][unit]
+    inference = cost.get("inference") or {}
+    if inference.get("kwh_per_1k") is not None:
+        out[f"cost/inference_kwh_per_1k_{inference['unit']}"] = inference["kwh_per_1k"]
     return {k: float(v) for k, v in out.items()}
+
+
+def headline_text(record: dict[str, Any]) -> dict[str, str]:
+    """The record's outcome in words, for loggers that keep text (W&B summaries): its status, the error line of a
+    run that did not finish, and how its energy was measured ("measured", "estimated", "partly measured")."""
+    out = {"status": str(record["status"])}
+    if record.get("error"):
+        out["error"] = str(record["error"])
+    method = (record.get("energy") or {}).get("method")
+    if method:
+        out["energy/method"] = str(method)
+    return out
 
 
 @rank_zero_only

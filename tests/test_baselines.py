@@ -49,6 +49,13 @@ def test_the_key_follows_what_shapes_the_weights_not_paths_loggers_or_perf(tmp_p
     assert config["logger"]["csv"]["save_dir"] == baselines.RUN_PLACEHOLDER
 
 
+def test_a_new_fine_tuning_version_is_a_new_key(tmp_path, monkeypatch):
+    config = baselines.baseline_config(_cfg(tmp_path), Path("/runs/cell_7"))
+    key = baselines.key_of(config)
+    monkeypatch.setattr(baselines, "FINE_TUNING_VERSION", baselines.FINE_TUNING_VERSION + 1)
+    assert baselines.key_of(config) != key  # an entry trained by older fine-tuning code is not reused
+
+
 def test_cells_asking_at_once_train_the_baseline_once(tmp_path):
     calls, found = [], []
     train = _fake_train(calls, sleep=0.5)
@@ -119,6 +126,21 @@ def test_one_sweep_fine_tunes_once_and_quantizes_and_distils_that_model(tmp_path
     assert dq["spent"]["train_seconds"] == 0.0 and none["spent"]["train_seconds"] == stored["train_seconds"]
     assert dq["checkpoint_bytes"] < none["checkpoint_bytes"]
     assert (tmp_path / "sweep" / Path(none["run_dir"]).name / "model" / "config.json").exists()
+    # Costs (squeeze/cost.py): dq's own cost is its quantization alone, its total adds the baseline's training; the
+    # baseline row's own cost is the fine-tuning; rows trained its own model; kd started from its teacher.
+    trained = stored["train_seconds"]
+    assert dq["cost"]["own"]["seconds"] == pytest.approx(dq["compress_seconds"]) and dq["compress_seconds"] < trained
+    assert dq["cost"]["total"]["seconds"] == pytest.approx(trained + dq["cost"]["own"]["seconds"])
+    assert dq["cost"]["total"]["kwh"] > dq["cost"]["own"]["kwh"] > 0
+    assert none["cost"]["own"] == none["cost"]["total"] and none["cost"]["own"]["seconds"] >= trained
+    assert rows["cost"]["own"] == rows["cost"]["total"] and rows["cost"]["own"]["seconds"] >= rows["train_seconds"]
+    assert kd["cost"]["total"]["seconds"] == pytest.approx(kd["cost"]["own"]["seconds"] + trained)
+    assert dq["cost"]["inference"]["unit"] == "examples" and dq["cost"]["inference"]["count"] > 0
+    # The quantized row's validation.best is its own validation pass, not the baseline's checkpoint.
+    assert dq["validation"]["from"] == "validation pass of the compressed model"
+    assert none["validation"] == stored["validation"]
+    # The fine-tuning code's version, in the entry and in what the cells record of it.
+    assert stored["fine_tuning_version"] == baselines.FINE_TUNING_VERSION == dq["baseline"]["fine_tuning_version"]
     # evaluate.py on the baseline cell with dq reproduces the dq cell: it quantized the stored baseline.
     again = run_cli("evaluate.py", [f"ckpt={none['run_dir']}", "compress=dq", *fast("rotten_tomatoes"), "perf=null",
                                     f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)

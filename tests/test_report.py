@@ -19,7 +19,7 @@ from squeeze.errors import SqueezeError
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-TASKS = {"rotten_tomatoes": ("val/accuracy", "max"), "austen": ("val/perplexity", "min")}
+TASKS = {"rotten_tomatoes": ("val/accuracy", "max"), "austen": ("val/perplexity", "min"), "wnut16": ("val/f1", "max")}
 
 
 def write_cell(sweep: Path, name: str, model: str = "tiny_bert", task: str = "rotten_tomatoes",
@@ -53,6 +53,9 @@ def write_cell(sweep: Path, name: str, model: str = "tiny_bert", task: str = "ro
                             "co2_kg_per_kwh": 0.43}
     if sparsity is not None:
         record["sparsity"] = sparsity
+    if status == "ok":  # a run that trained its own model from a pretrained one: own cost = total cost
+        record["cost"] = {"own": {"seconds": train_s, "kwh": kwh}, "total": {"seconds": train_s, "kwh": kwh},
+                          "inference": {"kwh_per_1k": None, "unit": "examples", "count": 100}}
     record.update(extra)
     run_dir = sweep / name
     run_dir.mkdir(parents=True)
@@ -137,8 +140,9 @@ def test_table_delta_percent_against_the_baseline(sweep, tmp_path):
     assert float(imp["quality_delta_pct"]) == pytest.approx(-9.411765, rel=1e-5)
     assert float(imp["size_mb_delta_pct"]) == pytest.approx(-50.0)
     assert float(imp["latency_ms_delta_pct"]) == pytest.approx(-27.272727, rel=1e-5)
-    assert float(imp["train_s_delta_pct"]) == pytest.approx(36.363636, rel=1e-5)
-    assert float(imp["energy_kwh_delta_pct"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(imp["own_s_delta_pct"]) == pytest.approx(36.363636, rel=1e-5)
+    assert float(imp["own_kwh_delta_pct"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(imp["total_s_delta_pct"]) == pytest.approx(36.363636, rel=1e-5)
     assert (imp["n_ok"], imp["n_failed"]) == ("2", "1")
     # One setting (imp target=0.5) over seeds 0 and 1: the sparsity each seed reached (top-level 0.5, the
     # pruner's own compress.imp.sparsity 0.6) averages. Another target would be another row (below).
@@ -261,20 +265,21 @@ def test_optional_columns_are_shown_where_recorded_and_blank_where_not(tmp_path)
     bert = text.split("## tiny_bert × rotten_tomatoes")[1].split("## ")[0]
     gpt = text.split("## tiny_gpt2 × austen")[1]
     header = next(line for line in bert.splitlines() if line.startswith("| row |"))
-    assert header == ("| row | ok | failed | test/accuracy | Δ% | F1 | precision | recall | size MB | Δ% | "
-                      "nonzero params | latency ms (b1) | Δ% | throughput ex/s | peak MB b1 (cpu) | "
-                      "peak MB b12 (cpu) | peak MB b1 (cuda) | decode tok/s b1 (cpu) | decode tok/s b12 (cpu) | "
-                      "train tokens/s | train s | "
-                      "Δ% | eval s | spec. acceptance | spec. speed-up |")
+    # The markdown table: the columns to decide from (decoding at batch 1 only); the CSV has every figure.
+    assert header == ("| row | ok | failed | test/accuracy | Δ% | F1 | size MB | Δ% | latency ms (b1) | Δ% | "
+                      "decode tok/s b1 (cpu) | own s | Δ% | spec. acceptance | spec. speed-up |")
     dq = next(line for line in bert.splitlines() if line.startswith("| dq |"))
-    assert "| 0.78 | 0.77 | 0.76 |" in dq and "| 300 | 900 | 1000 | 50 | 400 | 2000 |" in dq and "| 0.7 | 1.8 |" in dq
+    assert "| 0.78 | 100 |" in dq and "| 10 |  | 50 |" in dq and "| 0.7 | 1.8 |" in dq
     none = next(line for line in bert.splitlines() if line.startswith("| **none** (baseline) |"))
-    assert "| 0.8 | +0.0% |  |  |  |" in none  # no F1/precision/recall in its record: blank
+    assert "| 0.8 | +0.0% |  | 100 |" in none  # no F1 in its record: blank
     qat = next(line for line in bert.splitlines() if line.startswith("| qat |"))
     assert qat.endswith("| 0.6 | 1.5 |")
     # The language-modelling table shows none of them.
-    assert "precision" not in gpt and "decode tok/s" not in gpt and "spec." not in gpt
+    assert "F1" not in gpt and "decode tok/s" not in gpt and "spec." not in gpt
     rows = {r["label"]: r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv")}
+    assert float(rows["dq"]["precision_mean"]) == 0.77 and float(rows["dq"]["recall_mean"]) == 0.76
+    assert float(rows["dq"]["peak_memory_mb.cpu.batch_12_mean"]) == pytest.approx(900.0)
+    assert float(rows["dq"]["decode_tokens_per_s.cpu.batch_12_mean"]) == 400.0
     assert float(rows["dq"]["peak_memory_mb.cuda.batch_1_mean"]) == pytest.approx(1000.0)
     assert rows["none"]["decode_tokens_per_s.cpu.batch_12_mean"] == "" and rows["none"]["precision_mean"] == ""
     cell = next(c for c in read_csv(out / "cells.csv") if c["chain"] == "dq")
@@ -296,14 +301,20 @@ def test_totals_over_the_grid_and_the_co2_presets(sweep, tmp_path):
 
 
 def test_an_evaluated_checkpoint_has_no_train_cost_of_its_own(sweep, tmp_path):
-    # evaluate.py ckpt=<the baseline> compress=dq: train_seconds 0, energy of the evaluation only.
+    # evaluate.py ckpt=<the baseline> compress=dq: train_seconds 0, energy of the evaluation only; its own cost is
+    # the quantization (2 s), its total adds the checkpoint's (seed 0's 100 s).
+    cost = {"own": {"seconds": 2.0, "kwh": 0.0002}, "total": {"seconds": 102.0, "kwh": 0.0102},
+            "inference": {"kwh_per_1k": 0.01, "unit": "examples", "count": 100}}
     write_cell(sweep.parent / "eval", "dq", chain="dq", quality=0.84, size_mb=25, latency_ms=5, train_s=0.0,
-               kwh=0.001, ckpt=str(sweep / "0"))
+               kwh=0.001, ckpt=str(sweep / "0"), cost=cost)
     out = tmp_path / "out"
     report.build([sweep, sweep.parent / "eval"], out, draw=False)
     dq = next(r for r in read_csv(out / "tiny_bert-rotten_tomatoes.csv") if r["chain"] == "dq")
     assert float(dq["size_mb_delta_pct"]) == pytest.approx(-75.0)  # its own figures still compare
-    assert dq["train_s_mean"] == dq["energy_kwh_mean"] == dq["train_s_delta_pct"] == dq["energy_kwh_delta_pct"] == ""
+    assert dq["train_s_mean"] == dq["energy_kwh_mean"] == ""
+    # Like with like: own against the baseline's own (seed 0: 100 s, 0.01 kWh), total against its total.
+    assert float(dq["own_s_delta_pct"]) == pytest.approx(-98.0) and float(dq["own_kwh_delta_pct"]) == pytest.approx(-98.0)
+    assert float(dq["total_s_delta_pct"]) == pytest.approx(2.0) and float(dq["total_kwh_delta_pct"]) == pytest.approx(2.0)
     cell = next(c for c in read_csv(out / "cells.csv") if c["chain"] == "dq" and c["model"] == "tiny_bert")
     assert float(cell["eval_energy_kwh"]) == pytest.approx(0.001) and cell["evaluated_from"] == str(sweep / "0")
     assert cell["train_s"] == cell["energy_kwh"] == ""
@@ -335,8 +346,9 @@ def test_mixed_tasks_get_their_own_tables_and_a_missing_baseline_is_explained(sw
     assert "`test/perplexity` (lower is better)" in gpt and "test/accuracy" not in gpt
     assert "no `none` cell for tiny_gpt2 × austen, so Δ% is blank" in gpt
     rows = read_csv(out / "tiny_gpt2-austen.csv")
+    # In the order the sweep ran them (job 6 before job 7), not by name.
     assert [(r["chain"], r["quality_mean"], r["quality_delta_pct"]) for r in rows] == [
-        ("dq", "150.0", ""), ("imp", "120.0", "")]
+        ("imp", "120.0", ""), ("dq", "150.0", "")]
     # The same records with another baseline chain: Δ% against it.
     rebased = report.build([sweep], tmp_path / "rebased", baseline="imp", draw=False)
     imp_base = {r["chain"]: r for r in rebased.groups[1].rows}
@@ -390,7 +402,7 @@ def test_plots_are_valid_pngs_and_missing_figures_are_said(sweep, tmp_path):
     assert "![quality vs size](plots/tiny_bert-rotten_tomatoes-quality-vs-size.png)" in text
     assert "Plots not drawn: quality vs latency (no finished record has perf.latency.batch_1)" in text
     # Old records without perf/energy: their columns are left out of the table, and said so.
-    assert "Not in these records (column left out): latency ms (b1), throughput ex/s, energy kWh, CO2 kg." in text
+    assert "Not in these records (column left out): latency ms (b1), total kWh, inference kWh/1k." in text
 
 
 def _overlaps(boxes) -> list:
@@ -529,7 +541,48 @@ def test_dialog_tables_carry_hits_bleu_ter_and_bertscore(tmp_path):
 def test_it_energy_is_the_facility_energy_without_the_pue(tmp_path):
     root = tmp_path / "multirun" / "energy"
     write_cell(root, "0", chain="none", kwh=0.0159)  # write_cell's records say PUE 1.59
-    text = report.build([root], tmp_path / "out", draw=False).markdown.read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| row")).split("|")
-    row = next(line for line in text.splitlines() if line.startswith("| **none**")).split("|")
-    assert float(row[header.index(" IT kWh ")]) == pytest.approx(0.01)
+    report.build([root], tmp_path / "out", draw=False)
+    row = read_csv(tmp_path / "out" / "tiny_bert-rotten_tomatoes.csv")[0]
+    assert float(row["it_energy_kwh_mean"]) == pytest.approx(0.01)
+
+
+def test_every_metric_a_task_records_reaches_its_table(tmp_path):
+    # NER records token accuracy (not test/accuracy) beside entity F1, precision and recall.
+    root = tmp_path / "sweep"
+    ner = {"test/f1": 0.41, "test/precision": 0.5, "test/recall": 0.35, "test/token_accuracy": 0.93, "test/loss": 0.3}
+    write_cell(root, "0", task="wnut16", chain="none", quality=0.41, metrics=ner)
+    built = report.build([root], tmp_path / "out", draw=False)
+    section = built.markdown.read_text().split("## tiny_bert × wnut16")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| row |"))
+    assert "| test/f1 | Δ% | token accuracy |" in header
+    row = read_csv(tmp_path / "out" / "tiny_bert-wnut16.csv")[0]
+    assert float(row["token_accuracy_mean"]) == 0.93 and float(row["loss_mean"]) == 0.3
+    assert float(row["precision_mean"]) == 0.5 and float(row["recall_mean"]) == 0.35
+
+
+def test_a_pipeline_run_is_a_row_beside_the_one_process_run(tmp_path):
+    root = tmp_path / "sweep"
+    write_cell(root, "0", task="austen", chain="none", quality=40.0, train_s=100.0)
+    pipelined = {"stages": 2, "microbatches": 4, "schedule": "gpipe", "loss": 3.9, "tokens_per_s": 800.0,
+                 "per_stage": [{"stage": 0, "peak_memory_bytes": 6e8}, {"stage": 1, "peak_memory_bytes": 8e8}]}
+    write_cell(root, "1", task="austen", chain="none", quality=41.0, train_s=80.0, pipeline=pipelined,
+               train_tokens_per_s=800.0, choices={"model": "tiny_bert", "task": "austen", "compress": "none",
+                                                  "hardware": "pipeline"})
+    built = report.build([root], tmp_path / "out", draw=False)
+    rows = {r["label"]: r for r in built.groups[0].rows}
+    assert list(rows) == ["none", "none [pipeline 2 stages gpipe]"]
+    row = rows["none [pipeline 2 stages gpipe]"]
+    assert row["quality_delta_pct"] == pytest.approx(2.5) and row["own_s_delta_pct"] == pytest.approx(-20.0)
+    assert row["stage_peak_mb_mean"] == pytest.approx(800.0)
+    header = next(line for line in built.markdown.read_text().splitlines() if line.startswith("| row |"))
+    assert "| train tokens/s | peak MB per stage |" in header
+
+
+@pytest.mark.parametrize("qualities, scale", [([20.0, 35.0, 21000.0], "log"), ([20.0, 35.0, 150.0], "linear")])
+def test_quality_axes_go_log_when_values_span_more_than_ten_times(qualities, scale):
+    from squeeze.report.plots import tradeoff_figure
+
+    fig, _ = tradeoff_figure(["a", "b", "c"], [1.0, 2.0, 3.0], [None] * 3, qualities, [None] * 3, [0], "size",
+                             "perplexity", "t")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == scale and ax.get_ylabel().endswith("(log scale)") == (scale == "log")

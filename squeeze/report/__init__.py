@@ -6,7 +6,8 @@
 Per model × task: one row per compressor chain and setting (the config.compress keys that tell the
 chain's cells apart, `imp target=0.3`, or the compressors' `label`), its cells (seeds, learning rates)
 aggregated as mean ± std, Δ% against the baseline chain (`none`) over the same seeds and learning rates,
-the grid's totals, a markdown section and a CSV; PNG plots of quality against size, latency and energy
+the grid's totals, a markdown section with a Recommendation (squeeze/report/recommend.py) and a CSV;
+PNG plots of quality against size, latency and energy
 with the Pareto front, expected validation performance (Dodge et al. 2019) and sparsity against quality.
 Reads only result.json files: it knows records, never models.
 """
@@ -14,7 +15,7 @@ Reads only result.json files: it knows records, never models.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from squeeze.report.aggregate import (BASELINE, CO2_PRESETS, Group, build_groups, delta_pct, expected_best,
@@ -23,6 +24,7 @@ from squeeze.report.cells import cell, find_results, load_cells, quality_metric,
 from squeeze.report.tables import (CELLS_CSV, _write_csv, cell_columns, cell_records, group_records, markdown,
                                    markdown_table, row_columns)
 from squeeze.report.wandb_log import log_wandb, wandb_mode
+from squeeze.report import recommend, side_by_side
 from squeeze.report.cli import main
 
 __all__ = ["BASELINE", "CELLS_CSV", "CO2_PRESETS", "REPORT_DIR", "REPORT_MD", "Group", "Report", "build",
@@ -41,6 +43,7 @@ class Report:
     groups: list[Group]
     cells: list[dict]
     skipped: list[str]
+    advice: list[dict] = field(default_factory=list)  # the Recommendation per model × task (squeeze.report.recommend)
 
 
 def build(paths: Sequence[str | Path], out: str | Path | None = None, baseline: str = BASELINE,
@@ -48,6 +51,9 @@ def build(paths: Sequence[str | Path], out: str | Path | None = None, baseline: 
     """Read the records under `paths` and write report.md, the CSVs and the plots into `out`."""
     cells, skipped = load_cells(paths)
     groups = build_groups(cells, baseline)
+    side_by_side.apply(groups, paths)  # latency/decode measured side by side, where python -m squeeze.measure ran
+    # The default budget (1pt, or 5% outside [0, 1]) and objective (size): squeeze/report/recommend.py says why.
+    advice = recommend.advise(groups)["groups"]
     out = Path(out) if out is not None else default_out(paths[0])
     out.mkdir(parents=True, exist_ok=True)
     cells_csv = _write_csv(out / CELLS_CSV, cell_columns(cells), cell_records(cells))
@@ -57,10 +63,10 @@ def build(paths: Sequence[str | Path], out: str | Path | None = None, baseline: 
         if draw:
             from squeeze.report.plots import draw_plots
 
-            draw_plots(g, out / "plots")
+            draw_plots(g, out / "plots", recommend.starred(advice, g))
     md = out / REPORT_MD
-    md.write_text(markdown(groups, cells, skipped, paths, csv_names, out), encoding="utf-8")
-    return Report(out, md, cells_csv, groups, cells, skipped)
+    md.write_text(markdown(groups, cells, skipped, paths, csv_names, out, advice), encoding="utf-8")
+    return Report(out, md, cells_csv, groups, cells, skipped, advice)
 
 
 def default_out(first: str | Path) -> Path:

@@ -17,11 +17,12 @@ from squeeze.report.cells import AGGREGATED, BASELINE, sort_per_batch
 
 # The markdown table, in the shape of the thesis tables: (figure, with a Δ% column). The per-device and
 # per-batch figures (peak memory, decoding throughput) follow the latency; columns nobody recorded drop out.
-TABLE = (("quality", True), ("accuracy", False), ("f1", False), ("precision", False), ("recall", False),
+TABLE = (("quality", True), ("accuracy", False), ("token_accuracy", False), ("f1", False), ("precision", False), ("recall", False),
          ("last_word_accuracy", False), ("last_word_perplexity", False), ("hits_1", False), ("hits_5", False),
-         ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("size_mb", True),
+         ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("loss", False), ("size_mb", True),
          ("nonzero_params", False), ("latency_ms", True), ("throughput", False), ("per_batch", False),
-         ("train_tokens_per_s", False), ("train_s", True), ("eval_s", False), ("energy_kwh", True),
+         ("train_tokens_per_s", False), ("train_loss", False), ("stage_peak_mb", False), ("own_s", True), ("own_kwh", True), ("total_s", True), ("total_kwh", True),
+         ("inference_kwh_per_1k", True), ("train_s", False), ("eval_s", False), ("energy_kwh", False),
          ("it_energy_kwh", False), ("co2_kg", False), ("spec_acceptance", False), ("spec_speedup", False))
 DELTAS = tuple(name for name, delta in TABLE if delta)
 # kg CO2 per kWh, as squeeze/energy.py's CO2_PRESETS (a test keeps them equal; the report imports no
@@ -88,6 +89,7 @@ class Group:
     notes: list[str] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
     skipped_plots: list[str] = field(default_factory=list)
+    timing: list[str] = field(default_factory=list)  # markdown above the table: how latency/decode were taken
 
     @property
     def slug(self) -> str:
@@ -206,7 +208,8 @@ def _rows_of(members: list[dict], mixed: bool) -> dict[tuple, list[dict]]:
         varying = varying_settings(cells)
         for c in cells:
             values = tuple((k, _text(v), _sortable(v)) for k, v in setting_values(c, varying))
-            key = (str(c["hardware"]) if mixed else None, chain, values, tuple(c["labels"].values()))
+            key = (str(c["hardware"]) if mixed else None, chain, values, tuple(c["labels"].values()),
+                   c.get("variant"))
             rows.setdefault(key, []).append(c)
     return rows
 
@@ -226,10 +229,10 @@ def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
         mixed = len({c["hardware"] for c in members}) > 1
         by_row = _rows_of(members, mixed)
         names = {key: row_name(key[1], " ".join(f"{k}={t}" for k, t, _ in key[2]), by_row[key][0]["labels"])
-                 for key in by_row}
-        # Baseline first, then the chains by name, their settings in order (numbers by value).
-        order = sorted(by_row, key=lambda k: (k[0] or "", baseline not in (k[1], names[k]), k[1],
-                                              [s for _, _, s in k[2]], names[k]))
+                 + (f" [{key[4]}]" if key[4] else "") for key in by_row}
+        # Baseline first, then the rows in the order the sweep (a preset, the command line) ran their cells.
+        order = sorted(by_row, key=lambda k: (k[0] or "", baseline not in (k[1], names[k]),
+                                              min(c.get("order", 0) for c in by_row[k]), names[k]))
         group.rows = []
         for key in order:
             setting = " ".join(f"{k}={t}" for k, t, _ in key[2])

@@ -3,6 +3,7 @@ Old records lack some keys; their figures are None."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,15 @@ def _it_kwh(energy: Any) -> float | None:
 
 
 # Test metrics beside the monitored one (the table leaves out the one that is the quality column).
-METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "f1": ("F1", "test/f1"),
+# Every test metric a task records has one (NER's token accuracy, the test loss too); a test keeps it so.
+METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "token_accuracy": ("token accuracy", "test/token_accuracy"),
+                  "f1": ("F1", "test/f1"),
                   "precision": ("precision", "test/precision"), "recall": ("recall", "test/recall"),
                   "last_word_accuracy": ("last-word acc", "test/last_word_accuracy"),
                   "last_word_perplexity": ("last-word ppl", "test/last_word_perplexity"),
                   "hits_1": ("Hits@1", "test/hits@1"), "hits_5": ("Hits@5", "test/hits@5"),
                   "hits_10": ("Hits@10", "test/hits@10"), "bleu": ("BLEU", "test/bleu"), "ter": ("TER", "test/ter"),
-                  "bertscore_f1": ("BERTScore F1", "test/bertscore_f1")}
+                  "bertscore_f1": ("BERTScore F1", "test/bertscore_f1"), "loss": ("test loss", "test/loss")}
 # Figures read from every record (besides quality and the best validation value, which depend on the
 # task's metric): column -> (header, reader). Old records lack perf/energy/sparsity: None. Records that
 # lack a figure leave its cell blank; a column nobody in a model × task recorded is left out of its table.
@@ -73,6 +76,9 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "throughput": ("throughput ex/s", lambda r: _dig(r, "perf", "throughput", "examples_per_s")),
     "tokens_per_s": ("tokens/s", lambda r: _dig(r, "perf", "throughput", "tokens_per_s")),
     "train_tokens_per_s": ("train tokens/s", lambda r: r.get("train_tokens_per_s")),
+    "train_loss": ("train loss", _metric("train/loss")),
+    "stage_peak_mb": ("peak MB per stage", lambda r: _scaled(max((s.get("peak_memory_bytes") or 0 for s in
+                                                                 _dig(r, "pipeline", "per_stage") or []), default=None), 1e-6)),
     "train_s": ("train s", lambda r: r.get("train_seconds")),
     "eval_s": ("eval s", lambda r: r.get("eval_seconds")),
     "peak_memory_mb": ("peak memory MB", lambda r: _scaled(r.get("peak_memory_bytes"), 1e-6)),
@@ -80,6 +86,13 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     # The IT equipment's own energy: the facility figure without the data centre's overhead (÷ PUE).
     "it_energy_kwh": ("IT kWh", lambda r: _it_kwh(r.get("energy"))),
     "co2_kg": ("CO2 kg", lambda r: _dig(r, "energy", "co2_kg")),
+    # squeeze/cost.py: beyond the model the row started from, that plus the starting model, and per 1,000 test
+    # examples or scored tokens of the evaluation pass.
+    "own_s": ("own s", lambda r: _dig(r, "cost", "own", "seconds")),
+    "own_kwh": ("own kWh", lambda r: _dig(r, "cost", "own", "kwh")),
+    "total_s": ("total s", lambda r: _dig(r, "cost", "total", "seconds")),
+    "total_kwh": ("total kWh", lambda r: _dig(r, "cost", "total", "kwh")),
+    "inference_kwh_per_1k": ("inference kWh/1k", lambda r: _dig(r, "cost", "inference", "kwh_per_1k")),
     "spec_acceptance": ("spec. acceptance", _speculative("acceptance_rate")),
     "spec_speedup": ("spec. speed-up", _speculative("speedup")),
 }
@@ -173,6 +186,7 @@ def compress_settings(record: dict, chain: str) -> tuple[dict[str, dict[str, Any
         settings[name] = flat
     return settings, labels
 WHERE = {"size_mb": "checkpoint_bytes", "latency_ms": "perf.latency.batch_1", "energy_kwh": "energy.kwh",
+         "total_kwh": "cost.total.kwh",
          "validation_best": "validation.best", "sparsity": "sparsity"}
 
 
@@ -191,13 +205,18 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
                 raise SqueezeError(f"{path} is not a {RESULT_FILE}; pass its run directory or a sweep directory")
             hits = [path]
         else:
-            hits = sorted(path.rglob(RESULT_FILE))
+            hits = sorted(path.rglob(RESULT_FILE), key=_natural)  # a sweep's cells in job order: 2_ before 10_
             if not hits:
                 raise SqueezeError(f"no {RESULT_FILE} under {path}; pass a squeeze sweep or run directory (a run "
                                    "writes its result.json when it ends)")
         for hit in hits:
             found.setdefault(hit.resolve(), None)
     return list(found)
+
+
+def _natural(path: Path) -> list:
+    """Sort key that orders the numbers in a path by value (Hydra's job directories 0_, 1_, ..., 10_)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
 
 
 def quality_metric(record: dict) -> tuple[str | None, str]:
@@ -233,6 +252,13 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
         "quality": metrics.get(metric) if metric else None,
         "validation_best": _dig(record, "validation", "best"),
     }
+    # A pipeline-parallel run (hardware=pipeline) ran on CPU processes: the same population as hardware=cpu, a row
+    # of its own beside the one-process run of the same chain.
+    stages = record.get("pipeline") if isinstance(record.get("pipeline"), dict) else None
+    row["variant"] = None
+    if stages:
+        row["hardware"] = "cpu" if row["hardware"] == "pipeline" else row["hardware"]
+        row["variant"] = f"pipeline {stages.get('stages')} stages {stages.get('schedule') or ''}".strip()
     row.update({name: read(record) for name, (_, read) in FIGURES.items()})
     # Per device and batch size (peak memory, decoding throughput): only the ones the record has.
     row["per_batch"] = per_batch_figures(record)
@@ -269,7 +295,7 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
 def load_cells(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
     """Cells of every readable record, and a line for each result.json that could not be read."""
     cells, skipped = [], []
-    for path in find_results(paths):
+    for order, path in enumerate(find_results(paths)):
         try:
             record = read_record(path)
         except (OSError, ValueError) as e:
@@ -279,6 +305,7 @@ def load_cells(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
             skipped.append(f"{path}: not a result record")
             continue
         cells.append(cell(record, path))
+        cells[-1]["order"] = order  # the paths' order, then the sweep's job order: how rows are listed
     if not cells:
         raise SqueezeError(f"none of the result.json files could be read ({skipped[0]}); re-run those cells")
     return cells, skipped

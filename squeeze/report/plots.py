@@ -5,7 +5,7 @@ squeeze.report imports this module only when plots are drawn."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,11 +17,13 @@ from squeeze.report.aggregate import Group, expected_validation_curve, pareto_se
 from squeeze.report.cells import WHERE
 
 # Trade-off plots: (file suffix, cost figure, axis label).
+# Energy is the model's whole cost (squeeze/cost.py's total: training + compression, the starting model's included).
 TRADEOFFS = (("size", "size_mb", "checkpoint size (MB)"), ("latency", "latency_ms", "latency, batch 1 (ms)"),
-             ("energy", "energy_kwh", "energy (kWh)"))
+             ("energy", "total_kwh", "total energy: training + compression (kWh)"))
 
 
-def draw_plots(group: Group, plot_dir: Path) -> None:
+def draw_plots(group: Group, plot_dir: Path, recommended: Collection[str] = ()) -> None:
+    """The group's plots; the `recommended` rows (squeeze/report/recommend.py) starred in the trade-offs."""
     title = f"{group.model} × {group.task}"
     arrow = "↑" if group.mode == "max" else "↓"
     ylabel = f"{group.metric or 'quality'} ({arrow} better)"
@@ -41,7 +43,7 @@ def draw_plots(group: Group, plot_dir: Path) -> None:
             plot_dir / f"{group.slug}-quality-vs-{kind}.png", [r["label"] for r in have],
             [r[f"{cost}_mean"] for r in have], [r[f"{cost}_std"] for r in have],
             [r["quality_mean"] for r in have], [r["quality_std"] for r in have], front,
-            xlabel, ylabel, f"{title}: quality vs {kind} (ringed: Pareto front)", chains)
+            xlabel, ylabel, f"{title}: quality vs {kind} (ringed: Pareto front)", chains, recommended)
 
     ok = [c for c in group.cells if c["status"] == "ok"]
     values: dict[str, list[float]] = {}
@@ -89,15 +91,19 @@ DPI = 110
 
 def tradeoff(path: Path, labels: Sequence[str], cost: Sequence[float], cost_std: Sequence[float | None],
              quality: Sequence[float], quality_std: Sequence[float | None], front: Sequence[int],
-             xlabel: str, ylabel: str, title: str, chains: Sequence[str] = ()) -> Path:
-    """Quality against a cost, one point per row (mean ± std), the Pareto front joined and ringed."""
-    fig, _ = tradeoff_figure(labels, cost, cost_std, quality, quality_std, front, xlabel, ylabel, title, chains)
+             xlabel: str, ylabel: str, title: str, chains: Sequence[str] = (),
+             recommended: Collection[str] = ()) -> Path:
+    """Quality against a cost, one point per row (mean ± std), the Pareto front joined and ringed, the
+    recommended rows starred."""
+    fig, _ = tradeoff_figure(labels, cost, cost_std, quality, quality_std, front, xlabel, ylabel, title, chains,
+                             recommended)
     return _save(fig, path, layout=False)
 
 
 def tradeoff_figure(labels: Sequence[str], cost: Sequence[float], cost_std: Sequence[float | None],
                     quality: Sequence[float], quality_std: Sequence[float | None], front: Sequence[int],
-                    xlabel: str, ylabel: str, title: str, chains: Sequence[str] = ()) -> tuple[Figure, list]:
+                    xlabel: str, ylabel: str, title: str, chains: Sequence[str] = (),
+                    recommended: Collection[str] = ()) -> tuple[Figure, list]:
     """The trade-off figure, laid out, and its point labels."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -110,8 +116,14 @@ def tradeoff_figure(labels: Sequence[str], cost: Sequence[float], cost_std: Sequ
                 label="Pareto front")
         ax.scatter([cost[i] for i in front], [quality[i] for i in front], s=160, facecolors="none",
                    edgecolors="0.2", linewidths=1.2)
+    stars = [i for i, label in enumerate(labels) if label in recommended]
+    if stars:
+        ax.scatter([cost[i] for i in stars], [quality[i] for i in stars], s=260, marker="*", color="gold",
+                   edgecolors="0.1", linewidths=0.8, zorder=3, label="recommended (see report)")
+    if front or stars:
         ax.legend(fontsize=7, loc="best")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _log_scale_if_wide(ax, quality)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     # The points are named on the plot (no legend to match colours against), the names kept apart.
@@ -179,6 +191,7 @@ def expected_validation(path: Path, curves: dict[str, Sequence[float]], ylabel: 
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label, color=_color(label, chains))
     ax.set(xlabel="cells tried (hyperparameter assignments)", ylabel=ylabel, title=title)
+    _log_scale_if_wide(ax, [v for curve in curves.values() for v in curve])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -195,9 +208,22 @@ def sparsity(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float
     if baseline is not None:
         ax.axhline(baseline, linestyle="--", color="0.4", label="baseline")
     ax.set(xlabel="sparsity (fraction of zero weights in pruned layers)", ylabel=ylabel, title=title)
+    _log_scale_if_wide(ax, [y for _, ys in series.values() for y in ys] + ([baseline] if baseline else []))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+WIDE = 10.0  # quality values spanning more than this factor are drawn on a log axis
+
+
+def _log_scale_if_wide(ax, values: Sequence[float]) -> None:
+    """A log quality axis when the values span more than WIDE× (perplexities of 20 beside 20,000 would flatten
+    every useful point onto zero), said in the axis label."""
+    positive = [float(v) for v in values if v is not None and float(v) > 0]
+    if len(positive) == len([v for v in values if v is not None]) and positive and max(positive) > WIDE * min(positive):
+        ax.set_yscale("log")
+        ax.set_ylabel(ax.get_ylabel() + " (log scale)")
 
 
 def _color(label: str, chains: Sequence[str]) -> str | None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from squeeze.report.aggregate import CO2_PRESETS, DELTAS, TABLE, Group, totals
 from squeeze.report.cells import FIGURES, METRIC_FIGURES, per_batch_header, sort_per_batch
+from squeeze.report.recommend import markdown_section, of_group, starred
 
 CELLS_CSV = "cells.csv"
 
@@ -79,24 +80,39 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _columns(group: Group) -> list[tuple[str, str, bool]]:
-    """(figure, header, with Δ%) of the table, per-batch figures expanded; the other test metrics
-    only where they are not the quality column."""
+# The markdown table holds what a reader decides from; every figure (and every Δ%) is in the group's CSV.
+# (figure, with a Δ%); `per_batch` stands for decoding speed at batch 1; pipeline figures only where a pipeline
+# run is a row.
+MARKDOWN = (("quality", True), ("accuracy", False), ("token_accuracy", False), ("f1", False),
+            ("last_word_accuracy", False), ("last_word_perplexity", False), ("hits_1", False), ("hits_5", False),
+            ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("size_mb", True),
+            ("sparsity", False), ("latency_ms", True), ("per_batch", False), ("own_s", True), ("own_kwh", True),
+            ("total_kwh", True), ("inference_kwh_per_1k", True), ("train_tokens_per_s", False),
+            ("stage_peak_mb", False), ("spec_acceptance", False), ("spec_speedup", False))
+
+
+def _columns(group: Group, layout: Sequence[tuple[str, bool]] = MARKDOWN) -> list[tuple[str, str, bool]]:
+    """(figure, header, with Δ%) of the table, per-batch figures expanded (the markdown layout: decoding at batch
+    1 only); the other test metrics only where they are not the quality column."""
     quality_name = (group.metric or "").split("/", 1)[-1]
+    pipelined = any(r.get("stage_peak_mb_mean") is not None for r in group.rows)
     columns = []
-    for name, delta in TABLE:
+    for name, delta in layout:
         if name == "per_batch":
-            columns += [(n, per_batch_header(n), False) for n in group.per_batch]
+            columns += [(n, per_batch_header(n), False) for n in group.per_batch
+                        if layout is not MARKDOWN or (n.startswith("decode_") and n.endswith(".batch_1"))]
         elif name == "quality":
             columns.append((name, group.metric or "quality", delta))
+        elif name in ("train_tokens_per_s", "stage_peak_mb") and layout is MARKDOWN and not pipelined:
+            continue
         elif name not in METRIC_FIGURES or name != quality_name:
             columns.append((name, FIGURES[name][0], delta))
     return columns
 
 
-def markdown_table(group: Group) -> str:
+def markdown_table(group: Group, recommended: Collection[str] = ()) -> str:
     """The comparison table; columns nobody in the group recorded are left out (a row without a figure
-    others have: blank)."""
+    others have: blank). The `recommended` rows' labels carry a ★."""
     columns = _columns(group)
     shown = [(name, header, delta) for name, header, delta in columns
              if name == "quality" or any(r[f"{name}_mean"] is not None for r in group.rows)]
@@ -107,7 +123,7 @@ def markdown_table(group: Group) -> str:
             header.append("Δ%")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in group.rows:
-        label = _md_escape(row["label"])
+        label = _md_escape(row["label"]) + (" ★" if row["label"] in recommended else "")
         cells = [f"**{label}** (baseline)" if row["is_baseline"] else label, str(row["n_ok"]), str(row["n_failed"])]
         for name, _, delta in shown:
             if name == "quality" and row["n_ok"] == 0:
@@ -121,8 +137,8 @@ def markdown_table(group: Group) -> str:
     # Said for the figures every run records (or did, before a feature was switched off); the optional
     # ones (other metrics, decoding, speculative decoding) just stay out.
     shown_names = {name for name, _, _ in shown}
-    missing = [FIGURES[name][0] for name in ("size_mb", "nonzero_params", "latency_ms", "throughput", "train_s",
-                                             "energy_kwh", "co2_kg") if name not in shown_names]
+    missing = [FIGURES[name][0] for name in ("size_mb", "latency_ms", "own_s", "total_kwh", "inference_kwh_per_1k")
+               if name not in shown_names]
     if missing:
         lines.append("")
         lines.append(f"Not in these records (column left out): {', '.join(missing)}.")
@@ -147,7 +163,7 @@ def totals_text(cells: list[dict], where: str) -> str:
 
 
 def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: Sequence[str | Path],
-             csv_names: dict[str, str], out: Path) -> str:
+             csv_names: dict[str, str], out: Path, advice: Sequence[dict] = ()) -> str:
     n_ok = sum(c["status"] == "ok" for c in cells)
     text = [
         "# squeeze report", "",
@@ -159,11 +175,15 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
          "learning rates); Δ% = (row − baseline) / |baseline| × 100 against the baseline row of the same "
          "model × task, both averaged over the seeds and learning rates they share. "
          "Size is the saved model directory on disk; latency the median at batch size 1. "
-         "Records of evaluate.py (post-training compression of a finished run) trained nothing: "
-         "their train time and energy are left empty (the evaluation's own energy is in the cells CSV). "
-         "Sweep cells that train nothing themselves (none, dq, int8wo, ...) start from the stored fine-tuned "
-         "baseline (squeeze/baselines.py): their train time and energy are that model's whole cost, and the "
-         "totals count the baseline's training once."),
+         "Costs (squeeze/cost.py): *own* is what the row spent beyond the model it started from (its training "
+         "when the chain trains, the fine-tuning itself for the baseline; calibration and quantization for a "
+         "post-training chain, which starts from the fine-tuned model); *total* adds what that starting model "
+         "cost (the fine-tuned baseline, a distillation teacher); *inference* is the evaluation pass's energy per "
+         "1,000 test examples, or scored tokens for perplexity tasks. Energy is facility kWh (IT × PUE). "
+         "Sweep cells of post-training chains start from the stored fine-tuned baseline (squeeze/baselines.py); "
+         "the totals below count its training once. Each table shows the columns to decide from; its CSV holds "
+         "every figure with its spread and Δ% (precision, recall, throughput, peak memory per batch size, train "
+         "and eval time, CO2, ...)."),
         "", totals_text(cells, "the whole grid"),
     ]
     if skipped:
@@ -173,7 +193,8 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
         table_csv = csv_names[g.slug]
         text += ["", f"## {g.model} × {g.task}", "",
                  f"Quality: `{g.metric}` ({better} is better). Table as CSV: [{table_csv}]({table_csv}).",
-                 "", markdown_table(g)]
+                 *(["", *g.timing] if g.timing else []), "", markdown_table(g, starred(advice, g)),
+                 *markdown_section(of_group(advice, g))]
         text += ["", totals_text(g.cells, f"{g.model} × {g.task}")]
         text += [f"\nNote: {note}." for note in g.notes]
         failed = [c for c in g.cells if c["status"] != "ok"]

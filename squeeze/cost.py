@@ -1,0 +1,70 @@
+"""What a row cost, in three figures that compare like with like (result.json `cost`):
+
+  own        the time and energy the row spent beyond the model it started from: its training when the chain
+             trains (imp, qat, kd, rows, heads; the fine-tuning itself for the `none` row), plus the compression
+             phase (calibration, pruning or quantization in prepare/finalize). A post-training chain (dq, int8wo,
+             gptq, ...) starts from the fine-tuned model, so its own cost is the compression phase alone: dq
+             trains nothing, as the thesis counts it.
+  total      own + what it started from: the fine-tuned baseline's training (a stored baseline, a distillation
+             teacher, or the finished run evaluate.py quantized). The report's grid totals still count a stored
+             baseline once (`spent`); `total` is the model's whole cost.
+  inference  the evaluation pass's energy per 1,000 test examples (classification, NER, dialog) or scored
+             tokens (language modelling).
+
+Seconds are wall time; kWh is facility energy (IT × PUE) from squeeze.energy's phases, None when energy was
+not measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def phase(record: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    phases = ((record or {}).get("energy") or {}).get("phases") or {}
+    return phases.get(name) or {}
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else float(a or 0.0) + float(b or 0.0)
+
+
+def started_from(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The total cost of a finished record (what a row built on it started from): its `cost.total`, or for
+    records older than `cost`, its training time and the energy of its training phase."""
+    if not record:
+        return {"seconds": None, "kwh": None}
+    total = (record.get("cost") or {}).get("total")
+    if total:
+        return {"seconds": total.get("seconds"), "kwh": total.get("kwh")}
+    return {"seconds": record.get("train_seconds"), "kwh": phase(record, "train").get("kwh")}
+
+
+def row_cost(record: dict[str, Any], trains: bool, own_train_seconds: float,
+             base: dict[str, Any] | None, units: tuple[int | None, str]) -> dict[str, Any]:
+    """result.json's `cost` for a finished run.
+
+    trains: the run fine-tuned its own model (its training is its own cost); own_train_seconds: that fit's wall
+    time; base: the total cost of the model it started from ({seconds, kwh}; None: a pretrained model, nothing
+    spent); units: (how many test examples or scored tokens the evaluation pass covered, "examples"|"tokens")."""
+    train = phase(record, "train") if trains else {}
+    compress = phase(record, "compress")
+    own_kwh = _add(train.get("kwh"), compress.get("kwh"))
+    own = {"seconds": float(own_train_seconds if trains else 0.0) + float(record.get("compress_seconds") or 0.0),
+           "kwh": own_kwh}
+    base = base or {"seconds": 0.0, "kwh": 0.0}  # a pretrained model: nothing spent on it here
+    # An unknown starting cost (a model directory without its record) leaves the total unknown, not own alone.
+    total = {"seconds": None if base.get("seconds") is None else own["seconds"] + float(base["seconds"]),
+             "kwh": None if own_kwh is None or base.get("kwh") is None else own_kwh + float(base["kwh"])}
+    count, unit = units
+    eval_kwh = phase(record, "eval").get("kwh")
+    per_1k = None if eval_kwh is None or not count else float(eval_kwh) / count * 1000.0
+    return {"own": own, "total": total, "inference": {"kwh_per_1k": per_1k, "unit": unit, "count": count}}
+
+
+def evaluated_units(data, perplexity: dict[str, Any] | None) -> tuple[int | None, str]:
+    """What the evaluation pass scored: tokens for perplexity tasks, else test examples."""
+    if perplexity and perplexity.get("scored_tokens"):
+        return int(perplexity["scored_tokens"]), "tokens"
+    test = getattr(data, "datasets", {}).get("test") if hasattr(data, "datasets") else None
+    return (len(test) if test is not None else None), "examples"
