@@ -8,12 +8,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from squeeze import config, run, safe_load
+from squeeze import config
 from squeeze.errors import SqueezeError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # Imported here, not above: `--help` and a bad override need no torch, Lightning or transformers (seconds).
+    from squeeze import run, safe_load
+
     config.runs_started()
     try:
         config.check_before_loading(cfg)  # compressor settings, the model directory, optimizer and scheduler
