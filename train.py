@@ -9,21 +9,24 @@ import hydra
 from omegaconf import DictConfig
 
 from squeeze import config
-from squeeze.errors import SqueezeError
+from squeeze.errors import SqueezeError, main_exit
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # Imported here, not above: `--help` and a bad override need no torch, Lightning or transformers (seconds).
-    from squeeze import run, safe_load
-
     config.runs_started()
     try:
         config.check_before_loading(cfg)  # compressor settings, the model directory, optimizer and scheduler
+    except SqueezeError as e:
+        main_exit(e)
+    # Imported here, not above: `--help` and a bad setting need no Lightning or transformers (seconds).
+    from squeeze import run, safe_load
+
+    try:
         with safe_load.trusting(cfg.get(safe_load.FLAG)):
             record = run.train(cfg)
     except SqueezeError as e:
-        run.main_exit(e)
+        main_exit(e)
     run.print_summary(record)
     # A number for Hydra sweepers that optimise (e.g. Optuna): the monitored metric, on test.
     return record["metrics"].get(cfg.task.monitor.replace("val/", "test/"))

@@ -1,8 +1,16 @@
 """User-facing errors: one line that names the problem and the fix."""
 
+import sys
+
 
 class SqueezeError(Exception):
     """An error caused by input or environment, reported as one clear line (no traceback)."""
+
+
+def main_exit(error: BaseException) -> None:
+    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class Interrupted(BaseException):

@@ -1,6 +1,6 @@
 """A run's outcome, whatever happens: the body runs with a record that is written (atomically) when it ends,
 ok, failed or interrupted, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes
-on; a single run's error ends the program (`main_exit`: one line on stderr, exit code 2). A signal (SIGTERM,
+on; a single run's error ends the program (squeeze.errors.main_exit: one line on stderr, exit code 2). A signal (SIGTERM,
 SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal."""
 
 from __future__ import annotations
@@ -99,7 +99,3 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def main_exit(error: BaseException) -> None:
-    """Entry points: a SqueezeError is one line on stderr and exit code 2, not a traceback."""
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)

@@ -43,7 +43,7 @@ from squeeze import pipeline, safe_load, sharding
 from squeeze.energy import EnergyMeter
 from squeeze.config import check_counts
 from squeeze.errors import SqueezeError
-from squeeze.guard import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
+from squeeze.errors import main_exit  # noqa: F401  the entry points' API: run.main_exit(error)
 from squeeze.record import dir_bytes, jsonable, new_record, read_record, write_record
 from squeeze.summary import print_summary  # noqa: F401  the entry points' API: run.print_summary(record)
 
