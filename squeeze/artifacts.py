@@ -1,5 +1,5 @@
-"""What a model reference means: one resolver for evaluate.py's `ckpt=`, resuming (`ckpt_path=`),
-a speculative draft (`draft=`) and a distillation teacher (`teacher=`).
+"""What a model reference means, and the one loader: one resolver for evaluate.py's `ckpt=`, resuming
+(`ckpt_path=`), a speculative draft (`draft=`) and a distillation teacher (`teacher=`).
 
 A reference is one of
   run        a squeeze run directory (result.json, model/, checkpoints/): its saved model, its last
@@ -9,9 +9,10 @@ A reference is one of
   asset      an offline asset name (squeeze.assets), e.g. minilm, smollm2
   hub        anything else: a Hugging Face hub id (a local HF cache copy is used when there is one)
 
-`resolve` answers with an `Artifact`; every refusal is one SqueezeError line that names the fix.
-Loading the weights is not done here (squeeze.formats.load does it); this module only
+`resolve` answers with an `Artifact`; every refusal is one SqueezeError line that names the fix. It only
 reads directories, result.json and config.json, so it is cheap and safe to call before anything loads.
+`load` turns an Artifact into (model, tokenizer): a saved directory in its own format (squeeze.formats), a
+hub id that is not in the local cache through from_pretrained.
 """
 
 from __future__ import annotations
@@ -60,17 +61,18 @@ class Artifact:
 
     @property
     def model_config(self) -> dict[str, Any] | None:
-        """The run's `model` config (name, family, ...) when its record has one with a name and family."""
+        """The run's `model` config (name, kind, ...) when its record has one with a name and kind."""
         model = ((self.record or {}).get("config") or {}).get("model") or {}
-        return model if model.get("name") and model.get("family") else None
+        return model if model.get("name") and model.get("kind") else None
 
     @property
     def model_name(self) -> str | None:
         return (self.model_config or {}).get("name")
 
     @property
-    def family(self) -> str | None:
-        return (self.model_config or {}).get("family")
+    def model_kind(self) -> str | None:
+        """encoder | decoder, as the run's model config says."""
+        return (self.model_config or {}).get("kind")
 
     @property
     def head(self) -> str | None:
@@ -134,6 +136,29 @@ def load_error(artifact: Artifact, error: BaseException, what: str = "model") ->
         return SqueezeError(_offline(artifact.reference, what, f"{first}"))
     return SqueezeError(f"{what}={artifact.reference}: {artifact.location} could not be loaded ({first}); give "
                         f"a finished run directory, a saved model directory or an offline asset")
+
+
+def load(artifact: Artifact, head: str, what: str = "model"):
+    """(model with `head`, tokenizer with its family's quirks settled) of a resolved reference that holds a
+    whole model; a failure to read it is one SqueezeError line. A .ckpt holds weights only: its caller
+    rebuilds the model from model= and loads them."""
+    # Imported here, so resolving a reference (and importing this module) loads no model code.
+    from transformers import AutoTokenizer
+
+    from squeeze import formats, models
+
+    if artifact.kind == CKPT:
+        raise SqueezeError(f"{what}={artifact.reference} is {DESCRIBE[CKPT]}, which holds weights but not the "
+                           f"model; give {_give(MODELS)}")
+    try:
+        if artifact.model_dir is not None:
+            model = formats.load(artifact.model_dir, head)
+        else:  # a hub id not in the local cache: from_pretrained downloads it
+            model = models.HEADS[head].from_pretrained(artifact.location)
+        tokenizer = AutoTokenizer.from_pretrained(artifact.location)
+    except (OSError, ValueError) as e:
+        raise load_error(artifact, e, what) from e
+    return model, models.prepare_tokenizer(tokenizer, artifact.model_type)
 
 
 # -- the kinds --------------------------------------------------------------------------------------

@@ -233,6 +233,8 @@ def _fetch_smollm2(out: Path, dl: Path, step: Callable[[str], None]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from squeeze.arch import adapter_for
+
     with _quiet_transformers():
         quantized = AutoModelForCausalLM.from_pretrained(dl, gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(dl, gguf_file=gguf)
@@ -243,7 +245,7 @@ def _fetch_smollm2(out: Path, dl: Path, step: Callable[[str], None]) -> None:
         model = LlamaForCausalLM(LlamaConfig(**config))
         model.load_state_dict(quantized.state_dict(), strict=True)
         del quantized
-        tokenizer.model_max_length = model.config.max_position_embeddings
+        tokenizer.model_max_length = adapter_for(model).max_positions(model.config)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (dl / gguf).unlink()

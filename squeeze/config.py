@@ -63,11 +63,12 @@ class SqueezeSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=SqueezeSweeperConf, provider="squeeze")
 
 # model=local: `model.name_or_path=<directory>` with no model= (the entry points add it, lenient_settings); the
-# family is read from the directory's config.json (squeeze.models.Pretrained), so no YAML describes it.
+# kind (encoder | decoder) is read from the directory's config.json (squeeze.models.Pretrained), so no YAML
+# describes it.
 LOCAL_MODEL = "local"
 PRETRAINED = "squeeze.models.Pretrained"
 ConfigStore.instance().store(group="model", name=LOCAL_MODEL, provider="squeeze",
-                             node={"_target_": PRETRAINED, "name": LOCAL_MODEL, "family": None, "name_or_path": "???"})
+                             node={"_target_": PRETRAINED, "name": LOCAL_MODEL, "kind": None, "name_or_path": "???"})
 
 
 # -- run-wide settings, checked before anything loads ------------------------------------------------
@@ -269,7 +270,7 @@ def _tried(group: str, node: Mapping, call: Callable):
 def settle_model_directory(cfg) -> None:
     """`model.name_or_path=<directory>`: the directory is the model, whatever model= chose (an asset or random-init
     config has no such key: lenient_settings made it set-or-add). The spec becomes a Pretrained one named after the
-    directory, whose family (encoder/decoder) squeeze.models reads from its config.json."""
+    directory, whose kind (encoder/decoder) squeeze.models reads from its config.json."""
     node = cfg.get("model")
     if node is None or "name_or_path" not in node:
         return
@@ -284,7 +285,7 @@ def settle_model_directory(cfg) -> None:
     is_local_choice = node.get("name") == LOCAL_MODEL
     spec = {"_target_": PRETRAINED,
             "name": Path(location).expanduser().resolve().name if local else str(node.get("name")),
-            "family": node.get("family") if is_local_choice else None,  # None: from config.json
+            "kind": node.get("kind") if is_local_choice else None,  # None: from config.json
             "name_or_path": location, "dtype": str(node.get("dtype") or "float32")}
     with open_dict(cfg):
         cfg.model = spec

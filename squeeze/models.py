@@ -13,49 +13,33 @@ from typing import Any, Sequence
 
 import torch
 import transformers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from squeeze import arch, assets
+from squeeze.arch.loading import HEADS
 from squeeze.errors import SqueezeError
-
-HEADS = {
-    "sequence_classification": AutoModelForSequenceClassification,
-    "token_classification": AutoModelForTokenClassification,
-    "causal_lm": AutoModelForCausalLM,
-}
-# model.family in conf/model/*.yaml is the kind of model (encoder | decoder); which heads make sense
-# for each kind is the adapters' knowledge (squeeze.arch.base).
-HEADS_FOR_FAMILY = arch.HEADS_FOR_KIND
-FAMILIES = tuple(HEADS_FOR_FAMILY)
+# model.kind in conf/model/*.yaml (encoder | decoder), as the adapters call it; which heads make sense for
+# each kind is their knowledge (squeeze.arch.base).
+KINDS = tuple(arch.HEADS_FOR_KIND)
 
 
-def check_compatible(model_name: str, family: str, task_name: str, head: str) -> None:
+def check_compatible(model_name: str, kind: str, task_name: str, head: str) -> None:
     """Fail fast, before any data or weights load, on a model × task pair that cannot work."""
-    if family not in FAMILIES:
-        raise SqueezeError(f"model.family={family!r} is not one of {list(FAMILIES)}")
+    if kind not in KINDS:
+        raise SqueezeError(f"model.kind={kind!r} is not one of {list(KINDS)}")
     if head not in HEADS:
         raise SqueezeError(f"task.head={head!r} is not one of {sorted(HEADS)}")
-    if head not in HEADS_FOR_FAMILY[family]:
+    if head not in arch.HEADS_FOR_KIND[kind]:
         raise SqueezeError(
-            f"task={task_name} needs a {head} head, which model={model_name} ({family}) does not have; "
+            f"task={task_name} needs a {head} head, which model={model_name} ({kind}) does not have; "
             f"pick a decoder model (e.g. model=tiny_gpt2, gpt2, smollm2)"
         )
 
 
 def max_positions(config: transformers.PretrainedConfig) -> int | None:
-    """The longest input the model's position embeddings allow, or None if unbounded."""
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The longest input the model's position embeddings allow, or None if unbounded (the family adapter's
+    answer; transformers' usual config field for a model squeeze has no adapter for)."""
+    return (arch.find_adapter(config) or arch.Adapter()).max_positions(config)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -119,11 +103,11 @@ def check_labels(model: PreTrainedModel, head: str, labels: Sequence[str] | None
 
 
 class ModelSpec:
-    """What a model config builds: a name, a family, a tokenizer and a model for a head."""
+    """What a model config builds: a name, a kind (encoder | decoder), a tokenizer and a model for a head."""
 
-    def __init__(self, name: str, family: str):
+    def __init__(self, name: str, kind: str):
         self.name = name
-        self.family = family
+        self.kind = kind
 
     def tokenizer(self):
         raise NotImplementedError
@@ -137,19 +121,19 @@ class ModelSpec:
 
 
 class Pretrained(ModelSpec):
-    """Pretrained weights from a hub id, a local directory, or an offline asset (by asset name). `family: null`
+    """Pretrained weights from a hub id, a local directory, or an offline asset (by asset name). `kind: null`
     (model=local, or any model= given model.name_or_path=<dir>): encoder or decoder as config.json's
     architecture says (its adapter in squeeze.arch)."""
 
     def __init__(
         self,
         name: str,
-        family: str | None,
+        kind: str | None,
         name_or_path: str | None = None,
         asset: str | None = None,
         dtype: str = "float32",
     ):
-        super().__init__(name, family)
+        super().__init__(name, kind)
         if (name_or_path is None) == (asset is None):
             raise SqueezeError(f"model {name}: give exactly one of name_or_path or asset")
         self.name_or_path = name_or_path
@@ -159,21 +143,21 @@ class Pretrained(ModelSpec):
     # Read when first asked (the run asks before anything loads), not in __init__: Hydra's instantiate would wrap
     # the one-line error of a bad directory in its own.
     @property
-    def family(self) -> str:
-        if self._family is None:
-            self._family = self._read_family()
-        return self._family
+    def kind(self) -> str:
+        if self._kind is None:
+            self._kind = self._read_kind()
+        return self._kind
 
-    @family.setter
-    def family(self, value: str | None) -> None:
-        self._family = value
+    @kind.setter
+    def kind(self, value: str | None) -> None:
+        self._kind = value
 
-    def _read_family(self) -> str:
+    def _read_kind(self) -> str:
         config = self._load(AutoConfig.from_pretrained, "config")
         adapter = arch.find_adapter(config.model_type)
         if adapter is None:
             raise SqueezeError(f"model {self.name}: {self.location} holds a {config.model_type!r} model, which squeeze "
-                               f"has no adapter for, so it cannot tell encoder from decoder; give model.family=encoder "
+                               f"has no adapter for, so it cannot tell encoder from decoder; give model.kind=encoder "
                                f"or decoder (families with adapters: {arch.supported()})")
         self._model_type = config.model_type
         return adapter.kind
@@ -230,12 +214,12 @@ class RandomInit(ModelSpec):
     def __init__(
         self,
         name: str,
-        family: str,
+        kind: str,
         config: dict[str, Any],
         tokenizer_asset: str | None = None,
         tokenizer_path: str | None = None,
     ):
-        super().__init__(name, family)
+        super().__init__(name, kind)
         if (tokenizer_asset is None) == (tokenizer_path is None):
             raise SqueezeError(f"model {name}: give exactly one of tokenizer_asset or tokenizer_path")
         self.config = dict(config)
@@ -262,14 +246,6 @@ class RandomInit(ModelSpec):
         config = AutoConfig.for_model(model_type, **settings, **_head_kwargs(head, labels))
         # from_config draws weights from torch's global RNG, which the run has seeded.
         return HEADS[head].from_config(config)
-
-
-def load_saved(directory: str | Path, head: str, dtype: str = "float32") -> PreTrainedModel:
-    """A model squeeze saved (`<run>/model`), with the head it was trained with."""
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise SqueezeError(f"{directory} holds no saved model (config.json missing)")
-    return HEADS[head].from_pretrained(str(directory), dtype=getattr(torch, dtype))
 
 
 def _first_line(e: BaseException) -> str:

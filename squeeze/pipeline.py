@@ -38,29 +38,28 @@ class Stage(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int, first: bool, last: bool):
         super().__init__()
         from squeeze.arch import adapter_for
+        from squeeze.arch.linear import replace_module
 
         model = copy.deepcopy(model)
         model.config.use_cache = False
-        name, stack = adapter_for(model).layer_stack(model)
-        owner_name = name.rpartition(".")[0]
-        owner = model.get_submodule(owner_name) if owner_name else model
-        setattr(owner, name.rpartition(".")[2], nn.ModuleList(list(stack)[start:stop]))
-        for child_name, child in list(owner.named_children()):
-            if child is model.get_input_embeddings() or isinstance(child, nn.ModuleList):
-                continue
-            if not first and isinstance(child, nn.Embedding):  # positions were added on stage 0
-                zero = copy.deepcopy(child).requires_grad_(False)
-                nn.init.zeros_(zero.weight)
-                setattr(owner, child_name, zero)
-            elif not first and isinstance(child, nn.Dropout):  # the embedding dropout, applied on stage 0
-                setattr(owner, child_name, nn.Identity())
-            elif not last and "norm" in child_name or not last and child_name.startswith("ln"):
-                setattr(owner, child_name, nn.Identity())  # the final norm belongs to the last stage
+        adapter = adapter_for(model)
+        name, stack = adapter.layer_stack(model)
+        replace_module(model, name, nn.ModuleList(list(stack)[start:stop]))
+        positions, dropout, norm = (adapter.position_embeddings(model), adapter.embedding_dropout(model),
+                                    adapter.final_norm(model))
+        if not first and positions:  # positions were added on stage 0: add zeros (the forward still adds them)
+            zero = copy.deepcopy(model.get_submodule(positions)).requires_grad_(False)
+            nn.init.zeros_(zero.weight)
+            replace_module(model, positions, zero)
+        if not first and dropout:  # the embedding dropout, applied on stage 0
+            replace_module(model, dropout, nn.Identity())
+        if not last and norm:  # the final norm belongs to the last stage
+            replace_module(model, norm, nn.Identity())
         self.model, self.first, self.last = model, first, last
         self.base = model.get_submodule(model.base_model_prefix)
         self.start, self.stack_name = start, name
-        self.embedding_prefixes = tuple(f"{owner_name}.{n}." if owner_name else f"{n}."
-                                        for n, c in owner.named_children() if isinstance(c, nn.Embedding))
+        tokens = model.get_input_embeddings()
+        self.embedding_prefixes = tuple(f"{n}." for n, m in model.named_modules() if m is tokens or n == positions)
 
     def owned_state(self) -> dict[str, torch.Tensor]:
         """The weights this stage trained, named as in the whole model: its layers (renumbered from `start`),

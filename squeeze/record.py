@@ -177,7 +177,17 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / RESULT_FILE
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return _current(json.load(f))
+
+
+def _current(record: Any) -> Any:
+    """A record in today's shape: model.family (encoder | decoder), written before it was named model.kind,
+    reads as model.kind, so an older run still evaluates, resumes its sweep cell and rebuilds its data."""
+    config = record.get("config") if isinstance(record, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and "family" in model and "kind" not in model:
+        model["kind"] = model.pop("family")
+    return record
 
 
 def dir_bytes(path: str | Path) -> int:

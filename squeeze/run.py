@@ -32,7 +32,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from transformers import AutoTokenizer
 
 from squeeze import artifacts, baselines, cost
 from squeeze import compress as compression
@@ -302,8 +301,8 @@ def _prepare(cfg: DictConfig, trained_model: dict | None = None):
     check_counts(cfg.trainer, cfg.task.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = _build(cfg.model, _convert_="all")
-    name, family = (trained_model["name"], trained_model["family"]) if trained_model else (spec.name, spec.family)
-    models.check_compatible(name, family, cfg.task.name, cfg.task.head)
+    name, kind = (trained_model["name"], trained_model["kind"]) if trained_model else (spec.name, spec.kind)
+    models.check_compatible(name, kind, cfg.task.name, cfg.task.head)
     tokenizer = spec.tokenizer()
     data = _build(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
     return spec, tokenizer, data
@@ -552,16 +551,15 @@ def _load_checkpoint(cfg, spec, tokenizer, trained: artifacts.Artifact, labels, 
         record["choices"]["model"] = trained.choices.get("model")
         record["choices"]["compress"] = trained.choices.get("compress")
     _check_architecture(spec, trained)
-    model = formats.load(trained.model_dir, head)
+    # The checkpoint's own tokenizer comes with it, whatever model= says (the default model is an encoder).
+    model, tokenizer = artifacts.load(trained, head, "ckpt")
     models.check_labels(model, head, labels, f"checkpoint {ckpt}")
-    # The checkpoint's own tokenizer, whatever model= says (the default model is an encoder).
-    tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(trained.model_dir)))
     record["ckpt"] = str(ckpt)
     return model, tokenizer, trained.model_dir
 
 
 def _trained_model(trained: artifacts.Artifact | None) -> dict | None:
-    """evaluate.py ckpt=<squeeze run> without model=: the run's own model config (name, family), so the
+    """evaluate.py ckpt=<squeeze run> without model=: the run's own model config (name, kind), so the
     task is checked against the model the checkpoint holds, not the default model=."""
     if trained is None or _override_value("model") is not None:
         return None

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -350,12 +349,12 @@ def _layer_count(draft: Any) -> int | None:
     return int(draft) if isinstance(draft, int) or str(draft).isdigit() else None
 
 
-def _draft_dir(draft: Any) -> Path:
-    """The model directory of a saved draft (a run's model/, or a model directory); a run trained with
-    another head than a causal LM's is refused."""
+def _saved_draft(draft: Any) -> artifacts.Artifact:
+    """A saved draft (a run's model/, or a model directory), resolved; a run trained with another head than a
+    causal LM's is refused."""
     resolved = artifacts.resolve(draft, "draft", accept=DRAFTS, expected=DRAFTS_TEXT)
     artifacts.require_head(resolved, "causal_lm", "draft")
-    return resolved.model_dir
+    return resolved
 
 
 def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:
@@ -367,7 +366,7 @@ def check_draft(draft: Any, target: nn.Module, tokenizer) -> None:
     if layers is not None:
         _check_layers(layers, target)
         return
-    model_dir = _draft_dir(draft)
+    model_dir = _saved_draft(draft).model_dir
     try:
         draft_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
@@ -385,7 +384,7 @@ def load_draft(draft: Any, target: nn.Module, tokenizer) -> Draft:
     layers = _layer_count(draft)
     if layers is not None:
         return first_layers(target, layers)
-    model = formats.load(_draft_dir(draft), "causal_lm")
+    model, _ = artifacts.load(_saved_draft(draft), "causal_lm", "draft")  # its tokenizer was checked above
     device = next(target.parameters()).device
     if formats.has_quantized_weights(model):
         # Cast, its integer layers' scales would lose precision and its integer embedding would still

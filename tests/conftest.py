@@ -100,7 +100,7 @@ def tiny_spec(name: str, layers: int | None = None, **config) -> models.RandomIn
 def tiny_tokenizer(name: str):
     """The family's real tokenizer, prepared as a run prepares it (shared: do not change it)."""
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    return models.RandomInit(name, cfg.family, {"model_type": cfg.config.model_type},
+    return models.RandomInit(name, cfg.kind, {"model_type": cfg.config.model_type},
                              tokenizer_asset=cfg.get("tokenizer_asset"),
                              tokenizer_path=cfg.get("tokenizer_path")).tokenizer()
 

@@ -9,7 +9,7 @@ import conftest
 from conftest import build_tiny, tiny_spec, tiny_tokenizer
 from torch import nn
 
-from squeeze.arch import adapter_for, find_adapter
+from squeeze.arch import Adapter, adapter_for, find_adapter
 from squeeze.arch.linear import as_out_in, features, is_transposed
 from squeeze.arch.tokenizers import words_as_in_text, words_need_space
 from squeeze.compress.pruning import select_weights
@@ -41,7 +41,7 @@ def test_one_lookup_from_model_config_or_model_type(name):
     adapter = adapter_for(model)
     assert adapter.family == family and adapter.kind == kind and adapter.pool == pool
     assert type(adapter_for(model.config)) is type(adapter) is type(adapter_for(model.config.model_type))
-    assert kind == tiny_spec(name).family  # the config's model.family agrees with the adapter
+    assert kind == tiny_spec(name).kind  # the config's model.kind agrees with the adapter
 
 
 def test_an_unknown_architecture_is_refused_naming_the_families():
@@ -98,6 +98,39 @@ def test_pruning_defaults_select_attention_and_mlp_only(name):
         module = model.get_submodule(param_name.rpartition(".")[0])
         assert not isinstance(module, (nn.Embedding, nn.LayerNorm)) and "norm" not in type(module).__name__.lower()
     assert bool(transposed) is FAMILIES[name][4]
+
+
+# model config → (norms per layer, final norm, position table, embedding dropout, attention dropout), as named
+# under the base model; the family's real module names, so the answers are checked against the built model.
+AROUND = {
+    "tiny_bert": (2, None, None, None, "attention.self.dropout"),
+    "tiny_gpt2": (2, "ln_f", "wpe", "drop", "attn.attn_dropout"),
+    "tiny_llama": (2, "norm", None, None, "self_attn.attention_dropout"),
+    "tiny_opt": (2, "decoder.final_layer_norm", "decoder.embed_positions", None, "self_attn.dropout"),
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_norms_dropouts_and_what_sits_around_the_stack(name):
+    head = "sequence_classification" if name == "tiny_bert" else "causal_lm"
+    model = _tiny(name, head)
+    adapter = adapter_for(model)
+    per_layer, final, positions, dropout, attention_dropout = AROUND[name]
+    base = model.base_model_prefix
+    assert (adapter.final_norm(model), adapter.position_embeddings(model), adapter.embedding_dropout(model)) == \
+           tuple(f"{base}.{p}" if p else None for p in (final, positions, dropout))
+    norms = adapter.norms(model)
+    assert norms and all(isinstance(m.weight, nn.Parameter) for m in norms.values())
+    for layer_name, _ in adapter.layers(model):
+        assert sum(n.startswith(layer_name + ".") for n in norms) == per_layer
+    if final:
+        assert f"{base}.{final}" in norms
+    owner, attr = attention_dropout.rsplit(".", 1)
+    (module, found), = adapter.attention_dropouts(adapter.layers(model)[-1][1])
+    assert module is adapter.layers(model)[-1][1].get_submodule(owner) and found == attr
+    assert adapter.max_positions(model.config) == 512 == model.config.max_position_embeddings
+    # A model squeeze has no adapter for still has its norms found, by transformers' class names.
+    assert adapter.norms(model).keys() == Adapter().norms(model).keys()
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -42,7 +42,7 @@ def make_run(tmp_path: Path, tiny, name="run", status="ok", head="causal_lm", mo
     run_dir = tmp_path / name
     run_dir.mkdir()
     record = {"status": status, "choices": {"model": "tiny_gpt2", "compress": "imp"},
-              "config": {"model": {"name": "tiny_gpt2", "family": "decoder"}, "task": {"head": head}}}
+              "config": {"model": {"name": "tiny_gpt2", "kind": "decoder"}, "task": {"head": head}}}
     (run_dir / "result.json").write_text(json.dumps(record))
     if model:
         save_model(*tiny, run_dir / "model")
@@ -57,8 +57,9 @@ def test_a_run_directory_gives_its_model_checkpoint_and_record(tmp_path, tiny):
     found = artifacts.resolve(str(run_dir), "ckpt")
     assert found.kind == artifacts.RUN and found.run_dir == run_dir
     assert found.model_dir == run_dir / "model" and found.checkpoint == run_dir / "checkpoints" / "last.ckpt"
-    assert (found.model_name, found.family, found.head, found.model_type) == ("tiny_gpt2", "decoder", "causal_lm", "gpt2")
-    assert found.model_config == {"name": "tiny_gpt2", "family": "decoder"}
+    assert (found.model_name, found.model_kind, found.head, found.model_type) == ("tiny_gpt2", "decoder", "causal_lm",
+                                                                                  "gpt2")
+    assert found.model_config == {"name": "tiny_gpt2", "kind": "decoder"}
     assert found.choices["compress"] == "imp" and found.location == str(run_dir / "model")
     # What it points at is the saved model itself.
     loaded = formats.load(found.model_dir, "causal_lm")
@@ -99,6 +100,33 @@ def test_a_hub_id_uses_the_local_hf_cache_or_is_left_to_download(tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     found = artifacts.resolve(HUB_ID, "teacher")
     assert (found.kind, found.model_dir, found.model_type) == (artifacts.HUB, snapshot, "llama")
+
+
+def test_a_run_recorded_before_model_kind_was_named_reads_as_today(tmp_path, tiny):
+    run_dir = make_run(tmp_path, tiny)
+    record = json.loads((run_dir / "result.json").read_text())
+    record["config"]["model"] = {"name": "tiny_gpt2", "family": "decoder"}  # model.kind's old name
+    (run_dir / "result.json").write_text(json.dumps(record))
+    found = artifacts.resolve(str(run_dir), "ckpt")
+    assert found.model_config == {"name": "tiny_gpt2", "kind": "decoder"} and found.model_kind == "decoder"
+
+
+# -- the one loader ---------------------------------------------------------------------------------
+def test_the_loader_gives_the_model_and_its_prepared_tokenizer(tmp_path, tiny):
+    model, tokenizer = tiny
+    run_dir = make_run(tmp_path, tiny)
+    for reference in (run_dir, run_dir / "model"):
+        loaded, loaded_tokenizer = artifacts.load(artifacts.resolve(str(reference)), "causal_lm")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+        assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab() and loaded_tokenizer.pad_token is not None
+    ckpt = artifacts.resolve(str(run_dir / "checkpoints" / "last.ckpt"), "ckpt")
+    with pytest.raises(SqueezeError, match=r"holds weights but not the model; give a squeeze run directory"):
+        artifacts.load(ckpt, "causal_lm", "ckpt")
+    broken = save_model(*tiny, tmp_path / "broken")
+    (broken / "model.safetensors").unlink()  # config.json without weights
+    with pytest.raises(SqueezeError, match=f"teacher={broken}: {broken} could not be loaded") as error:
+        artifacts.load(artifacts.resolve(str(broken), "teacher"), "causal_lm", "teacher")
+    assert "\n" not in str(error.value)
 
 
 # -- every error ------------------------------------------------------------------------------------

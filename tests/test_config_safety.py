@@ -198,7 +198,7 @@ def test_a_local_model_directory_is_the_model_whatever_model_says(tmp_path, mode
     check_before_loading(cfg)
     spec = instantiate(cfg.model, _convert_="all")
     assert isinstance(spec, models.Pretrained)
-    assert (spec.name, spec.family, spec.name_or_path, spec.model_type()) == ("my-model", "decoder", str(model_dir),
+    assert (spec.name, spec.kind, spec.name_or_path, spec.model_type()) == ("my-model", "decoder", str(model_dir),
                                                                              "gpt2")
 
 
@@ -207,7 +207,7 @@ def test_a_run_trains_a_local_model_directory_given_without_model(tmp_path, mode
                                                  "trainer.max_steps=2", "perf=null"]), tmp_path)
     check_before_loading(cfg)
     record = run.train(cfg)
-    assert record["status"] == "ok" and record["config"]["model"]["family"] is None
+    assert record["status"] == "ok" and record["config"]["model"]["kind"] is None
     with pytest.raises(SqueezeError, match="^model directory ./nowhere does not exist; check model.name_or_path"):
         check_before_loading(compose_cfg("train", lenient_settings(["model.name_or_path=./nowhere"]), tmp_path))
 

@@ -4,6 +4,7 @@ what compressed-tensors cannot express falls back to squeeze's packed format; fi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from conftest import build_tiny
 
 from squeeze import formats
 from squeeze.compress import quantization as q
+from squeeze.errors import SqueezeError
 from squeeze.formats.compressed import is_compressed
-from squeeze.formats.packed import is_packed
+from squeeze.formats.packed import PACKED_FILE, is_packed
 
 AUTO = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
 
@@ -90,3 +92,44 @@ def test_weight_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_directory_names_its_format_and_untagged_ones_are_read_by_their_files(tmp_path):
+    dense, tokenizer = build_tiny("tiny_gpt2", "causal_lm")
+    pruned, _ = build_tiny("tiny_gpt2", "causal_lm")
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if name.endswith("c_fc.weight"):
+                p.masked_fill_(p.abs() < p.abs().median(), 0)  # half the MLP's inputs: stored sparse
+    saved = {"dense": dense, "squeeze-sparse": pruned,
+             "squeeze-packed": _quantized("tiny_gpt2", "causal_lm", q.WeightOnlyQuantization())[0],  # Conv1D
+             "compressed-tensors": _quantized("tiny_llama", "causal_lm", q.WeightOnlyQuantization())[0]}
+    for fmt, model in saved.items():
+        formats.save(model, tokenizer, tmp_path / fmt)
+        assert json.loads((tmp_path / fmt / formats.TAG_FILE).read_text()) == {"format": fmt}
+        assert formats.saved_format(tmp_path / fmt) == fmt
+    # The tag decides, not the files: a stray packed file beside a dense model is not read.
+    stray = tmp_path / "dense" / PACKED_FILE
+    stray.write_bytes((tmp_path / "squeeze-packed" / PACKED_FILE).read_bytes())
+    back = formats.load(tmp_path / "dense", "causal_lm")
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in back.state_dict().items())
+    stray.unlink()
+    # Saved before squeeze wrote tags: the files say which format, as they always did.
+    for fmt, model in saved.items():
+        (tmp_path / fmt / formats.TAG_FILE).unlink()
+        assert formats.saved_format(tmp_path / fmt) == fmt
+        back = formats.load(tmp_path / fmt, "causal_lm")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    (tmp_path / "dense" / formats.TAG_FILE).write_text('{"format": "squeeze-future"}')
+    with pytest.raises(SqueezeError, match="'squeeze-future' format, which this squeeze cannot read .*dense"):
+        formats.load(tmp_path / "dense", "causal_lm")
+
+
+def test_formats_import_no_model_builder():
+    # squeeze.models builds models from configs; formats sit below it (and below the compressors).
+    code = "import sys, squeeze.formats; print(sorted(m for m in sys.modules if m in ('squeeze.models', "
+    code += "'squeeze.compress', 'squeeze.run')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -26,7 +26,7 @@ from hub_cache import hub_cache, offline_hub  # noqa: F401  fixtures
 ENCODERS = ["bert-base-uncased", "distilbert-base-uncased"]
 HUB_TASKS = ["imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada", "personachat"]
 CLASSIFICATION = ["imdb", "conll2003"]
-# Every cell a hub model can do: encoders have no LM head (models.HEADS_FOR_FAMILY).
+# Every cell a hub model can do: encoders have no LM head (arch.HEADS_FOR_KIND).
 CELLS = [("gpt2", task) for task in HUB_TASKS] + [(m, t) for m in ENCODERS for t in CLASSIFICATION]
 TEST_METRICS = {
     "imdb": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
@@ -83,7 +83,7 @@ def test_hub_model_loads_from_the_cache_with_its_real_tokenizer_and_shrunk_confi
 def test_bigger_gpt2s_are_the_same_hub_path(model, tmp_path):
     # Not in the fake cache (same family as gpt2, too big to matter here): they only compose.
     cfg = compose_cfg("train", [f"model={model}"], tmp_path).model
-    assert (cfg._target_, cfg.family, cfg.name_or_path) == ("squeeze.models.Pretrained", "decoder", model)
+    assert (cfg._target_, cfg.kind, cfg.name_or_path) == ("squeeze.models.Pretrained", "decoder", model)
 
 
 def test_hub_model_without_the_cache_names_the_offline_way_out(offline_hub, monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from squeeze import measure, models, run
+from squeeze import formats, measure, run
 from squeeze.errors import SqueezeError
 
 from squeeze.summary import headline_figures
@@ -53,7 +53,7 @@ def test_a_run_measures_latency_and_throughput_of_the_tested_model(tmp_path):
         record["train_tokens"] / record["train_seconds"])
 
     # Measured again on the same model, the median agrees within the noise of a shared CPU.
-    model = models.load_saved(tmp_path / "model", "sequence_classification")
+    model = formats.load(tmp_path / "model", "sequence_classification")
     cfg = compose_cfg("eval", ["model=tiny_gpt2", "task=rotten_tomatoes", *fast("rotten_tomatoes")], tmp_path / "e")
     data = run._prepare(cfg)[2]
     data.setup("test")

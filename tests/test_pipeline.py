@@ -40,11 +40,11 @@ def test_every_model_and_task_composes(config_name, tmp_path):
             spec = instantiate(cfg.model, _convert_="all")  # builds no weights, needs no network
             assert spec.name == model
             # Only an encoder with a language-modelling task cannot work (not read from the table under test).
-            if not (spec.family == "encoder" and cfg.task.head == "causal_lm"):
-                models.check_compatible(spec.name, spec.family, task, cfg.task.head)
+            if not (spec.kind == "encoder" and cfg.task.head == "causal_lm"):
+                models.check_compatible(spec.name, spec.kind, task, cfg.task.head)
             else:
                 with pytest.raises(SqueezeError, match="decoder"):
-                    models.check_compatible(spec.name, spec.family, task, cfg.task.head)
+                    models.check_compatible(spec.name, spec.kind, task, cfg.task.head)
 
 
 @pytest.mark.parametrize("task", OFFLINE_TASKS)

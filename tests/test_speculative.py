@@ -180,7 +180,7 @@ def _quantized_run(tmp_path, model, tokenizer, compressor, name: str):
     run_dir.mkdir()
     (run_dir / "result.json").write_text(json.dumps({
         "status": "ok", "choices": {"compress": name},
-        "config": {"model": {"name": name, "family": "decoder"}, "task": {"head": "causal_lm"}}}))
+        "config": {"model": {"name": name, "kind": "decoder"}, "task": {"head": "causal_lm"}}}))
     compressor.name = name
     quantized = copy.deepcopy(model).float()
     compressor.prepare_model(quantized, tokenizer)

@@ -19,7 +19,7 @@ from squeeze.errors import SqueezeError
 
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter)
 _BY_MODEL_TYPE = {model_type: cls for cls in ADAPTERS for model_type in cls.model_types}
-# Which task heads make sense for a model.family (encoder | decoder) set in conf/model/*.yaml.
+# Which task heads make sense for a model kind (an adapter's `kind`; model.kind in conf/model/*.yaml).
 HEADS_FOR_KIND = {"encoder": ENCODER_HEADS, "decoder": DECODER_HEADS}
 
 __all__ = ["ADAPTERS", "Adapter", "DecoderAdapter", "EncoderAdapter", "HEADS_FOR_KIND", "HeadLayout", "adapter_for",

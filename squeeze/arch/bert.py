@@ -7,6 +7,8 @@ pruned_attention.py (see there).
 
 from __future__ import annotations
 
+from torch import nn
+
 from squeeze.arch import pruned_attention
 from squeeze.arch.base import EncoderAdapter, HeadLayout
 from squeeze.errors import SqueezeError
@@ -19,6 +21,7 @@ class BertAdapter(EncoderAdapter):
     # attention.self.*, attention.output.dense, intermediate.dense, output.dense; LayerNorm is a norm.
     prune_include = r"attention|intermediate|output\.dense"
     prune_exclude = r"embed|norm"
+    norm_types = (nn.LayerNorm,)
 
     def shape(self, layer):
         s = layer.attention.self
@@ -39,6 +42,9 @@ class BertAdapter(EncoderAdapter):
         cutter.keep(s, "value", v, out=True)
         cutter.keep(layer.attention.output, "dense", o, out=False)
         pruned_attention.set_sizes(layer.attention, heads, head_dim)
+
+    def attention_dropouts(self, layer):
+        return [(layer.attention.self, "dropout")]  # attention.output.dropout acts after the output projection
 
     def mlp(self, layer):
         return [(layer.intermediate, "dense")], (layer.output, "dense")

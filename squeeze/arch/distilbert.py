@@ -7,6 +7,8 @@ pruning does not: squeeze has no reloadable pruned-attention twin for DistilBERT
 
 from __future__ import annotations
 
+from torch import nn
+
 from squeeze.arch.base import EncoderAdapter
 
 
@@ -18,6 +20,10 @@ class DistilBertAdapter(EncoderAdapter):
                               "(model=minilm, bert-base-uncased, tiny_bert) or use compress=imp")
     prune_include = r"attention|ffn"
     prune_exclude = r"embed|norm"
+    norm_types = (nn.LayerNorm,)
+
+    def attention_dropouts(self, layer):
+        return [(layer.attention, "dropout")]
 
     def smoothing_pairs(self, layer):
         # Post-norm like BERT: only value → output projection folds exactly.

@@ -7,6 +7,8 @@ MLP width is config.n_inner; no config field can express removed heads (pruned_a
 
 from __future__ import annotations
 
+from torch import nn
+
 from squeeze.arch import pruned_attention
 from squeeze.arch.base import DecoderAdapter, HeadLayout
 from squeeze.arch.linear import as_out_in, features
@@ -18,6 +20,9 @@ class GPT2Adapter(DecoderAdapter):
     model_types = ("gpt2",)
     stack_path = "h"
     intermediate_key = "n_inner"
+    max_positions_key = "n_positions"
+    final_norm_path, position_embeddings_path, embedding_dropout_path = "ln_f", "wpe", "drop"
+    norm_types = (nn.LayerNorm,)
     prune_include = r"attn|mlp"
     prune_exclude = r"wte|wpe|ln_"  # token and position embeddings, layer norms
 
@@ -44,6 +49,9 @@ class GPT2Adapter(DecoderAdapter):
         cutter.keep(layer.attn, "c_attn", fused, out=True)
         cutter.keep(layer.attn, "c_proj", o, out=False)
         pruned_attention.set_sizes(layer.attn, heads, head_dim)
+
+    def attention_dropouts(self, layer):
+        return [(layer.attn, "attn_dropout")]  # resid_dropout acts after the output projection
 
     def mlp(self, layer):
         return [(layer.mlp, "c_fc")], (layer.mlp, "c_proj")

@@ -13,6 +13,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+def projection_kind(module: nn.Module) -> str | None:
+    """"linear" for an nn.Linear, "conv1d" for GPT-2's Conv1D, None for anything else. Exact types: a
+    subclass (MultiheadAttention's out_proj, a scaled layer) computes more than the projection, which a
+    technique that rewrites or replaces the layer would drop."""
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) is Conv1D:
+        return "conv1d"
+    return None
+
+
 def is_transposed(module: nn.Module) -> bool:
     """True for a layer whose weight is stored [in_features, out_features] (GPT-2's Conv1D)."""
     return isinstance(module, Conv1D)

@@ -8,37 +8,23 @@ q/k dims cannot go (RoPE's frequencies depend on head_dim).
 
 from __future__ import annotations
 
-from squeeze.arch.base import DecoderAdapter, HeadLayout
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from squeeze.arch.base import SeparateQKVAdapter
 
 
-class LlamaAdapter(DecoderAdapter):
+class LlamaAdapter(SeparateQKVAdapter):
     family = "llama"
     model_types = ("llama",)
     stack_path = "layers"
+    final_norm_path = "norm"  # no position table (RoPE) and no embedding dropout
+    norm_types = (LlamaRMSNorm,)
+    dropout_name = "attention_dropout"
+    # A cut removes whole KV groups, so head_dim and num_key_value_groups stay: resized_attention has nothing to do.
     config_head_counts = True
     head_dims_ok = False
     prune_include = r"self_attn|mlp"
     prune_exclude = r"embed|norm"
-
-    def shape(self, layer):
-        a = layer.self_attn
-        return HeadLayout(a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim, a.head_dim,
-                          layer.mlp.up_proj.out_features)
-
-    def qkvo(self, layer):
-        a = layer.self_attn
-        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight
-
-    def o_proj(self, layer):
-        return layer.self_attn.o_proj
-
-    def cut_attention(self, cutter, layer, q, k, v, o, heads, head_dim):
-        # Whole KV groups go, so head_dim and num_key_value_groups stay as they are.
-        a = layer.self_attn
-        cutter.keep(a, "q_proj", q, out=True)
-        cutter.keep(a, "k_proj", k, out=True)
-        cutter.keep(a, "v_proj", v, out=True)
-        cutter.keep(a, "o_proj", o, out=False)
 
     def mlp(self, layer):
         return [(layer.mlp, "gate_proj"), (layer.mlp, "up_proj")], (layer.mlp, "down_proj")

@@ -4,8 +4,17 @@ pruned_attention.py, so squeeze never needs to run code a model directory brings
 
 from __future__ import annotations
 
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
 from squeeze.arch import pruned_attention
 from squeeze.errors import SqueezeError
+
+# A task head's name → the Auto class that builds or loads a model with it.
+HEADS = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
 
 
 def has_pruned_attention(config) -> bool:

@@ -8,37 +8,29 @@ OPT token-classification head.
 
 from __future__ import annotations
 
+from torch import nn
+
 from squeeze.arch import pruned_attention
-from squeeze.arch.base import DecoderAdapter, HeadLayout
+from squeeze.arch.base import SeparateQKVAdapter
 
 
-class OPTAdapter(DecoderAdapter):
+class OPTAdapter(SeparateQKVAdapter):
     family = "opt"
     model_types = ("opt",)
     heads = ("sequence_classification", "causal_lm")
     stack_path = "decoder.layers"
+    # OPTDecoder applies no dropout to the embeddings (its `dropout` float is unused there).
+    final_norm_path = "decoder.final_layer_norm"
+    position_embeddings_path = "decoder.embed_positions"
+    norm_types = (nn.LayerNorm,)
+    out_name = "out_proj"
+    dropout_name = "dropout"
     intermediate_key = "ffn_dim"
     prune_include = r"self_attn\.(q|k|v|out)_proj|fc1|fc2"
     prune_exclude = r"embed|norm"
 
-    def shape(self, layer):
-        a = layer.self_attn
-        return HeadLayout(a.num_heads, a.num_heads, a.head_dim, layer.fc1.out_features)
-
-    def qkvo(self, layer):
-        a = layer.self_attn
-        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.out_proj.weight
-
-    def o_proj(self, layer):
-        return layer.self_attn.out_proj
-
-    def cut_attention(self, cutter, layer, q, k, v, o, heads, head_dim):
-        a = layer.self_attn
-        cutter.keep(a, "q_proj", q, out=True)
-        cutter.keep(a, "k_proj", k, out=True)
-        cutter.keep(a, "v_proj", v, out=True)
-        cutter.keep(a, "out_proj", o, out=False)
-        pruned_attention.set_sizes(a, heads, head_dim)
+    def resized_attention(self, attention, heads, head_dim):
+        pruned_attention.set_sizes(attention, heads, head_dim)  # its forward reshapes with (num_heads, head_dim)
 
     def smoothing_pairs(self, layer):
         a = layer.self_attn

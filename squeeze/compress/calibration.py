@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from squeeze.arch import adapter_for
-from squeeze.arch.linear import as_out_in, features
+from squeeze.arch.linear import as_out_in, features, projection_kind
 from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 
@@ -105,7 +104,7 @@ def _check_counts(samples: int, seq_len: int, batch_size: int) -> None:
 # -- which layers ----------------------------------------------------------------------------------
 def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The Linear and Conv1D layers inside `module`, by name relative to it."""
-    return {n: m for n, m in module.named_modules() if type(m) in (nn.Linear, Conv1D)}
+    return {n: m for n, m in module.named_modules() if projection_kind(m) is not None}
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList:

@@ -1,7 +1,10 @@
 """Saving and loading models (`<run>/model`), below the compressors: nothing here imports squeeze.compress
-(except, until squeeze/arch/pruned_attention.py exists, structured.loading_class in common.model_class).
+or squeeze.models (the model classes come from squeeze.arch.loading).
 
-`save` picks the format from the model; `load` from the directory:
+`save` picks the format from the model and names it in the directory's tag, squeeze_format.json
+({"format": "dense" | "compressed-tensors" | "squeeze-sparse" | "squeeze-packed"}); `load` reads that
+format. A directory without a tag (saved before squeeze wrote one, or by another tool) is read as its files
+show: packed, sparse, compressed-tensors, dense, in that order.
 
     dense float         save_pretrained's model.safetensors                              any transformers
     integer weights     compressed-tensors (compressed.py) in model.safetensors          from_pretrained
@@ -19,16 +22,21 @@ built at first use and never saved. `kernels_used(model)` says which kernels the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from squeeze import models
+from squeeze.arch.loading import HEADS
 from squeeze.arch.pruned_attention import LAYOUT
+from squeeze.errors import SqueezeError
 from squeeze.formats import compressed, packed, sparse
 from squeeze.formats.common import model_class, normal_mode
 from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear, kernels_used  # noqa: F401
 
+TAG_FILE = "squeeze_format.json"
+DENSE, COMPRESSED = "dense", "compressed-tensors"
 
 
 def has_quantized_weights(model: nn.Module) -> bool:
@@ -63,34 +71,69 @@ def save(model, tokenizer, directory: str | Path) -> None:
     if has_quantized_weights(model):  # integer weights + scales: compress=qat, dq, int8wo, int4wo
         if why_not_compressed(model) is None:
             compressed.save_compressed(model, tokenizer, directory)
+            fmt = COMPRESSED
         else:
             packed.save_packed(model, tokenizer, directory)
-        return
-    if any(sparse.stored_sparse(t) for t in model.state_dict().values()):
-        sparse.save_sparse(model, directory)
+            fmt = packed.FORMAT
     else:
-        model.save_pretrained(str(directory))
-        for weights in directory.glob("*.safetensors"):
-            normal_mode(weights)
-    tokenizer.save_pretrained(str(directory))
+        if any(sparse.stored_sparse(t) for t in model.state_dict().values()):
+            sparse.save_sparse(model, directory)
+            fmt = sparse.FORMAT
+        else:
+            model.save_pretrained(str(directory))
+            for weights in directory.glob("*.safetensors"):
+                normal_mode(weights)
+            fmt = DENSE
+        tokenizer.save_pretrained(str(directory))
+    (directory / TAG_FILE).write_text(json.dumps({"format": fmt}) + "\n", encoding="utf-8")
+
+
+def saved_format(directory: str | Path) -> str:
+    """The format of a saved model directory: its tag, else what its files show (module docstring)."""
+    directory = Path(directory)
+    tag = directory / TAG_FILE
+    if tag.is_file():
+        try:
+            fmt = json.loads(tag.read_text(encoding="utf-8"))["format"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SqueezeError(f"{tag} is not a squeeze format tag ({e}); save the model again with squeeze") from e
+        if fmt not in READERS:
+            raise SqueezeError(f"{directory} holds a model in the {fmt!r} format, which this squeeze cannot read (it "
+                               f"reads {', '.join(READERS)}); use the squeeze version that wrote it")
+        return fmt
+    if packed.is_packed(directory):
+        return packed.FORMAT
+    if (directory / sparse.SPARSE_FILE).exists():
+        return sparse.FORMAT
+    if compressed.is_compressed(directory):
+        return COMPRESSED
+    return DENSE
 
 
 def load(directory: str | Path, head: str):
-    """The model saved in `directory`, with the head it was trained with."""
+    """The model saved in `directory`, with the head it was trained with, read in the directory's format."""
     directory = Path(directory)
-    if packed.is_packed(directory):
-        return packed.load_packed(directory, head)
-    if (directory / sparse.SPARSE_FILE).exists():
-        return sparse.load_sparse(directory, head)
-    if compressed.is_compressed(directory):
-        read = compressed.read_compressed(directory)
-        if read is not None:
-            return packed.build_quantized(directory, head, *read)
-        # written by another tool: transformers' compressed-tensors loader (below) reads it
+    return READERS[saved_format(directory)](directory, head)
+
+
+def load_dense(directory: str | Path, head: str, dtype: str = "float32"):
+    """A float model as save_pretrained wrote it (squeeze's own classes where heads were removed)."""
     from transformers import AutoConfig
 
+    directory = Path(directory)
     config = AutoConfig.from_pretrained(str(directory))
-    if getattr(config, LAYOUT, None):  # heads removed (BERT, GPT-2): squeeze's own classes
+    if getattr(config, LAYOUT, None):  # heads removed (BERT, GPT-2, OPT): squeeze's own classes
         return model_class(config, head, directory).from_pretrained(str(directory))
-    return models.load_saved(directory, head)
+    return HEADS[head].from_pretrained(str(directory), dtype=getattr(torch, dtype))
+
+
+def _load_compressed(directory: Path, head: str):
+    read = compressed.read_compressed(directory)
+    if read is None:  # written by another tool: transformers' compressed-tensors loader reads it
+        return load_dense(directory, head)
+    return packed.build_quantized(directory, head, *read)
+
+
+READERS = {DENSE: load_dense, COMPRESSED: _load_compressed, sparse.FORMAT: sparse.load_sparse,
+           packed.FORMAT: packed.load_packed}
 

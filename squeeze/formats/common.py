@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from squeeze import models
-from squeeze.arch.loading import loading_class
+from squeeze.arch.loading import HEADS, loading_class
 from squeeze.errors import SqueezeError
 
 
@@ -20,7 +19,7 @@ def model_class(config, head: str, directory: Path) -> type:
     name, the formats fill the model themselves): the stock class, or squeeze's own twin for BERT/GPT-2
     with removed heads."""
     try:
-        return loading_class(config, models.HEADS[head])
+        return loading_class(config, HEADS[head])
     except (KeyError, ValueError) as e:
         raise SqueezeError(f"{directory} holds a {config.model_type} model, which has no {head} head") from e
 

@@ -241,19 +241,16 @@ def _load_average() -> list[float] | None:
 # -- loading and inputs ------------------------------------------------------------------------------
 def load(row: Row, device: str):
     """(model in eval mode on `device`, tokenizer): the row's saved model, loaded as evaluate.py loads it."""
-    from transformers import AutoTokenizer
+    from squeeze import models
 
-    from squeeze import formats, models
-
+    trained, head = artifacts.resolve(row.run_dir, "run", accept=(artifacts.RUN,)), row.head
     try:
-        model = formats.load(row.model_dir, row.head)
-        tokenizer = AutoTokenizer.from_pretrained(str(row.model_dir))
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        model, tokenizer = artifacts.load(trained, head, "run")
+    except SqueezeError as e:  # said for the row, with what failed underneath (from_pretrained's error, if it was)
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise SqueezeError(f"row {row.name}: {row.model_dir} could not be loaded ({first}); re-run that cell or "
                            "leave it out") from e
-    tokenizer = models.prepare_tokenizer(tokenizer, artifacts.resolve(row.run_dir, "run", accept=(artifacts.RUN,))
-                                         .model_type)
     models.finish_model(model, tokenizer)
     return model.eval().to(device), tokenizer
 

@@ -210,15 +210,13 @@ class Distillation(Compressor):
             m.set_attn_implementation("eager")
         # Eager attention returns its probabilities after dropout, which zeroes some and rescales the rest:
         # the last layer's attention dropout is turned off so the student's rows stay distributions.
-        for module in adapter_for(student).layers(student)[-1][1].modules():
-            if "Attention" not in type(module).__name__:
-                continue
-            for attr in ("dropout", "attn_dropout", "attention_dropout"):
-                value = getattr(module, attr, None)
-                if isinstance(value, nn.Dropout):
-                    value.p = 0.0
-                elif isinstance(value, float):
-                    setattr(module, attr, 0.0)
+        adapter = adapter_for(student)
+        for module, attr in adapter.attention_dropouts(adapter.layers(student)[-1][1]):
+            value = getattr(module, attr)
+            if isinstance(value, nn.Dropout):
+                value.p = 0.0
+            else:  # the probability the attention's forward hands to its kernel
+                setattr(module, attr, 0.0)
 
     def finalize(self, model):
         if self._attn_implementation is not None:

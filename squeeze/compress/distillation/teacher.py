@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoTokenizer
 
-from squeeze import artifacts, formats, models
+from squeeze import artifacts
 from squeeze.errors import SqueezeError
 
 
@@ -19,12 +18,7 @@ def load_teacher(source, head: str, model: nn.Module, tokenizer) -> tuple[nn.Mod
     source = str(source)
     found = artifacts.resolve(source, "teacher", accept=artifacts.MODELS)
     artifacts.require_head(found, head, "teacher")
-    try:
-        teacher = (formats.load(found.model_dir, head) if found.model_dir is not None
-                   else models.HEADS[head].from_pretrained(found.location))
-        teacher_tokenizer = AutoTokenizer.from_pretrained(found.location)
-    except (OSError, ValueError) as e:
-        raise artifacts.load_error(found, e, "teacher") from e
+    teacher, teacher_tokenizer = artifacts.load(found, head, "teacher")
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SqueezeError(
             f"teacher {source} uses another tokenizer than the run's model ({len(teacher_tokenizer)} vs "

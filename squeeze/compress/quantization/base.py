@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from squeeze.arch.linear import as_out_in, features, replace_module
+from squeeze.arch import Adapter, find_adapter
+from squeeze.arch.linear import as_out_in, features, projection_kind, replace_module
 from squeeze.compress import Compressor
 from squeeze.errors import SqueezeError
 from squeeze.formats.integers import Scheme, choose_qparams, quantize
@@ -29,11 +29,9 @@ def layer_kind(module: nn.Module) -> str | None:
     # the layer itself, which a replacement would drop.
     if type(module) in (nn.Embedding, QuantizedEmbedding):
         return "embedding"
-    if type(module) in (nn.Linear, QuantizedLinear):
+    if type(module) is QuantizedLinear:
         return "linear"
-    if type(module) is Conv1D:  # exact type as above; is_transposed says how its weight is laid out
-        return "conv1d"
-    return None
+    return projection_kind(module)  # nn.Linear or GPT-2's Conv1D, by exact type as above
 
 
 def select_layers(model: nn.Module, embeddings: bool, exclude: Sequence[str]) -> dict[str, nn.Module]:
@@ -53,12 +51,12 @@ def select_layers(model: nn.Module, embeddings: bool, exclude: Sequence[str]) ->
 
 
 def select_norms(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Module]:
-    """LayerNorm / RMSNorm layers (by class name: transformers defines its own), by name."""
+    """The norm layers with a learned weight (the family adapter's norms; the generic rule for a model squeeze
+    has no adapter for), by name."""
     patterns = [re.compile(p, re.IGNORECASE) for p in exclude]
-    return {n: m for n, m in model.named_modules()
-            if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
-            and isinstance(getattr(m, "weight", None), nn.Parameter)
-            and not any(p.search(n) for p in patterns)}
+    norms = (find_adapter(model) or Adapter()).norms(model)
+    return {n: m for n, m in norms.items()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and not any(p.search(n) for p in patterns)}
 
 
 def weight_rows(module: nn.Module) -> tuple[int, int]:
