@@ -49,7 +49,10 @@ def row_cost(record: dict[str, Any], trains: bool, own_train_seconds: float,
     spent); units: (how many test examples or scored tokens the evaluation pass covered, "examples"|"tokens")."""
     train = phase(record, "train") if trains else {}
     compress = phase(record, "compress")
-    own_kwh = _add(train.get("kwh"), compress.get("kwh"))
+    measured = bool(((record.get("energy") or {}).get("phases")))
+    # Measured, with nothing of its own to spend on (the baseline row on a stored model): 0 kWh, not unknown.
+    own_kwh = _add(train.get("kwh"), compress.get("kwh")) if not measured else \
+        float(train.get("kwh") or 0.0) + float(compress.get("kwh") or 0.0)
     own = {"seconds": float(own_train_seconds if trains else 0.0) + float(record.get("compress_seconds") or 0.0),
            "kwh": own_kwh}
     base = base or {"seconds": 0.0, "kwh": 0.0}  # a pretrained model: nothing spent on it here
