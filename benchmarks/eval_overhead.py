@@ -5,9 +5,9 @@ What it measures
 
     full     `model(**batch)` on the rows as the data module collates them (C rows per example, each
              the whole context followed by one candidate reply), then
-             `squeeze.dialog.scoring.scores_from_logits` (mean reply log-likelihood per candidate, the
+             `squeeze.tasks.dialog.scoring.scores_from_logits` (mean reply log-likelihood per candidate, the
              gold reply's logits for perplexity): the way dialog evaluation ran before.
-    packed   `squeeze.dialog.scoring.score_candidates`: one packed row per example, its context once and
+    packed   `squeeze.tasks.dialog.scoring.score_candidates`: one packed row per example, its context once and
              then every candidate's reply, a reply seeing only the context and itself (what
              `DialogModule` now runs).
 
@@ -53,8 +53,8 @@ from hydra.utils import instantiate  # noqa: E402
 
 import squeeze  # noqa: E402,F401  registers the config resolvers
 from squeeze import models  # noqa: E402
-from squeeze.dialog.metrics import hits_at_k  # noqa: E402
-from squeeze.dialog.scoring import score_candidates, scores_from_logits  # noqa: E402
+from squeeze.tasks.dialog.metrics import hits_at_k  # noqa: E402
+from squeeze.tasks.dialog.scoring import score_candidates, scores_from_logits  # noqa: E402
 
 
 def parse_args(argv=None):

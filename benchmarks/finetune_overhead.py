@@ -4,7 +4,7 @@ What it measures
     The wall time of one optimisation step (forward with labels -> backward -> AdamW step ->
     zero_grad) of the same model, on the same batches, done two ways in one process:
 
-    squeeze  `squeeze.modules.CausalLM` driven by a `lightning.Trainer` (CPU, fp32, no logger,
+    squeeze  `squeeze.tasks.lm.CausalLM` driven by a `lightning.Trainer` (CPU, fp32, no logger,
              no checkpointing, no progress bar, no validation), i.e. the code path `train.py` uses
              for a causal-LM task, including `FineTune.check_finite` (`loss.item()`), `self.log`,
              Lightning's optimizer closure and loop bookkeeping.
@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import squeeze.assets
-import squeeze.modules
+import squeeze.tasks.lm
 
 
 def parse_args(argv=None):
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             holder["wrap"](opt)
         return opt
 
-    module = squeeze.modules.CausalLM(model, optimizer=make_optimizer)
+    module = squeeze.tasks.lm.CausalLM(model, optimizer=make_optimizer)
     breakdown = Breakdown() if args.breakdown else None
     if breakdown:
         breakdown.install(module, holder)

@@ -240,7 +240,7 @@ def check_optimizer(optimizer_cfg: Mapping | None, scheduler_cfg: Mapping | None
     import torch
 
     optimizer = _tried("optimizer", optimizer_cfg, lambda make: make([torch.nn.Parameter(torch.zeros(1))]))
-    if scheduler_cfg is not None:  # squeeze.modules.FineTune hands it the optimizer and the step count
+    if scheduler_cfg is not None:  # squeeze.tasks.base.FineTune hands it the optimizer and the step count
         _tried("scheduler", scheduler_cfg, lambda make: make(optimizer, total_steps=100))
 
 

@@ -36,12 +36,6 @@ def check_compatible(model_name: str, kind: str, task_name: str, head: str) -> N
         )
 
 
-def max_positions(config: transformers.PretrainedConfig) -> int | None:
-    """The longest input the model's position embeddings allow, or None if unbounded (the family adapter's
-    answer; transformers' usual config field for a model squeeze has no adapter for)."""
-    return (arch.find_adapter(config) or arch.Adapter()).max_positions(config)
-
-
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(total, non-zero) parameters, counting shared (tied) tensors once."""
     seen: set[int] = set()

@@ -8,8 +8,8 @@ import pytest
 
 from squeeze import run
 from squeeze.config import check_counts
-from squeeze.data import load_splits
 from squeeze.errors import SqueezeError
+from squeeze.tasks.sources import load_splits
 
 from conftest import compose_cfg, fast, read_result, run_cli
 

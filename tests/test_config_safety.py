@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from squeeze import config, models, resume, run, safe_load
 from squeeze.config import (check_before_loading, check_compressor_config, check_compressor_setting,
                             check_optimizer, error_line, lenient_settings)
-from squeeze.data import load_splits
 from squeeze.errors import SqueezeError
 from squeeze.sweeper import check_settings
+from squeeze.tasks.sources import load_splits
 
 from conftest import CONF, build_tiny, compose_cfg, fast, read_result, run_cli
 

@@ -13,13 +13,13 @@ from conftest import FAST, build_tiny, compose_cfg, read_result, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from squeeze import assets, run
-from squeeze.dialog.corpora import choose_splits, drop_duplicates, read_chatterbot, sample_distractors
-from squeeze.dialog.data import DialogData
-from squeeze.dialog.encoding import encode_dialog
-from squeeze.dialog.metrics import HitsAtK, hits_at_k, reply_scores
-from squeeze.dialog.module import DialogModule
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX
+from squeeze.tasks.base import IGNORE_INDEX
+from squeeze.tasks.dialog.corpora import choose_splits, drop_duplicates, read_chatterbot, sample_distractors
+from squeeze.tasks.dialog.data import DialogData
+from squeeze.tasks.dialog.encoding import encode_dialog
+from squeeze.tasks.dialog.metrics import HitsAtK, hits_at_k, reply_scores
+from squeeze.tasks.dialog.module import DialogModule
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_splits_are_whole_conversations_and_seeded():
                       {"validation": 0.1, "test": 0.2}, seed=3)
     b = choose_splits({"train": conversations}, {"train": "train", "validation": None, "test": None},
                       {"validation": 0.1, "test": 0.2}, seed=3)
-    # As squeeze.data.load_splits carves: test first, then validation from what is left.
+    # As squeeze.tasks.sources.load_splits carves: test first, then validation from what is left.
     assert a == b and [len(a[s]) for s in ("train", "validation", "test")] == [72, 8, 20]
     ids = [c["id"] for s in a.values() for c in s]
     assert sorted(ids) == list(range(100))
@@ -397,7 +397,7 @@ def _model_and_test_batches(model_name: str, tmp_path: Path, examples: int = 6, 
 @pytest.mark.parametrize("model_name,attention", [("tiny_gpt2", "sdpa"), ("tiny_llama", "sdpa"), ("tiny_opt", "sdpa"),
                                                   ("tiny_llama", "eager")])
 def test_packed_context_scores_equal_the_full_rows(model_name, attention, tmp_path):
-    from squeeze.dialog.scoring import score_candidates, scores_from_logits
+    from squeeze.tasks.dialog.scoring import score_candidates, scores_from_logits
 
     model, _, batches = _model_and_test_batches(model_name, tmp_path)
     model.set_attn_implementation(attention)
@@ -424,7 +424,7 @@ def test_packed_context_scores_equal_the_full_rows(model_name, attention, tmp_pa
 
 
 def test_generation_is_capped_and_batched(tmp_path, monkeypatch):
-    from squeeze.dialog.scoring import score_candidates
+    from squeeze.tasks.dialog.scoring import score_candidates
 
     model, tokenizer, batches = _model_and_test_batches("tiny_gpt2", tmp_path, examples=8, rows=40)  # 2 per batch
     module = DialogModule(model, generate_max_examples=5, generate_batch_size=3, bertscore=None, tokenizer=tokenizer)
@@ -445,7 +445,7 @@ def test_generation_is_capped_and_batched(tmp_path, monkeypatch):
 
 
 def test_bertscore_of_an_empty_reply_counts_zero_not_nan():
-    from squeeze.dialog.module import bertscore_means
+    from squeeze.tasks.dialog.module import bertscore_means
 
     means = bertscore_means({"precision": [float("nan"), 0.8], "recall": [0.0, 0.6], "f1": [0.0, 0.7]})
     assert {k: round(float(v), 4) for k, v in means.items()} == {

@@ -197,7 +197,7 @@ def test_losses_are_zero_when_the_student_is_the_teacher(name):
 def dialog_batches(tmp_path_factory):
     """A chatterbot training batch (2 candidates per example) and a test batch (5 per example), as train.py
     builds them for tiny_gpt2."""
-    from squeeze.dialog.data import DialogData
+    from squeeze.tasks.dialog.data import DialogData
 
     data = DialogData(tiny_tokenizer("tiny_gpt2"), source="chatterbot", asset="chatterbot", splits={"train": "train"},
                       carve={"validation": 0.1, "test": 0.1}, skip_malformed=True, num_candidates=5,
@@ -209,8 +209,8 @@ def dialog_batches(tmp_path_factory):
 
 def test_dialog_distillation_keeps_the_mc_loss_and_scores_candidates_packed(dialog_batches):
     from squeeze.compress.distillation import Distill
-    from squeeze.dialog.module import DialogModule
-    from squeeze.dialog.scoring import CandidateScores, score_candidates
+    from squeeze.tasks.dialog.module import DialogModule
+    from squeeze.tasks.dialog.scoring import CandidateScores, score_candidates
 
     train, test = dialog_batches
     teacher = build_tiny("tiny_gpt2", "causal_lm", layers=2, seed=1)[0]
@@ -608,7 +608,7 @@ def test_attention_transfer_trains_with_its_logged_part(teacher_run, tmp_path):
 def test_alpha_zero_trains_the_student_alone_without_running_the_teacher():
     """The study's reference row (compress.kd.alpha=0: the cut student on the task alone) costs no teacher."""
     from squeeze.compress.distillation import Distill
-    from squeeze.modules import SequenceClassification
+    from squeeze.tasks.classification import SequenceClassification
 
     class Unreachable(torch.nn.Module):
         def forward(self, *args, **kwargs):

@@ -16,8 +16,8 @@ import pytest
 from hydra.utils import instantiate
 
 from squeeze import assets, run
-from squeeze.data import load_splits
 from squeeze.errors import SqueezeError
+from squeeze.tasks.sources import load_splits
 
 import hub_cache as fake
 from conftest import compose_cfg, fast, read_result, run_cli

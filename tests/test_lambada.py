@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from squeeze import run
-from squeeze.data import LastWordData
 from squeeze.errors import SqueezeError
-from squeeze.metrics import encode_last_word, split_last_word
-from squeeze.modules import LastWordLM
+from squeeze.tasks.lm import LastWordData, LastWordLM, encode_last_word, split_last_word
 
 from conftest import compose_cfg, fast, read_result
 

@@ -6,16 +6,24 @@ name a class (e.g. "GPT-2's Conv1D") are not guesses. Left alone on purpose: isi
 against torch's generic nn.Linear / nn.Embedding / nn.Dropout and squeeze's own classes; config fields
 every transformers config answers (num_hidden_layers, hidden_size: a family that names them otherwise maps
 them through its attribute_map); class-name comparisons on things that are not model parts (a logger, an
-exception, an OmegaConf container)."""
+exception, an OmegaConf container).
+
+Also the task wall: task code lives in squeeze/tasks/, one module per task kind, and every conf/task YAML
+names classes there that follow the contract squeeze/tasks/__init__.py lists."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
+import pytest
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "squeeze"
+TASK_YAMLS = sorted((ROOT / "conf" / "task").glob("*.yaml"))
 ADAPTERS = PACKAGE / "arch"
 
 # A class name that is a model part: what a `type(m).__name__` test would be guessing at.
@@ -115,3 +123,25 @@ layers, width = config.num_hidden_layers, config.hidden_size
 keep = isinstance(child, (nn.Embedding, nn.Dropout, nn.Linear)) and x.norm() > 0 and adapter.o_proj(layer)
 '''
     assert guesses(generic) == []
+
+
+def test_task_code_lives_in_squeeze_tasks():
+    flat = [name for name in ("data.py", "modules.py", "metrics.py", "dialog") if (PACKAGE / name).exists()]
+    assert not flat, f"task code belongs in squeeze/tasks/ (one module per task kind), not squeeze/{flat}"
+
+
+def _located(target: str):
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", TASK_YAMLS, ids=lambda p: p.stem)
+def test_task_yaml_targets_follow_the_task_contract(path):
+    from squeeze.tasks.base import FineTune, TaskData
+
+    task = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert {"name", "head", "monitor", "monitor_mode", "module", "data"} <= set(task), sorted(task)
+    for part, base in (("module", FineTune), ("data", TaskData)):
+        target = task[part]["_target_"]
+        assert target.startswith("squeeze.tasks."), f"{path.name}: {part} {target} is outside squeeze/tasks/"
+        assert issubclass(_located(target), base), f"{path.name}: {target} does not subclass {base.__name__}"

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from squeeze.data import LanguageModelingData
-from squeeze.metrics import IGNORE_INDEX, EntityF1, align_labels, extract_entities, perplexity_windows
-from squeeze.modules import CausalLM
+from squeeze.tasks.base import IGNORE_INDEX
+from squeeze.tasks.lm import CausalLM, LanguageModelingData, perplexity_windows
+from squeeze.tasks.tokens import EntityF1, align_labels, extract_entities
 
 X = IGNORE_INDEX
 
@@ -121,7 +121,7 @@ class _FixedClassifier(torch.nn.Module):
 
 @pytest.mark.parametrize("stage", ["val", "test"])
 def test_sentiment_precision_and_recall_are_macro_like_f1(stage):
-    from squeeze.modules import SequenceClassification
+    from squeeze.tasks.classification import SequenceClassification
 
     gold = [0, 0, 0, 1, 1, 2]
     pred = [0, 0, 1, 1, 2, 2]

@@ -165,7 +165,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
 def test_pretrained_models_train_with_dropout_on(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from squeeze.modules import SequenceClassification
+    from squeeze.tasks.classification import SequenceClassification
 
     saved = tmp_path / "saved"
     cfg = compose_cfg("train", ["model=tiny_bert", *fast("rotten_tomatoes")], tmp_path)

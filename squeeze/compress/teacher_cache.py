@@ -6,7 +6,7 @@ Distillation runs the frozen teacher on every training batch; a sweep over stude
 written once into .npy files under a directory named by the teacher's weights, the data and the
 settings, so every later run with the same teacher and data reads them instead.
 
-Batches carry no example index (squeeze/data.py keeps batches to what the model takes), so an
+Batches carry no example index (squeeze/tasks/ keeps batches to what the model takes), so an
 example is keyed by its content: a hash of its unpadded input ids (and token type ids). That key
 survives shuffling, DDP sampling and re-padding, and two identical inputs share one teacher output,
 which is exactly right since the teacher sees nothing else.

@@ -23,8 +23,8 @@ from squeeze.compress.distillation.student import (
 from squeeze.compress.distillation.teacher import load_teacher
 from squeeze.compress.teacher_cache import TargetSpec
 from squeeze.errors import SqueezeError
-from squeeze.modules import FineTune
 from squeeze.record import dir_bytes
+from squeeze.tasks.base import FineTune
 
 log = logging.getLogger("squeeze")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")

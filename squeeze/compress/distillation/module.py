@@ -15,7 +15,7 @@ from squeeze.compress import teacher_cache as tc
 from squeeze.compress.distillation.losses import loss_parts, pick_hidden
 from squeeze.compress.teacher_cache import TargetSpec, Targets
 from squeeze.errors import SqueezeError
-from squeeze.modules import FineTune
+from squeeze.tasks.base import FineTune
 
 log = logging.getLogger("squeeze")
 

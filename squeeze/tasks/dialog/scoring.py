@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeeze.dialog.metrics import context_lengths, reply_scores
-from squeeze.metrics import IGNORE_INDEX
+from squeeze.tasks.base import IGNORE_INDEX
+from squeeze.tasks.dialog.metrics import context_lengths, reply_scores
 
 
 @dataclass

@@ -13,11 +13,10 @@ from torch import nn
 from torchmetrics.text import Perplexity, SacreBLEUScore, TranslationEditRate
 
 from squeeze import assets
-from squeeze.dialog.metrics import HitsAtK, context_lengths
-from squeeze.dialog.scoring import CandidateScores, score_candidates, scores_from_logits
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX
-from squeeze.modules import STAGES, FineTune
+from squeeze.tasks.base import IGNORE_INDEX, STAGES, FineTune
+from squeeze.tasks.dialog.metrics import HitsAtK, context_lengths
+from squeeze.tasks.dialog.scoring import CandidateScores, score_candidates, scores_from_logits
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -38,7 +37,7 @@ class DialogModule(FineTune):
 
     loss = lm_coef · reply LM loss + mc_coef · cross-entropy of the MC head over the candidates.
     Validation/test: reply perplexity and Hits@k (candidates ranked by mean reply log-likelihood),
-    each example's context encoded once for all its candidates (squeeze/dialog/scoring.py); on the
+    each example's context encoded once for all its candidates (scoring.py); on the
     stages in `generate_on`, replies to the first `generate_max_examples` examples (null: all; per
     process) are generated from the context with `generate` settings, `generate_batch_size` prompts at
     a time, and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100) and

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from squeeze.data import SPLITS
 from squeeze.errors import SqueezeError
+from squeeze.tasks.sources import SPLITS
 
 log = logging.getLogger("squeeze")
 

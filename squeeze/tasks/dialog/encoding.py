@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX
+from squeeze.tasks.base import IGNORE_INDEX
 
 
 def _special_prefix(tokenizer) -> list[int]:

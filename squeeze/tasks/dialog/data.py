@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from squeeze import assets
-from squeeze.data import SPLITS, TaskData, load_splits, resolve_data_files
-from squeeze.dialog.corpora import (_normal, chatterbot_examples, choose_splits, convai2_examples, drop_duplicates,
-                                    read_chatterbot, read_convai2, sample_distractors)
-from squeeze.dialog.encoding import _special_prefix, candidate_rows, dialog_texts, encode_dialog
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX
+from squeeze.tasks.base import IGNORE_INDEX, TaskData
+from squeeze.tasks.dialog.corpora import (_normal, chatterbot_examples, choose_splits, convai2_examples,
+                                          drop_duplicates, read_chatterbot, read_convai2, sample_distractors)
+from squeeze.tasks.dialog.encoding import _special_prefix, candidate_rows, dialog_texts, encode_dialog
+from squeeze.tasks.sources import SPLITS, load_splits, resolve_data_files
 
 
 class DialogData(TaskData):

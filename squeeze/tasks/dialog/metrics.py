@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from squeeze.errors import SqueezeError
-from squeeze.metrics import IGNORE_INDEX
+from squeeze.tasks.base import IGNORE_INDEX
 
 
 def context_lengths(labels: torch.Tensor, candidates: int) -> torch.Tensor:
