@@ -20,14 +20,16 @@ def main(cfg: DictConfig) -> float | None:
     except SqueezeError as e:
         main_exit(e)
     # Imported here, not above: `--help` and a bad setting need no Lightning or transformers (seconds).
-    from squeeze import run, safe_load
+    from squeeze import run
+    from squeeze.hardware import safe_load
+    from squeeze.run.summary import print_summary
 
     try:
         with safe_load.trusting(cfg.get(safe_load.FLAG)):
             record = run.train(cfg)
     except SqueezeError as e:
         main_exit(e)
-    run.print_summary(record)
+    print_summary(record)
     # A number for Hydra sweepers that optimise (e.g. Optuna): the monitored metric, on test.
     return record["metrics"].get(cfg.task.monitor.replace("val/", "test/"))
 

@@ -12,7 +12,7 @@ What it measures
         N               the model's own first N layers, untrained (Chen et al.'s cheapest draft)
         <dir>           a run directory or saved model of the same tokenizer (e.g. a kd or dq run)
 
-    All of it through squeeze.speculative.measure_speculative: one prompt at a time (assisted
+    All of it through squeeze.measure.speculative.measure_speculative: one prompt at a time (assisted
     generation takes batch size 1), plain and every draft length alternating per prompt so a busy
     machine slows them alike, after one warm-up prompt.
 
@@ -76,7 +76,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 import squeeze  # noqa: E402,F401  registers the config resolvers
 from squeeze import models  # noqa: E402
-from squeeze.speculative import load_draft, measure_speculative, task_prompts  # noqa: E402
+from squeeze.measure.speculative import load_draft, measure_speculative, task_prompts  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,5 +1,6 @@
-"""The resolvers squeeze's YAML uses and the sweeper's config schema, registered when the package is imported
-(before Hydra composes); the run-wide checks on settings."""
+"""The resolvers squeeze's YAML uses and the model=local option, registered when the package is imported (before
+Hydra composes); the run-wide checks on settings; the entry points' wrapping of Hydra's main. The sweeper's config
+schema registers with its plugin (hydra_plugins/squeeze_sweeper)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Mapping
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf, open_dict
@@ -33,34 +33,14 @@ if not OmegaConf.has_resolver("compress_chain"):
 
 
 def run_group() -> str:
-    """W&B group of a run: its sweep (the sweep directory's name) in a -m sweep, else model-task."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    """${run_group:}, W&B's group of a run: squeeze.run.cell reads it from Hydra."""
+    from squeeze.run.cell import run_group as of_this_run
 
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return "sweep-" + str(hydra_cfg.sweep.dir).rstrip("/").rsplit("/", 1)[-1]
-    return f"{hydra_cfg.runtime.choices.get('model')}-{hydra_cfg.runtime.choices.get('task')}"
+    return of_this_run()
 
 
 if not OmegaConf.has_resolver("run_group"):
     OmegaConf.register_new_resolver("run_group", run_group)
-
-
-@dataclass
-class SqueezeSweeperConf:
-    """hydra/sweeper=squeeze (train.yaml selects it): Hydra's basic sweeper's settings plus a preset's rows and
-    setups (hydra_plugins/squeeze_sweeper). Registered here, on import of squeeze, so that it is known before
-    Hydra composes however the entry point was started."""
-
-    _target_: str = "hydra_plugins.squeeze_sweeper.SqueezeSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
-    rows: Optional[List[str]] = None  # each a string of overrides that go together (one report row)
-    setups: Optional[List[str]] = None  # each a string of overrides (a model × task pair), crossed with rows
-
-
-ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=SqueezeSweeperConf, provider="squeeze")
 
 # model=local: `model.name_or_path=<directory>` with no model= (the entry points add it, lenient_settings); the
 # kind (encoder | decoder) is read from the directory's config.json (squeeze.models.Pretrained), so no YAML
@@ -119,8 +99,8 @@ def lenient_compressor_settings(argv: list[str]) -> list[str]:
     """`compress.<name>.<key>=v` set once for a whole command line: `python train.py -m compress=none,imp
     compress.imp.end_step=10`. The `none` cell has no `compress.imp` node, and Hydra refuses a key that is not
     in the config, so such overrides are made `++` (set or add); a node that holds settings but no
-    `_target_` is a compressor this cell does not use, and build_chain skips it. The sweeper
-    (squeeze.sweeper) also drops them from the cells that do not use them, so no duplicate cells run."""
+    `_target_` is a compressor this cell does not use, and squeeze.run.build.chain skips it. The sweeper
+    (squeeze.run.sweep) also drops them from the cells that do not use them, so no duplicate cells run."""
     return [f"++{arg}" if _COMPRESSOR_SETTING.match(arg) else arg for arg in argv]
 
 

@@ -1,5 +1,6 @@
-"""User-facing errors: one line that names the problem and the fix."""
+"""User-facing errors: one line that names the problem and the fix (and what counts as a full disk)."""
 
+import errno
 import sys
 
 
@@ -13,9 +14,18 @@ def main_exit(error: BaseException) -> None:
     raise SystemExit(2)
 
 
+def out_of_space(error: BaseException) -> bool:
+    """A write that failed because the disk is full: ENOSPC, or torch's zip writer saying so its own way."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
 class Interrupted(BaseException):
     """The run was stopped by a signal (SIGTERM, SIGINT): not an error of the run, so like KeyboardInterrupt
-    it is no Exception. Carries how far training got and the checkpoint to resume from (squeeze.resume)."""
+    it is no Exception. Carries how far training got and the checkpoint to resume from
+    (squeeze.hardware.checkpointing)."""
 
     def __init__(self, signum: int, step: int | None = None, epoch: int | None = None,
                  checkpoint: str | None = None, checkpoint_step: int | None = None):

@@ -25,7 +25,7 @@ Keys (schema 1; later features add keys, never change these):
   train_tokens, train_tokens_per_s  non-padding input tokens of the fit's training steps (all ranks), and
                that over train_seconds (validation and checkpointing included); null without training
   peak_memory_bytes, peak_memory_kind   ("cpu_rss" or "cuda_max_allocated")
-  pipeline     hardware=pipeline only (squeeze/pipeline.py; the trained model is then tested, saved and
+  pipeline     hardware=pipeline only (squeeze/hardware/pipeline.py; the trained model is then tested, saved and
                measured in one process like any run's, metrics.train/loss added): {stages,
                microbatches, schedule, steps, losses (per step), loss (their mean, also metrics.train/loss),
                train_seconds, train_tokens, tokens_per_s, per_stage: [{stage, layers: [start, stop),
@@ -48,15 +48,15 @@ Keys (schema 1; later features add keys, never change these):
   resumed_from {checkpoint, step, epoch}: the checkpoint a resumed run continued from, null for a fresh run
   interrupted  {signal, step, epoch, checkpoint, checkpoint_step}: how far an interrupted run got and the
                checkpoint to resume from (null when none was written yet), null unless interrupted
-  checkpoint_seconds  {mid_epoch_saves, seconds}: what the mid-epoch checkpoints (squeeze.resume) cost, within
-               train_seconds; null without them
+  checkpoint_seconds  {mid_epoch_saves, seconds}: what the mid-epoch checkpoints (squeeze.hardware.checkpointing)
+               cost, within train_seconds; null without them
   compress_seconds  wall time of the compression work (prepare, calibration, finalize), also energy's
                `compress` phase
   cost         {own: {seconds, kwh}, total: {seconds, kwh}, inference: {kwh_per_1k, unit ("examples" |
                "tokens"), count}}: what the row spent beyond the model it started from, that plus what the
                starting model cost, and the evaluation's energy per 1,000 test examples or tokens
-               (squeeze/cost.py says what counts where); kwh null without energy measurement
-  fine_tuning_version  squeeze.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
+               (squeeze/run/cost.py says what counts where); kwh null without energy measurement
+  fine_tuning_version  squeeze.run.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
                (runs that trained); a cell on a stored baseline has it under baseline.fine_tuning_version
   validation   (post-training rows: {monitor, mode, best, from}: one validation pass of the compressed model)
 """
@@ -180,14 +180,55 @@ def read_record(path: str | Path) -> dict[str, Any]:
         return _current(json.load(f))
 
 
+# The classes and functions a config names (`_target_`) that have moved since records were first written: the
+# task kinds into squeeze/tasks/ (December 2026), then the run's, hardware's and measurement's modules into their
+# folders (squeeze/run/, hardware/, measure/).
+MOVED_TARGETS = {
+    "squeeze.data.ClassificationData": "squeeze.tasks.classification.ClassificationData",
+    "squeeze.data.TokenClassificationData": "squeeze.tasks.tokens.TokenClassificationData",
+    "squeeze.data.LanguageModelingData": "squeeze.tasks.lm.LanguageModelingData",
+    "squeeze.data.LastWordData": "squeeze.tasks.lm.LastWordData",
+    "squeeze.modules.SequenceClassification": "squeeze.tasks.classification.SequenceClassification",
+    "squeeze.modules.TokenClassification": "squeeze.tasks.tokens.TokenClassification",
+    "squeeze.modules.CausalLM": "squeeze.tasks.lm.CausalLM",
+    "squeeze.modules.LastWordLM": "squeeze.tasks.lm.LastWordLM",
+    "squeeze.modules.linear_warmup_decay": "squeeze.tasks.base.linear_warmup_decay",
+    "squeeze.metrics.EntityF1": "squeeze.tasks.tokens.EntityF1",
+    "squeeze.metrics.LastWord": "squeeze.tasks.lm.LastWord",
+    "squeeze.dialog.data.DialogData": "squeeze.tasks.dialog.data.DialogData",
+    "squeeze.dialog.module.DialogModule": "squeeze.tasks.dialog.module.DialogModule",
+    "squeeze.energy.EnergyMeter": "squeeze.measure.energy.EnergyMeter",
+    "squeeze.resume.ResumeCheckpoint": "squeeze.hardware.checkpointing.ResumeCheckpoint",
+    "squeeze.resume.CSVLogger": "squeeze.hardware.checkpointing.CSVLogger",
+    "squeeze.resume.AtomicCheckpointIO": "squeeze.hardware.checkpointing.AtomicCheckpointIO",
+    "squeeze.sharding.fsdp": "squeeze.hardware.sharding.fsdp",
+    "squeeze.sharding.deepspeed": "squeeze.hardware.sharding.deepspeed",
+    "squeeze.loggers.wandb_logger": "squeeze.run.loggers.wandb_logger",
+}
+
+
 def _current(record: Any) -> Any:
-    """A record in today's shape: model.family (encoder | decoder), written before it was named model.kind,
-    reads as model.kind, so an older run still evaluates, resumes its sweep cell and rebuilds its data."""
+    """A record in today's shape, so an older run still evaluates, resumes its sweep cell and rebuilds its data:
+    model.family (encoder | decoder), written before it was named model.kind, reads as model.kind, and a moved
+    `_target_` as where it lives now (MOVED_TARGETS)."""
     config = record.get("config") if isinstance(record, dict) else None
     model = config.get("model") if isinstance(config, dict) else None
     if isinstance(model, dict) and "family" in model and "kind" not in model:
         model["kind"] = model.pop("family")
+    _moved_targets(config)
     return record
+
+
+def _moved_targets(node: Any) -> None:
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and target in MOVED_TARGETS:
+            node["_target_"] = MOVED_TARGETS[target]
+        for value in node.values():
+            _moved_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            _moved_targets(value)
 
 
 def dir_bytes(path: str | Path) -> int:

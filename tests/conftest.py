@@ -162,7 +162,7 @@ def logits_of(model, inputs) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def _own_baseline_store(monkeypatch, tmp_path_factory):
-    # Every test its own baseline store (squeeze/baselines.py): no test reuses another's fine-tuned model.
+    # Every test its own baseline store (squeeze/run/baselines.py): no test reuses another's fine-tuned model.
     monkeypatch.setenv("SQUEEZE_BASELINES", str(tmp_path_factory.mktemp("baselines")))
     monkeypatch.setenv("SQUEEZE_TEACHER_OUTPUTS", str(tmp_path_factory.mktemp("teacher_outputs")))
 

@@ -15,7 +15,8 @@ from squeeze import artifacts, assets, run
 from squeeze.assets import AssetMissingError
 from squeeze import formats
 from squeeze.errors import SqueezeError
-from squeeze.speculative import check_draft, load_draft
+from squeeze.measure.speculative import check_draft, load_draft
+from squeeze.record import read_record
 
 HUB_ID = "someone/tiny-model"
 
@@ -38,7 +39,7 @@ def save_ckpt(model, path: Path) -> Path:
 
 
 def make_run(tmp_path: Path, tiny, name="run", status="ok", head="causal_lm", model=True, ckpt=True) -> Path:
-    """A squeeze run directory as run.py leaves it (the parts the resolver reads)."""
+    """A squeeze run directory as a run leaves it (the parts the resolver reads)."""
     run_dir = tmp_path / name
     run_dir.mkdir()
     record = {"status": status, "choices": {"model": "tiny_gpt2", "compress": "imp"},
@@ -110,6 +111,31 @@ def test_a_run_recorded_before_model_kind_was_named_reads_as_today(tmp_path, tin
     found = artifacts.resolve(str(run_dir), "ckpt")
     assert found.model_config == {"name": "tiny_gpt2", "kind": "decoder"} and found.model_kind == "decoder"
 
+
+
+def test_a_run_recorded_before_its_targets_moved_reads_with_todays(tmp_path, tiny):
+    run_dir = make_run(tmp_path, tiny)
+    record = json.loads((run_dir / "result.json").read_text())
+    record["config"].update({  # where these lived when such a run was written
+        "task": {"data": {"_target_": "squeeze.data.LanguageModelingData"},
+                 "module": {"_target_": "squeeze.modules.CausalLM"}},
+        "scheduler": {"_target_": "squeeze.modules.linear_warmup_decay", "_partial_": True},
+        "callbacks": {"energy": {"_target_": "squeeze.energy.EnergyMeter"},
+                      "resume": {"_target_": "squeeze.resume.ResumeCheckpoint"}},
+        "logger": {"csv": {"_target_": "squeeze.resume.CSVLogger"}},
+        "trainer": {"strategy": {"_target_": "squeeze.sharding.fsdp"},
+                    "plugins": [{"_target_": "squeeze.resume.AtomicCheckpointIO"}]}})
+    (run_dir / "result.json").write_text(json.dumps(record))
+    config = read_record(run_dir)["config"]
+    assert config["task"] == {"data": {"_target_": "squeeze.tasks.lm.LanguageModelingData"},
+                              "module": {"_target_": "squeeze.tasks.lm.CausalLM"}}
+    assert config["scheduler"]["_target_"] == "squeeze.tasks.base.linear_warmup_decay"
+    assert config["callbacks"]["energy"]["_target_"] == "squeeze.measure.energy.EnergyMeter"
+    assert config["callbacks"]["resume"]["_target_"] == "squeeze.hardware.checkpointing.ResumeCheckpoint"
+    assert config["logger"]["csv"]["_target_"] == "squeeze.hardware.checkpointing.CSVLogger"
+    assert config["trainer"]["strategy"]["_target_"] == "squeeze.hardware.sharding.fsdp"
+    assert config["trainer"]["plugins"] == [{"_target_": "squeeze.hardware.checkpointing.AtomicCheckpointIO"}]
+    assert artifacts.resolve(str(run_dir), "ckpt").record["config"] == config  # what evaluate.py reads
 
 # -- the one loader ---------------------------------------------------------------------------------
 def test_the_loader_gives_the_model_and_its_prepared_tokenizer(tmp_path, tiny):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from squeeze import assets, rdata
+from squeeze import assets
+from squeeze.assets import rdata
 from squeeze.assets import AssetFetchError, AssetMissingError
 from squeeze.errors import SqueezeError
 

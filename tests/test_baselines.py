@@ -1,4 +1,4 @@
-"""The baseline store (squeeze/baselines.py): a model × task × training setting fine-tuned once, reused by
+"""The baseline store (squeeze/run/baselines.py): a model × task × training setting fine-tuned once, reused by
 post-training cells and by `teacher=auto` distillation, trained once even when cells ask for it at once."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from squeeze import baselines
+from squeeze.run import baselines
 from squeeze.errors import SqueezeError
 
 from conftest import fast, read_result, run_cli
@@ -24,7 +24,7 @@ def _cfg(store: Path, lr: float = 1e-4, **extra):
 
 
 def _fake_train(calls: list, validation: dict | None = None, sleep: float = 0.0):
-    """Stands in for run._train_baseline: writes a finished entry the way a run does."""
+    """Stands in for the recipe fine-tuning a store entry (baselines._fine_tuner): writes a finished entry the way a run does."""
     def train(config, entry: Path):
         calls.append(entry)
         time.sleep(sleep)
@@ -126,7 +126,7 @@ def test_one_sweep_fine_tunes_once_and_quantizes_and_distils_that_model(tmp_path
     assert dq["spent"]["train_seconds"] == 0.0 and none["spent"]["train_seconds"] == stored["train_seconds"]
     assert dq["checkpoint_bytes"] < none["checkpoint_bytes"]
     assert (tmp_path / "sweep" / Path(none["run_dir"]).name / "model" / "config.json").exists()
-    # Costs (squeeze/cost.py): dq's own cost is its quantization alone, its total adds the baseline's training; the
+    # Costs (squeeze/run/cost.py): dq's own cost is its quantization alone, its total adds the baseline's training; the
     # baseline row's own cost is the fine-tuning; rows trained its own model; kd started from its teacher.
     trained = stored["train_seconds"]
     assert dq["cost"]["own"]["seconds"] == pytest.approx(dq["compress_seconds"]) and dq["compress_seconds"] < trained

@@ -6,7 +6,9 @@ import pytest
 from conftest import FAST, compose_cfg, read_result
 
 from squeeze import run
-from squeeze.compress import Compressor, build_chain, chain_name, check_order
+from squeeze.compress import Compressor, check_order
+from squeeze.config import chain_name
+from squeeze.run.build import chain as build_chain
 from squeeze.errors import SqueezeError
 
 CALLS: list[str] = []

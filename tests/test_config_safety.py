@@ -16,11 +16,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from squeeze import config, models, resume, run, safe_load
+from squeeze import config, models, run
+from squeeze.hardware import checkpointing, safe_load
 from squeeze.config import (check_before_loading, check_compressor_config, check_compressor_setting,
                             check_optimizer, error_line, lenient_settings)
 from squeeze.errors import SqueezeError
-from squeeze.sweeper import check_settings
+from squeeze.run.sweep import check_settings
 from squeeze.tasks.sources import load_splits
 
 from conftest import CONF, build_tiny, compose_cfg, fast, read_result, run_cli
@@ -239,14 +240,14 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere_squeeze_reads_on
     with pytest.raises(SqueezeError, match="unpickling it could run any code .*add trust_checkpoint=true"):
         safe_load.load(file)
     with pytest.raises(SqueezeError, match="trust_checkpoint=true"):
-        resume.checkpoint_position(file)  # ckpt_path=<file>: read before Lightning resumes
+        checkpointing.checkpoint_position(file)  # ckpt_path=<file>: read before Lightning resumes
     with pytest.raises(SqueezeError, match="trust_checkpoint=true"):
-        resume.AtomicCheckpointIO().load_checkpoint(file)  # Lightning's own resume reads through it
+        checkpointing.AtomicCheckpointIO().load_checkpoint(file)  # Lightning's own resume reads through it
     cfg = compose_cfg("eval", ["model=tiny_bert", "task=rotten_tomatoes", f"ckpt={file}"], tmp_path / "eval")
     with pytest.raises(SqueezeError, match="trust_checkpoint=true"):
         run.evaluate(cfg)
     assert read_result(tmp_path / "eval")["status"] == "failed"
     assert not marker.exists()  # ... but no read of squeeze's ran it
     with safe_load.trusting(True):  # the flag that accepts the risk
-        resume.AtomicCheckpointIO().load_checkpoint(file)
+        checkpointing.AtomicCheckpointIO().load_checkpoint(file)
     assert marker.exists()

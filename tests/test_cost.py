@@ -1,8 +1,8 @@
-"""squeeze/cost.py: own, total and inference cost of a row from a record's energy phases (pure arithmetic)."""
+"""squeeze/run/cost.py: own, total and inference cost of a row from a record's energy phases (pure arithmetic)."""
 
 import pytest
 
-from squeeze import cost
+from squeeze.run import cost
 
 
 def _record(phases: dict | None, compress_seconds: float | None = None) -> dict:

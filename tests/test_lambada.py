@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from squeeze import run
+from squeeze.run import build
 from squeeze.errors import SqueezeError
 from squeeze.tasks.lm import LastWordData, LastWordLM, encode_last_word, split_last_word
 
@@ -109,7 +110,7 @@ def test_blank_lines_are_no_passages_and_a_split_of_only_blanks_is_named():
 
 def test_gpt2_tokens_of_the_target_are_the_word_with_its_space(tmp_path):
     cfg = compose_cfg("eval", ["model=tiny_gpt2", "task=lambada"], tmp_path)
-    tokenizer = run._prepare(cfg)[1]
+    tokenizer = build.prepare(cfg)[1]
     ids, start, cut = encode_last_word(tokenizer, "She looked at her brother", 64)
     assert ids[start:] == tokenizer(" brother", add_special_tokens=False)["input_ids"] and not cut
     assert tokenizer.decode(ids[:start]) == "She looked at her"

@@ -9,13 +9,20 @@ them through its attribute_map); class-name comparisons on things that are not m
 exception, an OmegaConf container).
 
 Also the task wall: task code lives in squeeze/tasks/, one module per task kind, and every conf/task YAML
-names classes there that follow the contract squeeze/tasks/__init__.py lists."""
+names classes there that follow the contract squeeze/tasks/__init__.py lists.
+
+And the parts (../ARCHITECTURE.md's target layout): `ls squeeze/` shows a folder per part and only the cross-cutting
+modules beside them; the run recipe reads top to bottom in a few screenfuls; only the entry points, the sweeper and
+squeeze.run.cell read HydraConfig; the sweeper's schema registers with its plugin; a record written before a
+`_target_` moved reads as today's code."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +152,77 @@ def test_task_yaml_targets_follow_the_task_contract(path):
         target = task[part]["_target_"]
         assert target.startswith("squeeze.tasks."), f"{path.name}: {part} {target} is outside squeeze/tasks/"
         assert issubclass(_located(target), base), f"{path.name}: {target} does not subclass {base.__name__}"
+
+
+# -- the parts ---------------------------------------------------------------------------------------------
+PARTS = {"arch", "assets", "compress", "formats", "hardware", "measure", "report", "run", "tasks"}
+# Beside the parts, only what every part uses: a model reference's meaning and loader, settings and resolvers,
+# errors, model specs (their _target_ squeeze.models.* is in every record), the result record (written by the
+# run, read by the report, the measurements and the loader), and the `python -m squeeze.recommend` entry point.
+TOP_LEVEL = {"__init__.py", "artifacts.py", "config.py", "errors.py", "models.py", "record.py", "recommend.py"}
+RECIPE = PACKAGE / "run" / "recipe.py"
+# Who may read HydraConfig: the entry points, the sweeper's plugin and the one module that hands its values on.
+HYDRA_READERS = {ROOT / "train.py", ROOT / "evaluate.py", ROOT / "hydra_plugins" / "squeeze_sweeper" / "__init__.py",
+                 PACKAGE / "run" / "cell.py"}
+
+
+def test_the_top_level_shows_the_parts():
+    entries = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"}
+    folders = {name for name in entries if (PACKAGE / name).is_dir()}
+    assert folders == PARTS, f"squeeze/ should hold a folder per part: {sorted(PARTS)}, not {sorted(folders)}"
+    flat = sorted(entries - folders - TOP_LEVEL)
+    assert not flat, f"{flat} belong in the folder of their part (run/, hardware/, measure/, assets/, ...)"
+
+
+def test_the_recipe_reads_in_a_few_screenfuls():
+    lines = len(RECIPE.read_text(encoding="utf-8").splitlines())
+    assert lines <= 250, f"squeeze/run/recipe.py has {lines} lines; move what is not the run's order into its part"
+
+
+def _reads_hydra_config(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "hydra.core.hydra_config":
+            return True
+        if isinstance(node, ast.Import) and any(a.name == "hydra.core.hydra_config" for a in node.names):
+            return True
+        if isinstance(node, (ast.Name, ast.Attribute)) and "HydraConfig" in (getattr(node, "id", None),
+                                                                             getattr(node, "attr", None)):
+            return True
+    return False
+
+
+def test_only_the_entry_points_the_sweeper_and_the_cell_read_hydra_config():
+    code = [*PACKAGE.rglob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py"), ROOT / "train.py", ROOT / "evaluate.py"]
+    readers = {p for p in code if _reads_hydra_config(p.read_text(encoding="utf-8"))}
+    extra = sorted(str(p.relative_to(ROOT)) for p in readers - HYDRA_READERS)
+    assert not extra, f"{extra} read HydraConfig; take the plain values squeeze.run.cell reads (a Cell) instead"
+    assert _reads_hydra_config("from hydra.core.hydra_config import HydraConfig\n")  # the check finds one
+
+
+def test_compressors_are_built_by_the_run_not_by_squeeze_compress():
+    source = (PACKAGE / "compress" / "__init__.py").read_text(encoding="utf-8")
+    called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None)
+              for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)}
+    assert "instantiate" not in called and "import hydra" not in source and "from hydra" not in source
+
+
+def test_the_sweeper_schema_registers_with_its_plugin_not_with_squeeze():
+    code = ("from hydra.core.config_store import ConfigStore\n"
+            "def known():\n"
+            "    return 'squeeze.yaml' in ConfigStore.instance().repo.get('hydra', {}).get('sweeper', {})\n"
+            "import squeeze, squeeze.run.recipe\n"
+            "print(known())\n"
+            "import hydra_plugins.squeeze_sweeper\n"
+            "print(known())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+
+
+def test_moved_targets_name_todays_code():
+    from squeeze.record import MOVED_TARGETS
+
+    for old, new in MOVED_TARGETS.items():
+        assert callable(_located(new)), new
+        module = old.rpartition(".")[0]
+        with pytest.raises(ImportError):  # the old module is gone: no shim answers for it
+            importlib.import_module(module)

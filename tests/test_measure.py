@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from squeeze import formats, measure, run
+from squeeze.run import build
 from squeeze.errors import SqueezeError
 
-from squeeze.summary import headline_figures
+from squeeze.run.summary import headline_figures
 
 from conftest import compose_cfg, fast, read_result
 
@@ -55,7 +56,7 @@ def test_a_run_measures_latency_and_throughput_of_the_tested_model(tmp_path):
     # Measured again on the same model, the median agrees within the noise of a shared CPU.
     model = formats.load(tmp_path / "model", "sequence_classification")
     cfg = compose_cfg("eval", ["model=tiny_gpt2", "task=rotten_tomatoes", *fast("rotten_tomatoes")], tmp_path / "e")
-    data = run._prepare(cfg)[2]
+    data = build.prepare(cfg)[2]
     data.setup("test")
     again = measure.measure_inference(model, data.test_dataloader(), [1, 8], warmup=2, repeats=5)
     assert 0.2 < again["latency"]["batch_8"]["median_s"] / b8["median_s"] < 5

@@ -6,9 +6,9 @@ import csv
 from omegaconf import OmegaConf
 
 from squeeze import report
-from squeeze.compress import build_chain
+from squeeze.run.build import chain as build_chain
 from squeeze.config import chain_name, lenient_compressor_settings
-from squeeze.sweeper import chosen, prune_cells
+from squeeze.run.sweep import chosen, prune_cells
 
 from conftest import fast, read_result, run_cli
 

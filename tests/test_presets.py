@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from squeeze.compress import build_chain
+from squeeze.run.build import chain as build_chain
 from squeeze.errors import SqueezeError
 from squeeze.report.aggregate import row_name
-from squeeze.sweeper import prune_cells, with_rows
+from squeeze.run.sweep import prune_cells, with_rows
 
 from conftest import ROOT, compose_cfg, fast, read_result, run_cli
 

@@ -18,7 +18,7 @@ from conftest import FAMILIES, FAST, build_tiny, compose_cfg, read_result, tiny_
 from squeeze import run
 from squeeze.arch import adapter_for
 from squeeze import formats
-from squeeze.compress import build_chain
+from squeeze.run.build import chain as build_chain
 from squeeze.compress.pruning import (
     IterativeMagnitudePruning,
     adaptive_should_prune,
@@ -367,7 +367,7 @@ def test_resuming_mid_schedule_gives_the_masks_of_an_uninterrupted_run(tmp_path)
               "compress.imp.rewind_step=1"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run.train(compose_cfg("train", common, whole))["status"] == "ok"
-    with pytest.raises(SystemExit):  # interrupted after step 4 (squeeze.guard: status "interrupted")
+    with pytest.raises(SystemExit):  # interrupted after step 4 (squeeze.run.guard: status "interrupted")
         run.train(compose_cfg("train", [*common, "+callbacks.stop._target_=test_pruning.StopAt",
                                         "+callbacks.stop.step=4"], parts))
     assert read_result(parts)["status"] == "interrupted"

@@ -12,7 +12,7 @@ from conftest import FAST, LM_FAST, compose_cfg, read_result
 from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
 
 from squeeze import formats, run
-from squeeze.compress import build_chain
+from squeeze.run.build import chain as build_chain
 from squeeze.compress.gptq import GPTQ
 from squeeze.compress.smoothquant import SmoothQuant
 from squeeze.compress.sparsegpt import SparseGPT

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from squeeze import run
-from squeeze.compress import build_chain
+from squeeze.run.build import chain as build_chain
 from squeeze.compress import quantization as q
 from squeeze.compress.quantization import post_training
 from squeeze.formats.packed import PACKED_FILE, is_packed, load_packed, pack_int4, save_packed, unpack_int4

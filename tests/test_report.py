@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from squeeze import loggers, report
+from squeeze import report
+from squeeze.run import loggers
 from squeeze.errors import SqueezeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +288,7 @@ def test_optional_columns_are_shown_where_recorded_and_blank_where_not(tmp_path)
 
 
 def test_totals_over_the_grid_and_the_co2_presets(sweep, tmp_path):
-    from squeeze.energy import CO2_PRESETS
+    from squeeze.measure.energy import CO2_PRESETS
 
     assert report.CO2_PRESETS == CO2_PRESETS == {"epa": 0.430, "eea": 0.275}  # what the README names
     built = report.build([sweep], tmp_path / "out", draw=False)

@@ -1,4 +1,4 @@
-"""A killed run loses minutes, not the run (squeeze.resume): a kill -9 and a resume from a mid-epoch step
+"""A killed run loses minutes, not the run (squeeze.hardware.checkpointing): a kill -9 and a resume from a mid-epoch step
 checkpoint give the uninterrupted run's metrics, SIGTERM/SIGINT save and record "interrupted", a kill during a
 save leaves the previous checkpoint loadable, ckpt_path=last says when there is nothing to resume, and a
 sweep rerun skips finished cells. The kill tests run train.py as a subprocess and sync on files, not sleeps."""
@@ -23,8 +23,8 @@ from omegaconf import OmegaConf, open_dict
 from conftest import ROOT, compose_cfg, fast, read_result
 from squeeze import run
 from squeeze.errors import SqueezeError
-from squeeze.loggers import earlier_wandb_id
-from squeeze.resume import EpochSampler, ResumableLoader, ResumeCheckpoint, resumable
+from squeeze.run.loggers import earlier_wandb_id
+from squeeze.hardware.checkpointing import EpochSampler, ResumableLoader, ResumeCheckpoint, resumable
 
 # tiny_gpt2 (dropout on) on 64 examples, 8 a batch: 8 steps an epoch, so runs cross epoch boundaries.
 CELL = ["model=tiny_gpt2", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "perf=null", "callbacks.energy=null",
@@ -65,7 +65,7 @@ def _start_killed_after_save(args: list[str], cwd: Path, log: Path, step: int) -
     place: the worst moment for what the checkpoint covers, hit every time rather than by a poll's luck."""
     script = textwrap.dedent(f"""
         import os, runpy, signal, sys
-        from squeeze.resume import AtomicCheckpointIO
+        from squeeze.hardware.checkpointing import AtomicCheckpointIO
         save = AtomicCheckpointIO.save_checkpoint
         def save_then_die(self, checkpoint, path, storage_options=None):
             save(self, checkpoint, path, storage_options)
@@ -146,7 +146,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.ckpt"
     script = textwrap.dedent(f"""
         import torch
-        from squeeze.resume import AtomicCheckpointIO
+        from squeeze.hardware.checkpointing import AtomicCheckpointIO
         io, n = AtomicCheckpointIO(), 0
         while True:  # large enough that a save takes a while; the first one completes before the test kills
             io.save_checkpoint({{"n": n, "w": torch.full((64, 1024, 1024), float(n))}}, {str(path)!r})
@@ -216,7 +216,7 @@ def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_faile
 
 
 def test_disk_full_while_saving_a_checkpoint_is_named_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    from squeeze.resume import AtomicCheckpointIO
+    from squeeze.hardware.checkpointing import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "checkpoints" / "last.ckpt"

@@ -15,9 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from squeeze import compress as compression
-from squeeze import pipeline, run, sharding
+from squeeze import run
 from squeeze.errors import SqueezeError
+from squeeze.hardware import pipeline, sharding
+from squeeze.run.build import chain as build_chain
 
 from conftest import CONF, compose_cfg, fast, read_result, run_cli
 
@@ -47,7 +48,7 @@ def test_stage_bounds_and_refusals():
     with pytest.raises(SqueezeError, match="causal language models only"):
         pipeline.check("sequence_classification", [])
     with pytest.raises(SqueezeError, match="compress=imp"):
-        pipeline.check("causal_lm", compression.build_chain(OmegaConf.create(
+        pipeline.check("causal_lm", build_chain(OmegaConf.create(
             {"imp": {"_target_": "squeeze.compress.pruning.IterativeMagnitudePruning"}})))
 
 
@@ -144,12 +145,12 @@ def test_fsdp_on_two_cpu_processes_trains_and_saves_what_ddp_does(tmp_path):
 @pytest.mark.parametrize("hardware", ["fsdp", "deepspeed"])
 def test_compressors_that_cannot_shard_refuse_in_one_line(tmp_path, name, hardware):
     cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", f"hardware={hardware}", f"compress={name}"], tmp_path)
-    trains = compression.build_chain(cfg.compress)[0].trains
+    trains = build_chain(cfg.compress)[0].trains
     reason = REFUSED[name] if hardware == "fsdp" else "ZeRO trains flat copies" if trains else "integer weights, and DeepSpeed"
     with pytest.raises(SqueezeError, match=reason) as e:
-        sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+        sharding.check_compressors(build_chain(cfg.compress), cfg.trainer.strategy)
     assert "\n" not in str(e.value) and f"compress={name} cannot run under hardware={hardware}" in str(e.value)
-    sharding.check_compressors(compression.build_chain(cfg.compress), "ddp")  # unsharded: no refusal
+    sharding.check_compressors(build_chain(cfg.compress), "ddp")  # unsharded: no refusal
 
 
 def test_hardware_deepspeed_says_what_it_needs(tmp_path, monkeypatch):
@@ -178,11 +179,11 @@ def test_hardware_deepspeed_says_what_it_needs(tmp_path, monkeypatch):
 def test_one_shot_compressors_may_shard(tmp_path):
     cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", "compress=[rows,heads,wanda]"],
                       tmp_path)
-    sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+    sharding.check_compressors(build_chain(cfg.compress), cfg.trainer.strategy)
     cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", "hardware=fsdp", "compress=heads",
                                 "compress.heads.iterations=3", "compress.heads.every_n_steps=5"], tmp_path)
     with pytest.raises(SqueezeError, match="pruning in steps"):
-        sharding.check_compressors(compression.build_chain(cfg.compress), cfg.trainer.strategy)
+        sharding.check_compressors(build_chain(cfg.compress), cfg.trainer.strategy)
 
 
 # -- Slurm ----------------------------------------------------------------------------------------------

@@ -125,6 +125,25 @@ def test_run_directories_are_rows_and_can_be_loaded_one_at_a_time(sweep, tmp_pat
     assert json.loads(out.read_text())["rows"][1]["name"] == "copy"
 
 
+
+def test_a_row_recorded_before_its_targets_moved_still_builds_its_data(sweep, tmp_path):
+    # A cell written when its task classes lived in squeeze.data / squeeze.modules and the CSV logger and the
+    # checkpoint callback in squeeze.resume: its test inputs are built from its record as today's (squeeze.record).
+    old = tmp_path / "old"
+    shutil.copytree(sweep / "0_tiny_gpt2_austen_none", old)
+    record = json.loads((old / "result.json").read_text())
+    config = record["config"]
+    config["task"]["data"]["_target_"] = "squeeze.data.LanguageModelingData"
+    config["task"]["module"]["_target_"] = "squeeze.modules.CausalLM"
+    config["scheduler"]["_target_"] = "squeeze.modules.linear_warmup_decay"
+    config["logger"]["csv"]["_target_"] = "squeeze.resume.CSVLogger"
+    config["callbacks"]["resume"]["_target_"] = "squeeze.resume.ResumeCheckpoint"
+    (old / "result.json").write_text(json.dumps(record))
+    document = side_by_side.side_by_side([old], baseline=old.name, explicit_baseline=True, rounds=1, repeats=1,
+                                         warmup=0, decode_batch_sizes=[], resident=False)
+    (row,) = document["rows"]
+    assert row["name"] == "old" and set(row["latency_ms"]) == {"batch_1", "batch_2"}
+
 def test_the_command_line_writes_the_file(sweep, tmp_path):
     out = tmp_path / "cli.json"
     done = subprocess.run([sys.executable, "-m", "squeeze.measure", str(sweep), *QUICK, "--rounds", "1",

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from squeeze import assets, formats, run
 from squeeze.compress import quantization as q
 from squeeze.errors import SqueezeError
-from squeeze.speculative import (
+from squeeze.measure.speculative import (
     PROMPT_LOOKUP,
     check_decode,
     check_draft,
@@ -175,7 +175,7 @@ def test_prompt_lookup_settings_are_checked(llama):
 
 # -- a quantized draft: a dq or int8wo run directory ------------------------------------------------
 def _quantized_run(tmp_path, model, tokenizer, compressor, name: str):
-    """A run directory as run.py leaves a compress=<int8wo | dq> run: result.json and the quantized model/."""
+    """A run directory as a run leaves a compress=<int8wo | dq> run: result.json and the quantized model/."""
     run_dir = tmp_path / name
     run_dir.mkdir()
     (run_dir / "result.json").write_text(json.dumps({

@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_cfg, fast, read_result, run_cli
 from hydra.core.hydra_config import HydraConfig
 
-from squeeze import loggers
+from squeeze.run import loggers
 
 TEST_METRICS = {
     "rotten_tomatoes": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},

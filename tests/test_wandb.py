@@ -17,7 +17,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_cfg, fast, read_result, run_cli
-from squeeze import loggers, report
+from squeeze import report
+from squeeze.run import loggers
 
 BLOCK = 32768  # the record log is LevelDB's log format: 32 KiB blocks of records with a 7-byte header
 
@@ -175,7 +176,7 @@ def _sweep_cell(tmp_path: Path, cell: list[str], sweep_args: list[str]):
 
 
 def test_the_run_name_is_its_rows_label_the_settings_that_tell_the_sweeps_cells_apart(tmp_path):
-    # The name the logger gives a run (squeeze.loggers.wandb_logger without logger.wandb.name).
+    # The name the logger gives a run (squeeze.run.loggers.wandb_logger without logger.wandb.name).
     cfg = compose_cfg("train", ["logger=wandb", "compress=imp", "compress.imp.target=0.3"], tmp_path / "single")
     assert loggers.row_label(cfg.compress) == "imp target=0.3"  # a single run: the settings its command line gives
 

@@ -69,7 +69,7 @@ class Adapter:
     norm_types: tuple[type, ...] | None = None
     # Around the layer stack, under the base model like stack_path ("": the family has none): the norm after
     # the last layer, and the learned position table and the dropout that the base model's forward applies
-    # to the token embeddings (squeeze.pipeline keeps them on the first stage, the norm on the last).
+    # to the token embeddings (squeeze.hardware.pipeline keeps them on the first stage, the norm on the last).
     final_norm_path = ""
     position_embeddings_path = ""
     embedding_dropout_path = ""

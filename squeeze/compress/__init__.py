@@ -1,8 +1,8 @@
 """Compressors and how a run chains them.
 
 A compressor option (`conf/compress/<name>.yaml`) holds one key, its name, whose value instantiates
-a `Compressor`. Choosing several (`compress=[pkd,imp,dq]`) merges their keys in the order given,
-and the run applies them in that order at four points of one run:
+a `Compressor` (the run builds them: squeeze.run.build.chain). Choosing several (`compress=[pkd,imp,dq]`)
+merges their keys in the order given, and the run applies them in that order at four points of one run:
 
     prepare_model(model)   before the LightningModule exists (a student cut from a teacher, heads removed)
     wrap_module(module)    the objective (distillation brings its own LightningModule)
@@ -32,7 +32,7 @@ in the last `recovery` share of the run's optimizer steps (`pruning_deadline`), 
 ModelCheckpoint forget its best checkpoint (`Compressor.restart_best_checkpoint`), so the best validation it keeps,
 which the run tests and records as validation.best, is one of the model at its final sparsity.
 
-A compressor never imports another one; chaining is the run's job (squeeze/run.py).
+A compressor never imports another one; chaining is the run's job (squeeze/run/recipe.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from typing import Any, Iterable, Mapping
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from squeeze.config import chain_name, used_compressors  # noqa: F401  (chain_name re-exported for the run)
 from squeeze.errors import SqueezeError
 
 
@@ -59,7 +58,7 @@ class Compressor(L.Callback):
     float_weights: bool = False  # works on float weights: comes before every integer_weights compressor
     trained_after: bool = False  # set by check_order: a later compressor of the chain trains
     # Acts only on the fine-tuned weights (at finalize), so applying it to a stored fine-tuned model is the
-    # same run (squeeze.baselines). Not so for what prunes before fine-tuning (rows, heads) or trains.
+    # same run (squeeze.run.baselines). Not so for what prunes before fine-tuning (rows, heads) or trains.
     after_training: bool = False
     # The weights tested and saved: the best validation checkpoint, or the last weights. A pruner keeps the
     # best one among the validations after its last event (restart_best_checkpoint), so it can test the best.
@@ -119,31 +118,19 @@ def check_recovery(recovery: Any, what: str) -> None:
                            "recover after the last pruning event (0.3: no pruning in the last 30%)")
 
 
-def build_chain(compress_cfg: Mapping | None) -> list[Compressor]:
-    """Instantiate cfg.compress's entries in order; `none` (null) entries are the baseline, and settings
-    for a compressor this cell does not use (no `_target_`: a mixed sweep's shared settings) are skipped."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def check_post_training(chain: Iterable[Compressor]) -> None:
+    """evaluate.py applies a chain to a finished model: only what trains nothing."""
+    for c in chain:
+        if c.trains:
+            raise SqueezeError(f"compress={c.name} trains the model; run `python train.py compress={c.name}` and "
+                               f"then `python evaluate.py ckpt=<that run directory>`")
 
-    chain: list[Compressor] = []
-    for key, node in used_compressors(compress_cfg).items():
-        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        label = node.pop("label", None)  # the report's, not the compressor's
-        try:
-            compressor = instantiate(node, _convert_="all")
-        except InstantiationException as e:  # Hydra wraps the compressor's own one-line error: unwrap it
-            if isinstance(e.__cause__, SqueezeError):
-                raise e.__cause__ from None
-            raise
-        if not isinstance(compressor, Compressor):
-            raise SqueezeError(f"compress.{key} built a {type(compressor).__name__}, not a squeeze Compressor; "
-                               "check its _target_")
-        compressor.name = str(key)
-        compressor.label = None if label is None else str(label)
-        chain.append(compressor)
-    check_order(chain)
-    return chain
+
+def chain_summary(chain: Iterable[Compressor]) -> dict[str, Any]:
+    """result.json's `compress`: the chain's names in order, and what each compressor records (its label too)."""
+    chain = list(chain)
+    return {"chain": [c.name for c in chain],
+            **{c.name: {**c.summary(), **({"label": c.label} if c.label else {})} for c in chain}}
 
 
 def calibrate(chain: Iterable[Compressor], data, settings: Mapping | None) -> None:

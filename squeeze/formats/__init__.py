@@ -23,6 +23,7 @@ built at first use and never saved. `kernels_used(model)` says which kernels the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from squeeze.arch.loading import HEADS
 from squeeze.arch.pruned_attention import LAYOUT
-from squeeze.errors import SqueezeError
+from squeeze.errors import SqueezeError, out_of_space
 from squeeze.formats import compressed, packed, sparse
 from squeeze.formats.common import model_class, normal_mode
 from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear, kernels_used  # noqa: F401
@@ -86,6 +87,28 @@ def save(model, tokenizer, directory: str | Path) -> None:
             fmt = DENSE
         tokenizer.save_pretrained(str(directory))
     (directory / TAG_FILE).write_text(json.dumps({"format": fmt}) + "\n", encoding="utf-8")
+
+
+def save_atomic(model, tokenizer, directory: str | Path, instead: str) -> Path:
+    """`save`, written beside `directory` and then renamed over it, so a failed save never loses a model saved
+    there before. A full disk (or another OSError) is one line that ends with what to do `instead`."""
+    final = Path(directory)
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(model, tokenizer, tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(e, OSError) or out_of_space(e)):
+            raise
+        raise SqueezeError(f"could not save the model to {final} ({getattr(e, 'strerror', None) or e}); free disk "
+                           f"space and {instead}") from e
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def saved_format(directory: str | Path) -> str:

@@ -16,6 +16,10 @@ resident just before) is the batch's own working memory.
 Decoding speed is greedy `generate` of exactly `new_tokens` tokens from the first tokens of real test
 examples, timed like latency; models that cannot generate (encoders, classification heads) skip it.
 
+A run's own figures (result.json `perf`, `peak_memory_bytes`): `of_run`, `peak_memory`. Beside this module:
+squeeze.measure.energy (energy and CO2 per phase, the run's EnergyMeter callback) and
+squeeze.measure.speculative (speculative decoding against plain decoding).
+
 Comparing rows of a sweep: squeeze.measure.side_by_side (`python -m squeeze.measure DIR`) times several saved
 models in one process, in interleaved rounds, with these helpers.
 """
@@ -77,6 +81,22 @@ def example_batch(dataloader, batch_size: int) -> dict[str, torch.Tensor]:
         indices = list(range(batch_size))
     batch = dataloader.collate_fn([dataset[i] for i in indices])
     return {k: v for k, v in batch.items() if k in INPUT_KEYS}
+
+
+def of_run(model: torch.nn.Module, data, perf: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """result.json's `perf`: the tested (and saved) model timed on the run's `device`, or on each of
+    perf.devices (the first one's figures at the top level, each one's under by_device and its own name)."""
+    devices = list(perf.get("devices") or [device])
+    by_device = {
+        d: measure_inference(model, data.test_dataloader(), list(perf["batch_sizes"]), int(perf["warmup"]),
+                             int(perf["repeats"]), d, decode_settings(perf))
+        for d in devices
+    }
+    figures = dict(by_device[devices[0]])  # a copy: by_device holds the original
+    if len(by_device) > 1:
+        figures["by_device"] = by_device
+    figures.update({d: measured[d] for d, measured in by_device.items()})
+    return figures
 
 
 def measure_inference(
@@ -225,6 +245,13 @@ def process_peak_rss() -> int:
     # ru_maxrss is KiB on Linux: the process's peak resident set so far (model, data and all). Resetting
     # the high-water mark (PeakMemory) lowers it, so the peak seen before the resets is kept.
     return max(_peak_before_resets, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024)
+
+
+def peak_memory() -> tuple[int, str]:
+    """The run's peak memory so far and its kind: tensors on the GPU when it was used, else the process."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    return process_peak_rss(), "cpu_rss"
 
 
 def _proc_status_bytes(key: str) -> int | None:

@@ -12,7 +12,7 @@ the report puts it in (squeeze.report's own grouping and labels, so the report c
 cell of a row with a model is the one timed (cells of a row differ in seed or learning rate, which does not
 change the computation). A run directory given on its own is its own row, named by its directory. Rows are
 grouped per model × task; every group is measured on its own, with inputs built once from the task's real
-test examples (the group's baseline record's resolved config, as squeeze/run.py builds the data module, and
+test examples (the group's baseline record's resolved config, as a run builds the data module (squeeze.run.build), and
 its saved tokenizer) and given to every row of the group.
 
 Baseline: the row named `--baseline` in its group, else the row of that chain (default `none`, as the
@@ -256,13 +256,13 @@ def load(row: Row, device: str):
 
 
 def task_loader(row: Row, tokenizer):
-    """The task's test loader from the row's resolved config, built as squeeze/run.py builds it."""
+    """The task's test loader from the row's resolved config, built as a run builds it (squeeze.run.build)."""
     from omegaconf import OmegaConf
 
-    from squeeze import run
+    from squeeze.run import build
 
     trained = artifacts.resolve(row.run_dir, "run", accept=(artifacts.RUN,))
-    _, _, data = run._prepare(OmegaConf.create(row.record["config"]), trained_model=trained.model_config)
+    _, _, data = build.prepare(OmegaConf.create(row.record["config"]), trained_model=trained.model_config)
     data.tokenizer = tokenizer  # the saved model's own tokenizer, as evaluate.py uses it
     data.setup("test")
     return data.test_dataloader()

@@ -25,7 +25,7 @@ TABLE = (("quality", True), ("accuracy", False), ("token_accuracy", False), ("f1
          ("inference_kwh_per_1k", True), ("train_s", False), ("eval_s", False), ("energy_kwh", False),
          ("it_energy_kwh", False), ("co2_kg", False), ("spec_acceptance", False), ("spec_speedup", False))
 DELTAS = tuple(name for name, delta in TABLE if delta)
-# kg CO2 per kWh, as squeeze/energy.py's CO2_PRESETS (a test keeps them equal; the report imports no
+# kg CO2 per kWh, as squeeze/measure/energy.py's CO2_PRESETS (a test keeps them equal; the report imports no
 # training code): the grid's CO2 total is also given at each of them.
 CO2_PRESETS = {"epa": 0.430, "eea": 0.275}
 

@@ -40,7 +40,7 @@ def _metric(name: str) -> Callable[[dict], Any]:
 
 
 def _speculative(key: str) -> Callable[[dict], Any]:
-    # speculative.<key>, or where squeeze/speculative.py puts it today: speculative.speculative.<key>.
+    # speculative.<key>, or where squeeze/measure/speculative.py puts it today: speculative.speculative.<key>.
     def read(r: dict) -> Any:
         value = _dig(r, "speculative", key)
         return value if value is not None else _dig(r, "speculative", "speculative", key)
@@ -86,7 +86,7 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     # The IT equipment's own energy: the facility figure without the data centre's overhead (÷ PUE).
     "it_energy_kwh": ("IT kWh", lambda r: _it_kwh(r.get("energy"))),
     "co2_kg": ("CO2 kg", lambda r: _dig(r, "energy", "co2_kg")),
-    # squeeze/cost.py: beyond the model the row started from, that plus the starting model, and per 1,000 test
+    # squeeze/run/cost.py: beyond the model the row started from, that plus the starting model, and per 1,000 test
     # examples or scored tokens of the evaluation pass.
     "own_s": ("own s", lambda r: _dig(r, "cost", "own", "seconds")),
     "own_kwh": ("own kWh", lambda r: _dig(r, "cost", "own", "kwh")),
@@ -269,7 +269,7 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),
                     "kwh": energy.get("kwh"), "co2_kg": energy.get("co2_kg"), "pue": energy.get("pue"),
                     "co2": energy.get("co2"), "co2_kg_per_kwh": energy.get("co2_kg_per_kwh")}
-    # A cell on a stored baseline (squeeze.baselines) shows the model's whole cost in its row, but spent only
+    # A cell on a stored baseline (squeeze.run.baselines) shows the model's whole cost in its row, but spent only
     # its own work (plus the baseline's training when it was the one that trained it): counted once.
     own = record.get("spent") if isinstance(record.get("spent"), dict) else {}
     row["spent"].update({"train_s": own["train_seconds"], "kwh": own.get("kwh"), "co2_kg": own.get("co2_kg")}

@@ -17,7 +17,7 @@ from squeeze.report.aggregate import Group, expected_validation_curve, pareto_se
 from squeeze.report.cells import WHERE
 
 # Trade-off plots: (file suffix, cost figure, axis label).
-# Energy is the model's whole cost (squeeze/cost.py's total: training + compression, the starting model's included).
+# Energy is the model's whole cost (squeeze/run/cost.py's total: training + compression, the starting model's included).
 TRADEOFFS = (("size", "size_mb", "checkpoint size (MB)"), ("latency", "latency_ms", "latency, batch 1 (ms)"),
              ("energy", "total_kwh", "total energy: training + compression (kWh)"))
 

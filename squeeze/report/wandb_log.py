@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from squeeze.errors import SqueezeError
-from squeeze.loggers import earlier_wandb_id, wandb_has_key, wandb_run_dir
+from squeeze.run.loggers import earlier_wandb_id, wandb_has_key, wandb_run_dir
 from squeeze.record import read_record
 from squeeze.report.tables import cell_columns, cell_records, group_records, row_columns
 

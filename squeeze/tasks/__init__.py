@@ -1,7 +1,7 @@
 """Task kinds, one module each: `classification`, `tokens` (NER), `lm` (causal LM and LAMBADA's last word),
 `dialog/` (persona dialog); on `base` (what they share) and `sources` (raw splits from the hub or files).
 
-A task kind provides, and the run (squeeze/run.py), the compressors and the measurements rely on no more:
+A task kind provides, and the run (squeeze/run/recipe.py), the compressors and the measurements rely on no more:
 
 - A data module subclassing `base.TaskData`, built from `task.data` with `tokenizer=` and `seed=` (the run's)
   added. It defines `encode(rows, split)` (a split's raw rows -> a list of examples), `collate(features)` (->

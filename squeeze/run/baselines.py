@@ -14,6 +14,10 @@ the next time any cell asks for it. The key also holds FINE_TUNING_VERSION, so a
 fine-tuned differently is never reused: it is trained again under a new key (the old one stays on disk until
 deleted), and every record says which version trained its model (`fine_tuning_version`, and
 `baseline.fine_tuning_version` for a cell on a stored baseline).
+
+The run's side: `reused` says whether a cell's chain starts from the store, `on_stored` runs the cell there (its
+chain applied to the stored model, as evaluate.py would), `auto_teachers` resolves `teacher=auto`. The recipe hands
+in its own train and evaluate, so the store does not import the recipe.
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from squeeze import assets, loggers
+from squeeze import artifacts, assets
+from squeeze.compress import Compressor
+from squeeze.config import used_compressors
 from squeeze.errors import SqueezeError
-from squeeze.record import read_record
+from squeeze.hardware import checkpointing, sharding
+from squeeze.record import new_record, read_record, write_record
+from squeeze.run import guard, loggers
 
 log = logging.getLogger("squeeze")
 KEY_SECTIONS = ("model", "task", "trainer", "optimizer", "scheduler", "seed")
@@ -107,7 +115,7 @@ def ready(entry: Path) -> dict[str, Any] | None:
         record = read_record(entry)
     except (OSError, ValueError):
         return None
-    return record if record.get("status") == "ok" and (entry / "model").is_dir() else None
+    return record if record.get("status") == "ok" and (entry / artifacts.RUN_MODEL).is_dir() else None
 
 
 def obtain(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], dict[str, Any]],
@@ -168,6 +176,84 @@ def best_of(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
         raise SqueezeError("teacher_best_of is empty; give at least one setting, e.g. {optimizer.lr: [3e-5]}")
     return best[1]
 
+
+# -- a cell on the store: the recipe hands in its own train and evaluate (Train, Evaluate) ----------------
+Train = Callable[..., dict[str, Any]]  # recipe._train(cfg, record, cell, as_baseline=False)
+Evaluate = Callable[..., dict[str, Any]]  # recipe._evaluate(cfg, record, cell)
+
+
+def reused(cfg: DictConfig, chain: list[Compressor], cell) -> bool:
+    """A chain whose compressors all act on the fine-tuned weights (none, dq, int8wo, int4wo, smoothquant, gptq,
+    wanda, sparsegpt): in a sweep (or with baseline.reuse=true) that fine-tuned model comes from the store,
+    trained once. rows and heads prune before fine-tuning, so they fine-tune their own model."""
+    if not all(c.after_training for c in chain) or cfg.trainer.get("max_steps", -1) == 0:
+        return False
+    if cfg.get("ckpt_path") not in (None, "last_or_new"):  # resuming this cell's own checkpoint on purpose
+        return False
+    if checkpointing.last_checkpoint(cell.run_dir) is not None:
+        return False  # a cell killed while fine-tuning in its own directory goes on there
+    strategy = str(cfg.trainer.get("strategy") or "")
+    if strategy.startswith("ddp") or sharding.is_sharded(strategy):  # ranks would each train the store entry
+        return False
+    return reuse_enabled(cfg, cell.multirun)
+
+
+def on_stored(cfg: DictConfig, chain: list[Compressor], record: dict[str, Any], cell, train: Train,
+              evaluate: Evaluate) -> dict[str, Any]:
+    """The cell's chain applied to the stored fine-tuned baseline, then tested, saved and measured like an
+    `evaluate.py ckpt=<baseline> compress=<chain>` run. Its train time and energy are the model's whole cost
+    (the baseline's training + this cell's work); `spent` is what this cell itself cost (the report's totals)."""
+    base = obtain(cfg, cell.run_dir, _fine_tuner(cell, train))
+    with open_dict(cfg):
+        cfg.ckpt = str(base.dir)
+    evaluate(cfg, record, cell)
+    if not chain:  # the baseline row itself: its model in its run directory too (evaluate.py ckpt=<this cell>)
+        link_tree(base.dir / artifacts.RUN_MODEL, cell.run_dir / artifacts.RUN_MODEL)
+    own_energy = record.get("energy")
+    record.update(baseline=base.summary(), train_seconds=base.record.get("train_seconds"),
+                  train_tokens=base.record.get("train_tokens"),
+                  train_tokens_per_s=base.record.get("train_tokens_per_s"),
+                  # a compressed model's own validation pass (evaluate); the baseline row is the stored model
+                  validation=record.get("validation") or base.record.get("validation"),
+                  energy=merged_energy(base.record.get("energy"), own_energy))
+    record["spent"] = spent(base, own_energy)
+    if not chain:  # the baseline row: its own cost is the fine-tuning it is
+        record["cost"]["own"] = dict(record["cost"]["total"])
+    return record
+
+
+def auto_teachers(cfg: DictConfig, record: dict[str, Any], cell, train: Train) -> Baseline | None:
+    """`teacher: auto` on a distillation compressor: the stored fine-tuned baseline of this model × task
+    (this cell's training settings, or the best by validation over `teacher_best_of`), trained once."""
+    teacher = None
+    for name in used_compressors(cfg.get("compress")):
+        node = cfg.compress[name]
+        grid = node.get("teacher_best_of")
+        if node.get("teacher") != "auto":
+            if grid is not None:
+                raise SqueezeError(f"compress.{name}.teacher_best_of chooses among stored baselines, so it needs "
+                                   f"compress.{name}.teacher=auto (it is {node.get('teacher')!r})")
+            continue
+        grid = OmegaConf.to_container(grid, resolve=True) if grid is not None else None
+        fine_tune = _fine_tuner(cell, train)
+        base = best_of(cfg, cell.run_dir, fine_tune, grid) if grid else obtain(cfg, cell.run_dir, fine_tune)
+        with open_dict(node):
+            node.teacher = str(base.dir)
+        record["baseline"] = base.summary()
+        teacher = base
+    return teacher
+
+
+def _fine_tuner(cell, train: Train) -> Callable[[DictConfig, Path], dict[str, Any]]:
+    """`obtain`'s train: a store entry fine-tuned by the recipe as a plain run in the entry's directory, its
+    record written as any run's."""
+    def fine_tune(cfg: DictConfig, entry: Path) -> dict[str, Any]:
+        record = new_record(entry, {**cell.record_choices(cfg.get("compress")), "compress": "none"},
+                            OmegaConf.to_container(cfg), cfg.get("seed"))
+        write_record(entry, record)
+        return guard.guarded(lambda: train(cfg, record, replace(cell, run_dir=entry), as_baseline=True), record,
+                             entry, multirun=True)
+    return fine_tune
 
 def merged_energy(baseline: dict[str, Any] | None, own: dict[str, Any] | None) -> dict[str, Any] | None:
     """The model's whole cost: the baseline's training phase plus this cell's own phases (its evaluation)."""

@@ -4,11 +4,15 @@
                      most `max_overhead` of train time), and when SIGTERM/SIGINT arrive; RNG states inside
   AtomicCheckpointIO every checkpoint written beside its target and renamed over it
   StopSignals        SIGTERM/SIGINT: during fit, Lightning's own SIGTERM stop at the end of the batch; elsewhere
-                     at once. Either way the run ends as `Interrupted` (recorded by squeeze.guard)
+                     at once. Either way the run ends as `Interrupted` (recorded by squeeze.run.guard)
   resumable()        the train loader, able to continue mid-epoch at the batch it stopped at
   last_checkpoint()  the newest checkpoint in a run directory (last.ckpt or Lightning's Slurm hpc_ckpt_N.ckpt)
   cluster_plugins()  on Slurm: Lightning's requeue on the pre-emption signal
-  CSVLogger          Lightning's, continuing metrics.csv on resume (the W&B run id: squeeze.loggers)
+  CSVLogger          Lightning's, continuing metrics.csv on resume (the W&B run id: squeeze.run.loggers)
+  resume_from()      where fit starts from (ckpt_path=last | last_or_new | a file | a run), said in the record
+  fitting()          fit under the stop signals, timed, a checkpoint of another architecture said in one line
+  restore_best()     after fit, the best validation checkpoint Lightning's ModelCheckpoint kept (the weights
+                     the run tests and saves), its score (best_validation) and what mid-epoch saving cost
 
 Resuming from a step checkpoint reproduces the uninterrupted run (same seed): weights, optimizer, scheduler and
 loop state are Lightning's; compressor state is their callbacks' state_dict; the data order and the position in
@@ -17,8 +21,8 @@ the epoch are the loader's state_dict (below); dropout's RNG is saved here.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import errno
 import logging
 import os
 import random
@@ -33,14 +37,16 @@ import lightning as L
 import torch
 import numpy as np
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-from squeeze import safe_load
-from squeeze.errors import Interrupted, SqueezeError
+from squeeze import artifacts
+from squeeze.errors import Interrupted, SqueezeError, out_of_space
+from squeeze.hardware import safe_load
 
 log = logging.getLogger("squeeze")
 LAST = "last.ckpt"
@@ -69,20 +75,12 @@ def is_sharded(path: str | Path) -> bool:
 def checkpoint_position(path: str | Path) -> dict[str, Any]:
     """The optimizer step and epoch a checkpoint holds (memory-mapped: the tensors are not read)."""
     file = Path(path) / SHARDED_META if is_sharded(path) else Path(path)
-    ckpt = safe_load.load(file, mmap=True)  # read as data before Lightning resumes from it (squeeze.safe_load)
+    ckpt = safe_load.load(file, mmap=True)  # read as data before Lightning resumes from it (squeeze.hardware.safe_load)
     return {"checkpoint": str(path), "step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
             "csv_rows": ckpt.get(CSV_ROWS_KEY)}
 
 
 # -- atomic saving ----------------------------------------------------------------------------------
-def out_of_space(error: BaseException) -> bool:
-    """A write that failed because the disk is full: ENOSPC, or torch's zip writer saying so its own way."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temp file beside the target, fsync, then os.replace: a kill at any moment leaves
     the previous checkpoint loadable. (Lightning's own _atomic_save serialises into memory and commits an
@@ -122,7 +120,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None):
         """Lightning's resume (`trainer.fit(ckpt_path=...)`) asks for weights_only=False; read it as data instead
-        (squeeze.safe_load: refused with one line unless trust_checkpoint=true). Remote URLs keep Lightning's
+        (squeeze.hardware.safe_load: refused with one line unless trust_checkpoint=true). Remote URLs keep Lightning's
         reader, weights-only too unless trusted."""
         if "://" in str(path):
             with torch.serialization.safe_globals(safe_load.safe_types()):
@@ -154,7 +152,7 @@ class StopSignals:
 
     During fit the first one asks Lightning to stop at the end of the current batch (its SIGTERM flag), where
     ResumeCheckpoint saves last.ckpt; a second Ctrl-C stops at once. Outside fit the run stops at once. Either
-    way `Interrupted` reaches squeeze.guard, which records status "interrupted". Lightning handles SIGTERM during
+    way `Interrupted` reaches squeeze.run.guard, which records status "interrupted". Lightning handles SIGTERM during
     its loops only, and SIGINT not at all (a KeyboardInterrupt lands mid-step): that is what is added here."""
 
     def __init__(self) -> None:
@@ -191,7 +189,7 @@ class StopSignals:
         raise Interrupted(self.signum or signum)
 
 
-signals = StopSignals()  # signal handlers are per process; squeeze.run enters it around each run
+signals = StopSignals()  # signal handlers are per process; squeeze.run.cell.guarded enters it around each run
 
 
 # -- the checkpoint callback ------------------------------------------------------------------------
@@ -350,6 +348,109 @@ def interrupted(trainer: L.Trainer, error: BaseException) -> Interrupted:
     return Interrupted(signum, step=trainer.global_step, epoch=trainer.current_epoch,
                        checkpoint=str(latest) if latest else None, checkpoint_step=checkpoint_step)
 
+
+
+# -- fit: where it starts, how it stops, the best checkpoint it kept ----------------------------------------
+def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` (resume in this run directory; none there is an error), `last_or_new` (resume, or start fresh on
+    purpose), a checkpoint file, or an earlier run directory."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("last", "last_or_new"):
+        found = last_checkpoint(run_dir)
+        if found is not None:
+            return str(found)
+        if ckpt_path == "last":
+            raise SqueezeError(f"ckpt_path=last: no checkpoint in {run_dir} to resume from (checkpoints/last.ckpt); "
+                               "give hydra.run.dir=<the killed run's directory>, or ckpt_path=last_or_new to start "
+                               "fresh when there is none")
+        log.info("ckpt_path=last_or_new: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    return str(artifacts.resume_checkpoint(ckpt_path))
+
+
+def resume_from(ckpt_path: str | None, run_dir: Path, record: dict[str, Any], loggers) -> str | None:
+    """The checkpoint fit resumes from (resume_path), recorded as `resumed_from`; the curves the CSV logger
+    wrote before that checkpoint are kept."""
+    path = resume_path(ckpt_path, run_dir)
+    if path is not None:
+        record["resumed_from"] = checkpoint_position(path)
+        log.info("resuming from %s (step %d)", path, record["resumed_from"]["step"])
+        rows = record["resumed_from"].pop("csv_rows")
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.resume_at(record["resumed_from"]["step"], rows)
+    return path
+
+
+@contextlib.contextmanager
+def fitting(trainer: L.Trainer, record: dict[str, Any], ckpt: Any):
+    """Around trainer.fit: a stop signal ends fit at the end of the batch, with last.ckpt, and the run as
+    Interrupted; fit's wall time is record["train_seconds"] however it ends."""
+    start = time.perf_counter()
+    try:
+        signals.fitting = True
+        with readable_checkpoint_errors(ckpt):
+            yield
+    except (SIGTERMException, KeyboardInterrupt, Interrupted) as e:
+        raise interrupted(trainer, e) from None
+    finally:
+        signals.fitting = False
+        record["train_seconds"] = time.perf_counter() - start
+
+
+class readable_checkpoint_errors:
+    """A checkpoint whose tensors do not fit the model means another architecture: say so."""
+
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is RuntimeError and "state_dict" in str(error):
+            raise SqueezeError(
+                f"checkpoint {self.ckpt} is from another architecture than the configured model "
+                f"({str(error).splitlines()[0]}); use the model= and task= it was trained with"
+            ) from error
+        return False
+
+
+def model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The callback that keeps the best validation checkpoint (ResumeCheckpoint is a Checkpoint too)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def checkpoint_seconds(trainer: L.Trainer) -> dict[str, Any] | None:
+    callback = next((c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint)), None)
+    if callback is None:
+        return None
+    return {"mid_epoch_saves": len(callback.saves), "seconds": sum(callback.saves)}
+
+
+def best_validation(trainer: L.Trainer, monitor: str, mode: str) -> dict[str, Any] | None:
+    callback = model_checkpoint(trainer)
+    score = getattr(callback, "best_model_score", None) if callback else None
+    if score is None:
+        return None
+    return {"monitor": monitor, "mode": mode, "best": float(score)}
+
+
+def restore_sharded_best(trainer: L.Trainer) -> None:
+    callback = model_checkpoint(trainer)
+    best = callback.best_model_path if callback else ""
+    if best and is_sharded(best):
+        trainer.strategy.load_checkpoint(best)  # every rank its own shard; then gathered like the last weights
+
+
+def restore_best(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Load the best validation checkpoint's weights (if one was kept) into the module."""
+    callback = model_checkpoint(trainer)
+    best = callback.best_model_path if callback else ""
+    if best and Path(best).is_file():
+        state = safe_load.load(best)["state_dict"]
+        module.load_state_dict(state)
 
 # -- a train loader that resumes mid-epoch ---------------------------------------------------------
 class EpochSampler(Sampler[int]):

@@ -4,8 +4,8 @@ A Lightning `.ckpt` is a pickle, and `torch.load(..., weights_only=False)` calls
 reading it: `evaluate.py ckpt=<file>` or `ckpt_path=<file>` from someone else could run any code. squeeze reads
 every checkpoint with torch's weights-only unpickler instead: tensors, numbers, strings, lists, tuples, dicts and
 the few types in `SAFE_TYPES`. squeeze's own checkpoints (best, last, mid-epoch; every compressor's state) hold
-nothing more (squeeze.resume keeps the RNG states as tensors and tuples for this reason). A file that needs more
-stops with one line, unless the run says `trust_checkpoint=true`.
+nothing more (squeeze.hardware.checkpointing keeps the RNG states as tensors and tuples for this reason). A file
+that needs more stops with one line, unless the run says `trust_checkpoint=true`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def safe_types() -> list[type]:
 @contextlib.contextmanager
 def trusting(trust: Any) -> Iterator[None]:
     """Within: checkpoints loaded without an explicit `trust` follow the run's trust_checkpoint (the entry points
-    set it; Lightning's own resume reads through squeeze.resume.AtomicCheckpointIO, which asks here)."""
+    set it; Lightning's own resume reads through squeeze.hardware.checkpointing.AtomicCheckpointIO, which asks here)."""
     global _trusted
     before, _trusted = _trusted, bool(trust)
     try:
