@@ -31,8 +31,9 @@ from squeeze.run import guard
 
 log = logging.getLogger("squeeze")
 CHOICE_GROUPS = ("model", "task", "compress", "hardware")
-# What only steers this invocation (resuming, rerunning failed cells, trusting a file), not what the cell is.
-NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra")
+# What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget), not what
+# the cell is: a search rerun with more trials finds its finished cells the same.
+NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search")
 
 
 @dataclass(frozen=True)

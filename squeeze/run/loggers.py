@@ -237,6 +237,8 @@ def _sweep_jobs(sweep_dir: Any) -> tuple[list[list[str]] | None, list[str]]:
 
     try:
         saved = OmegaConf.load(Path(str(sweep_dir)) / "multirun.yaml")
+        if saved.get("search") is not None:  # a search's cells are its trials so far: each is named by its own settings
+            return None, []
         sweeper = OmegaConf.to_container(saved.hydra.sweeper, resolve=False)
         args = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         args += OmegaConf.to_container(saved.hydra.overrides.task, resolve=False)
