@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,14 +163,42 @@ def test_a_failed_cell_is_a_failed_trial_and_the_search_goes_on(tmp_path):
     assert all(f["error"] == "SqueezeError: x must be below 1" for f in doc["failed"])
 
 
-def test_a_trial_that_lands_on_a_finished_cell_takes_its_outcome_without_running(tmp_path):
+def test_a_trial_that_lands_on_a_finished_cell_takes_its_outcome_without_running_or_counting(tmp_path, caplog):
     cells = FakeCells(tmp_path)
     study = _search(tmp_path, cells, 6, "x=choice(0.2,0.5)")
-    assert len(study.trials) == 6 and len(cells.launched) == 2  # two distinct cells, each run once
+    assert len(cells.launched) == 2  # two distinct cells, each run once
     again = [t for t in study.trials if "same_cell_as" in t.user_attrs]
-    assert len(again) == 4
+    assert again and len(study.trials) == 2 + len(again)
     for t in again:
         assert t.values == study.trials[t.user_attrs["same_cell_as"]].values
+    # Repeats are free, so the budget of 6 cells is not spent on them; the space holds 2, and the search says so.
+    assert "stopping with 2 of 6 cells" in caplog.text
+
+
+def test_a_budget_of_n_trials_runs_n_distinct_cells(tmp_path):
+    cells = FakeCells(tmp_path)
+    study = _search(tmp_path, cells, 6, "x=choice(0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8)")
+    assert len(cells.launched) == 6
+    ran = [t.params["x"] for t in study.trials if "same_cell_as" not in t.user_attrs]
+    assert len(ran) == len(set(ran)) == 6
+
+
+def test_the_first_generation_spreads_every_setting_from_bound_to_bound():
+    space = _space("x=interval(0.3,0.9)", "n=int(interval(1,7))", "lr=tag(log,interval(1e-5,1e-3))",
+                   "s=range(0,1,0.25)", "g=choice(global,layer)")
+    points = search.first_generation(space, 4, seed=0)
+    assert len(points) == 4
+    assert sorted(p["x"] for p in points) == pytest.approx([0.3, 0.5, 0.7, 0.9])
+    assert sorted(p["n"] for p in points) == [1, 3, 5, 7]
+    assert sorted(p["lr"] for p in points) == pytest.approx([1e-5, 10 ** -4.333333, 10 ** -3.666667, 1e-3], rel=1e-4)
+    assert sorted(p["s"] for p in points) == pytest.approx([0.0, 0.25, 0.5, 0.75])  # on the range's steps
+    assert sorted(p["g"] for p in points) == ["global", "global", "layer", "layer"]
+    assert len({(p["x"], p["n"]) for p in points}) == 4  # paired at random, not in lockstep ...
+    assert search.first_generation(space, 4, seed=0) == points  # ... and reproducibly from the seed
+    # A study begins with them: its first trials are these points, sampled as their distributions.
+    study = search.open_study(Path(tempfile.mkdtemp()), _space("x=interval(0.3,0.9)"), _settings(12, population=4))
+    firsts = [space_x for space_x in (study.ask().suggest_float("x", 0.3, 0.9) for _ in range(4))]
+    assert sorted(firsts) == pytest.approx([0.3, 0.5, 0.7, 0.9])
 
 
 def test_rerun_failed_runs_a_failed_cell_again_when_a_trial_lands_on_it(tmp_path):

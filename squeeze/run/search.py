@@ -24,7 +24,9 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import random
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +106,7 @@ class Settings:
     """conf/hydra/sweeper/search.yaml's `search:`; a preset's own `search:` may leave out all but objectives."""
 
     objectives: tuple[Objective, ...]
-    trials: int = 20  # trials the study should hold (finished or failed); a rerun with more continues the study
+    trials: int = 20  # cells the study should hold (finished or failed); a rerun with more continues the study
     sampler: str = "nsga2"
     seed: int | None = 0
     batch: int = 1  # trials launched at once
@@ -119,7 +121,7 @@ def read_settings(node: Mapping | None) -> Settings:
     node = dict(node or {})
     trials = node.get("trials", Settings.trials)
     if not _whole(trials) or trials < 1:
-        raise SqueezeError(f"search.trials={trials!r}: give how many trials the study should hold, at least 1 (a "
+        raise SqueezeError(f"search.trials={trials!r}: give how many cells the search should run, at least 1 (a "
                            "rerun with more continues it)")
     objectives = node.get("objectives")
     if isinstance(objectives, str) and objectives not in ("", "???"):
@@ -183,6 +185,21 @@ class Dimension:
         if self.step is not None:  # a stepped float lands on low + k·step: keep it 0.3, not 0.30000000000000004
             value = round(value, max(0, -math.floor(math.log10(abs(self.step)))) + 6)
         return repr(float(value))
+
+    def level(self, k: int, levels: int) -> Any:
+        """The k-th of `levels` evenly spread values, both bounds included (a categorical dimension deals its
+        choices in turn), as the trial's parameter."""
+        if self.kind == "categorical":
+            return self.choices[k % len(self.choices)]
+        u = k / (levels - 1) if levels > 1 else 0.5
+        if self.log:
+            value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        else:
+            value = self.low + u * (self.high - self.low)
+        if self.step is not None:  # onto the grid low + j·step
+            value = self.low + round((value - self.low) / self.step) * self.step
+        value = min(self.high, max(self.low, value))  # 0.3 + 0.6 is 0.8999999999999999 in floats: keep the bounds
+        return int(round(value)) if self.kind == "int" else float(value)
 
     def examples(self) -> list[str]:
         """Values that stand for this dimension when the sweep's cells are checked before any runs."""
@@ -368,14 +385,36 @@ def open_study(sweep_dir: Path, space: Space, settings: Settings):
             study.set_user_attr(key, value)
         # Optuna keeps no sampler in the storage: the population is, so a resumed study breeds as it began.
         study.set_user_attr("population", settings.population or min(50, max(4, settings.trials // 3)))
+        for point in first_generation(space, study.user_attrs["population"], settings.seed):
+            study.enqueue_trial(point)
     population = settings.population or study.user_attrs["population"]
     # A resumed search draws from seed + the trials held, so it does not redraw the first run's points.
     seed = None if settings.seed is None else settings.seed + len(study.trials)
     if settings.sampler == "nsga2":
-        study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+        # Simulated binary crossover breeds new values near both parents; Optuna's default (uniform) only swaps
+        # the parents' values, so a small population keeps asking for cells it has run (measured: 5 of 12 trials).
+        with warnings.catch_warnings():  # "SBXCrossover is experimental": in Optuna since 3.0, nothing to act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            crossover = optuna.samplers.nsgaii.SBXCrossover()
+        study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed, crossover=crossover)
     else:
         study.sampler = optuna.samplers.TPESampler(n_startup_trials=population, seed=seed)
     return study
+
+
+def first_generation(space: Space, size: int, seed: int | None) -> list[dict[str, Any]]:
+    """The study's first `size` trials, spread over the space: each numeric dimension at `size` evenly spaced
+    values from bound to bound, each value once, paired across dimensions at random (a Latin hypercube with its
+    corners' levels). A handful of random draws often leaves one end of a range unexplored, and the end of a
+    setting's range is where a trade-off front usually ends (the smallest model, the best quality)."""
+    rng = random.Random(seed)
+    points: list[dict[str, Any]] = [{} for _ in range(size)]
+    for d in space.dimensions():
+        order = list(range(size))
+        rng.shuffle(order)
+        for point, k in zip(points, order):
+            point[d.name] = d.level(k, size)
+    return points
 
 
 @dataclass
@@ -390,8 +429,10 @@ Launch = Callable[[list[Job]], dict[int, str]]  # runs the cells; an error line 
 
 
 def run(study, space: Space, settings: Settings, cell_dir: CellDir, launch: Launch) -> None:
-    """Ask, launch, tell until the study holds settings.trials finished or failed trials. Trials an earlier run
-    left running (killed) are launched again first, as the same cells."""
+    """Ask, launch, tell until the study holds settings.trials finished or failed cells. Trials an earlier run
+    left running (killed) are launched again first, as the same cells. A trial that lands on a cell already run
+    takes its outcome (the sampler learns it) and costs nothing, so it does not count: a budget of 12 is 12 cells,
+    as a 12-cell grid is. When the sampler keeps asking only for cells already run, the search stops early."""
     from optuna.trial import TrialState
 
     # With rerun_failed=true a trial that lands on a failed cell runs it again (as a new cell), as the grid would.
@@ -410,18 +451,21 @@ def run(study, space: Space, settings: Settings, cell_dir: CellDir, launch: Laun
             study.tell(t.number, state=TrialState.FAIL)
             log.warning("search: trial %d failed: %s", t.number, job or "killed before its cell was settled")
 
-    def held() -> int:
-        return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.get_trials(deepcopy=False))
+    def held() -> int:  # cells run: finished or failed trials that were not another trial's cell again
+        return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) and "same_cell_as" not in t.user_attrs
+                   for t in study.get_trials(deepcopy=False))
 
+    repeats, enough = 0, max(30, 3 * settings.trials)  # asks in a row that gave no new cell; when to give up
     while True:
         batch, twins = pending[:settings.batch], {}
         del pending[:settings.batch]
-        while (len(batch) + len(twins) < settings.batch
-               and held() + len(batch) + len(twins) + len(pending) < settings.trials):
+        while (len(batch) < settings.batch and held() + len(batch) + len(pending) < settings.trials
+               and repeats < enough):
             trial = study.ask()
             overrides = space.cell(trial)
             trial.set_user_attr("overrides", overrides)
             key = same_cell(overrides)
+            repeats += 1
             if key in finished:  # e.g. compress=none drawn again: the grid would not run that cell twice either
                 _tell_as(study, trial, finished[key])
                 continue
@@ -429,6 +473,7 @@ def run(study, space: Space, settings: Settings, cell_dir: CellDir, launch: Laun
             if twin is not None:
                 twins[trial] = twin.number
                 continue
+            repeats = 0
             job = _job(trial.number, overrides, cell_dir)
             if not isinstance(job, Job):  # its config does not compose
                 trial.set_user_attr("error", job)
@@ -438,6 +483,9 @@ def run(study, space: Space, settings: Settings, cell_dir: CellDir, launch: Laun
             trial.set_user_attr("cell", job.run_dir.name)
             batch.append(job)
         if not batch:
+            if repeats >= enough:
+                log.warning("search: the last %d trials all asked for cells already run (the space holds no other "
+                            "cell the sampler finds); stopping with %d of %d cells", enough, held(), settings.trials)
             return
         errors = launch(batch)
         told = {}
