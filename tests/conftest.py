@@ -171,6 +171,8 @@ def _own_baseline_store(monkeypatch, tmp_path_factory):
 def _quiet_threads(monkeypatch):
     # Two cores: keep torch from oversubscribing when tests start subprocesses.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # The runs a test starts (train.py, evaluate.py) one thread each too: two test workers share the two cores.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
     # hand-offs cost more than the math (measured ~13× slower loops with the default 2 threads).
     threads = torch.get_num_threads()
