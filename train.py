@@ -6,6 +6,8 @@
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from squeeze import config
@@ -16,7 +18,8 @@ from squeeze.errors import SqueezeError, main_exit
 def main(cfg: DictConfig) -> float | None:
     config.runs_started()
     try:
-        config.check_before_loading(cfg)  # compressor settings, the model directory, optimizer and scheduler
+        # compressor settings, the model directory, optimizer and scheduler; search settings only in a sweep
+        config.check_before_loading(cfg, sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
     except SqueezeError as e:
         main_exit(e)
     # Imported here, not above: `--help` and a bad setting need no Lightning or transformers (seconds).

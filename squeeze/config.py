@@ -271,8 +271,12 @@ def settle_model_directory(cfg) -> None:
         cfg.model = spec
 
 
-def check_before_loading(cfg) -> None:
-    """What the entry points check and settle on the composed config before a run loads anything."""
+def check_before_loading(cfg, sweep: bool = False) -> None:
+    """What the entry points check and settle on the composed config before a run loads anything; `sweep`: this
+    job is a cell of a -m sweep."""
+    if cfg.get("search") is not None and not sweep:  # hydra/sweeper=search or a preset's search: without -m
+        raise SqueezeError("search: a search is a sweep and runs only with -m (python train.py -m "
+                           "hydra/sweeper=search ...); without -m it would train one run and search nothing")
     check_compressor_config(cfg.get("compress"))
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
@@ -341,6 +345,9 @@ def error_line(error: BaseException) -> str:
     if parent is not None and key is not None and OmegaConf.is_dict(parent) and "not in struct" in str(cause):
         full_key = str(getattr(cause, "full_key", key))
         prefix = full_key[: len(full_key) - len(str(key))]
+        if full_key == "search":  # the search's settings exist only once its sweeper is chosen
+            return ("search: the search's settings come with its sweeper; add -m hydra/sweeper=search "
+                    "(python train.py -m hydra/sweeper=search search.trials=... search.objectives=[...] ...)")
         first, *rest = _lines(str(error))
         close = difflib.get_close_matches(str(key), [str(k) for k in parent.keys()], n=1, cutoff=0.6)
         hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""

@@ -325,3 +325,16 @@ def test_bad_search_inputs_are_one_line_and_exit_2(tmp_path, args, says):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and says in lines[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["search.trials=5"], "add -m hydra/sweeper=search"),  # the search's settings without its sweeper
+    (["hydra/sweeper=search", "search.trials=5", OBJECTIVES], "runs only with -m"),  # its sweeper without -m
+])
+def test_search_settings_outside_a_search_sweep_stop_before_anything_runs(tmp_path, args, says):
+    done = run_cli("train.py", ["model=tiny_gpt2", "task=austen", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                   cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and says in lines[0], done.stderr[-3000:]
+    assert not (tmp_path / "run" / "result.json").exists()
