@@ -28,12 +28,10 @@ from squeeze.errors import SqueezeError
 from squeeze.hardware import checkpointing, sharding
 from squeeze.record import jsonable, new_record, read_record, write_record
 from squeeze.run import guard
+from squeeze.run.sweep import NOT_THE_CELL
 
 log = logging.getLogger("squeeze")
 CHOICE_GROUPS = ("model", "task", "compress", "hardware")
-# What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget), not what
-# the cell is: a search rerun with more trials finds its finished cells the same.
-NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search")
 
 
 @dataclass(frozen=True)

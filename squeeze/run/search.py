@@ -34,7 +34,7 @@ from typing import Any
 
 from squeeze.errors import SqueezeError
 from squeeze.record import read_record, write_json_atomic
-from squeeze.run.sweep import _SETTING, chosen, prune_cells, with_rows
+from squeeze.run.sweep import _SETTING, NOT_THE_CELL, chosen, prune_cells, with_rows
 
 log = logging.getLogger("squeeze")
 STUDY_FILE = "study.db"
@@ -336,13 +336,9 @@ class Space:
         return cells
 
 
-# squeeze.run.cell.NOT_THE_CELL's keys (that module imports Lightning, which a refused command line need not wait for).
-STEERING = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search")
-
-
 def _steering(override: str) -> bool:
     """An override that steers this invocation (resume, rerun failed cells, the search's settings), not the cell."""
-    return override.split("=", 1)[0].lstrip("+~").split(".")[0] in STEERING
+    return override.split("=", 1)[0].lstrip("+~").split(".")[0] in NOT_THE_CELL
 
 
 def same_cell(overrides: Sequence[str]) -> tuple[str, ...]:

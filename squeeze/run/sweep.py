@@ -12,6 +12,9 @@ import shlex
 from squeeze.config import check_compressor_setting, lenient_compressor_settings
 from squeeze.errors import SqueezeError
 
+# What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget), not what
+# the cell is: a rerun, or a search rerun with more trials, finds its finished cells the same.
+NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search")
 _SETTING = re.compile(r"^\+{0,2}compress\.([A-Za-z_][\w-]*)\.")
 _CHOICE = re.compile(r"^compress=(.*)$")
 
