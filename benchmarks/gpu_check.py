@@ -27,8 +27,10 @@ SMALL = ["model=tiny_gpt2", "task=austen", "task.data.block_size=128", "task.dat
 
 def _train(args: list[str], script: str = "train.py") -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    subprocess.run([sys.executable, str(ROOT / script), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, timeout=240,
-                   capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                          timeout=240, capture_output=True, text=True)
+    if not (run_dir / "result.json").exists():  # died before its record: the last lines say why
+        raise RuntimeError(" | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:]))
     record = json.loads((run_dir / "result.json").read_text())
     if record["status"] != "ok":
         raise RuntimeError(record["error"])
@@ -47,8 +49,11 @@ def _time(fn, repeats: int = 50) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+BASELINE: dict = {}
+
+
 def check_gpu_bf16():
-    r = _train([*SMALL, "hardware=gpu"])
+    r = BASELINE.setdefault("run", _train([*SMALL, "hardware=gpu", "perf.devices=[cpu,cuda]"]))
     energy = (r.get("energy") or {})
     return f"ppl {r['metrics']['test/perplexity']:.1f}, {r['train_tokens_per_s']:.0f} train tok/s, " \
            f"energy {energy.get('kwh')} kWh via {energy.get('gpu_source', energy.get('source'))}"
@@ -79,6 +84,19 @@ def check_semi_structured():
     x = torch.randn(4096, 128, device="cuda", dtype=torch.bfloat16)
     sparse = to_sparse_semi_structured(w)
     return f"speed ratio 2:4 sparse/dense {_time(lambda: w @ x) / _time(lambda: sparse @ x):.2f}x"
+
+
+def check_weight_only_in_squeeze():
+    """squeeze's own int8wo / int4wo after a GPU fine-tune: torchao's kernels on CUDA, its CPU kernels beside."""
+    base = BASELINE.get("run") or BASELINE.setdefault("run", _train([*SMALL, "hardware=gpu", "perf.devices=[cpu,cuda]"]))
+    parts = []
+    for q in ("int8wo", "int4wo"):
+        r = _train([*SMALL, "hardware=gpu", f"compress={q}", "perf.devices=[cpu,cuda]"])
+        ratio = r["metrics"]["test/perplexity"] / base["metrics"]["test/perplexity"]
+        speeds = {dev: (r["perf"].get(dev) or {}).get("decode_tokens_per_s", {}).get("batch_1")
+                  for dev in ("cpu", "cuda")}
+        parts.append(f"{q}: ppl x{ratio:.3f} of bf16 run, kernels {r.get('kernels')}, decode b1 tok/s {speeds}")
+    return "; ".join(parts)
 
 
 def check_teacher_bf16():
@@ -112,7 +130,7 @@ def check_deepspeed_zero2():
             f"{r['train_tokens_per_s'] / plain['train_tokens_per_s']:.2f}")
 
 
-CHECKS = [check_gpu_bf16, check_torchao_int8, check_torchao_int4, check_semi_structured, check_teacher_bf16,
+CHECKS = [check_gpu_bf16, check_weight_only_in_squeeze, check_torchao_int8, check_torchao_int4, check_semi_structured, check_teacher_bf16,
           check_speculative, check_fsdp_one_device, check_deepspeed_zero2]
 
 
