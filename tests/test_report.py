@@ -587,3 +587,29 @@ def test_quality_axes_go_log_when_values_span_more_than_ten_times(qualities, sca
                              "perplexity", "t")
     ax = fig.axes[0]
     assert ax.get_yscale() == scale and ax.get_ylabel().endswith("(log scale)") == (scale == "log")
+
+
+def test_a_presets_table_layout_and_protocol_shape_its_section(tmp_path):
+    """config.report.table: the markdown columns in that order, Δ% where asked (the evaluation pass's time and
+    energy here, as the GPT-2 study's runtime/energy columns); config.report.protocol and the recorded
+    perplexity protocol above the table; an unknown figure is one line."""
+    root = tmp_path / "sweep"
+    table = {"quality": True, "size_mb": False, "eval_s": True, "eval_kwh": True}
+    protocol = "GPT-2 study: evaluation-pass runtime and energy"
+    for name, chain, quality, eval_s, kwh in (("0", "none", 30.0, 10.0, 0.002), ("1", "int8wo", 31.0, 25.0, 0.001)):
+        rec = write_cell(root, name, model="tiny_gpt2", task="austen", chain=chain, quality=quality, eval_seconds=eval_s,
+                         energy={"kwh": 0.01, "phases": {"eval": {"kwh": kwh}}},
+                         perplexity={"protocol": "blocks", "block_size": 1024, "stride": None, "scored_tokens": 5000})
+        record = json.loads((rec / "result.json").read_text())
+        record["config"]["report"] = {"table": table, "protocol": protocol}
+        (rec / "result.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    section = report.build([root], out, draw=False).markdown.read_text().split("## tiny_gpt2 × austen")[1]
+    assert "| row | ok | failed | test/perplexity | Δ% | size MB | eval s | Δ% | eval kWh | Δ% |" in section
+    line = next(x for x in section.splitlines() if x.startswith("| int8wo |"))
+    assert "+3.3%" in line and "+150.0%" in line and "-50.0%" in line  # perplexity, eval time, eval energy
+    assert protocol in section and "non-overlapping blocks of 1024 tokens, 5000 test tokens scored" in section
+    record["config"]["report"]["table"] = {"quality": True, "eval_energy": True}
+    (rec / "result.json").write_text(json.dumps(record))
+    with pytest.raises(SqueezeError, match=r"config.report.table: 'eval_energy' is not a report figure; known: "):
+        report.build([root], tmp_path / "out2", draw=False)

@@ -5,6 +5,7 @@ expected validation performance) the tables and plots use."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import statistics
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from squeeze.report.cells import AGGREGATED, BASELINE, sort_per_batch
+from squeeze.errors import SqueezeError
+from squeeze.report.cells import AGGREGATED, BASELINE, FIGURES, PER_BATCH, sort_per_batch
 
 # The markdown table, in the shape of the thesis tables: (figure, with a Δ% column). The per-device and
 # per-batch figures (peak memory, decoding throughput) follow the latency; columns nobody recorded drop out.
@@ -90,6 +92,8 @@ class Group:
     plots: dict[str, Path] = field(default_factory=dict)
     skipped_plots: list[str] = field(default_factory=list)
     timing: list[str] = field(default_factory=list)  # markdown above the table: how latency/decode were taken
+    layout: list[tuple[str, bool]] | None = None  # a preset's table columns (config.report.table), else the default
+    protocol: list[str] = field(default_factory=list)  # the preset's protocol and how perplexity was scored
 
     @property
     def slug(self) -> str:
@@ -214,6 +218,54 @@ def _rows_of(members: list[dict], mixed: bool) -> dict[tuple, list[dict]]:
     return rows
 
 
+def table_layout(table: Any) -> list[tuple[str, bool]] | None:
+    """config.report.table ({figure: with Δ%}, in order) as the markdown table's columns; a figure the report does
+    not know is one line naming the known ones. Per-batch figures by name or pattern (decode_tokens_per_s.*.batch_12)."""
+    if not table:
+        return None
+    if not isinstance(table, dict):
+        raise SqueezeError(f"config.report.table={table!r}: give a mapping of figure -> with Δ% (true/false)")
+    known = {"quality", "per_batch", *FIGURES}
+    for name in table:
+        figure = str(name).split(".", 1)[0]
+        if name not in known and not ("." in str(name) and figure in PER_BATCH):
+            raise SqueezeError(f"config.report.table: {name!r} is not a report figure; known: {sorted(known)}, or "
+                               f"<{'|'.join(PER_BATCH)}>.<device>.batch_<n> (patterns allowed)")
+    return [(str(name), bool(delta)) for name, delta in table.items()]
+
+
+def delta_names(group: Group) -> list[str]:
+    """The figures with a Δ%: the default table's, and those a preset's layout asks for (per-batch patterns
+    expanded to the figures the group recorded)."""
+    asked = []
+    for name, delta in group.layout or ():
+        if delta:
+            asked += [n for n in group.per_batch if fnmatch.fnmatchcase(n, name)] if "." in name else [name]
+    return list(dict.fromkeys([*DELTAS, *(n for n in asked if n != "per_batch")]))
+
+
+def protocol_lines(members: list[dict]) -> list[str]:
+    """The preset's own protocol text, then how perplexity was scored (each distinct way the cells recorded)."""
+    lines = list(dict.fromkeys(str(c["protocol"]).strip() for c in members if c.get("protocol")))
+    ways = []
+    for c in members:
+        p = c.get("perplexity_protocol")
+        if not p:
+            continue
+        if p.get("protocol") == "last_word":
+            way = (f"last word of each passage given up to {(p.get('last_word') or {}).get('max_length') or 'the'}"
+                   f" tokens of context (training blocks of {p.get('block_size')})")
+        elif p.get("protocol") == "sliding":
+            way = f"sliding windows of {p.get('block_size')} tokens advancing by {p.get('stride')}"
+        else:
+            way = f"non-overlapping blocks of {p.get('block_size')} tokens"
+        ways.append(f"{way}, {p.get('scored_tokens')} test tokens scored" if p.get("scored_tokens") else way)
+    ways = list(dict.fromkeys(ways))
+    if ways:
+        lines.append("Perplexity: " + "; ".join(ways) + ".")
+    return lines
+
+
 def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
     by_key: dict[tuple[str, str], list[dict]] = {}
     for c in cells:
@@ -223,8 +275,11 @@ def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
         finished = [c for c in members if c["status"] == "ok"] or members
         metric = next((c["metric"] for c in finished if c["metric"]), None)
         mode = next((c["mode"] for c in finished if c["metric"]), "max")
+        layouts = [table_layout(c["table"]) for c in members if c.get("table")]  # each checked; the first one shown
         group = Group(model, task, metric, mode, members,
-                      per_batch=sort_per_batch(n for c in members for n in c["per_batch"]))
+                      per_batch=sort_per_batch(n for c in members for n in c["per_batch"]),
+                      layout=layouts[0] if layouts else None,
+                      protocol=protocol_lines(members))
         # Latency, throughput and energy on a CPU and on a GPU are not one population: split by hardware.
         mixed = len({c["hardware"] for c in members}) > 1
         by_row = _rows_of(members, mixed)
@@ -268,12 +323,13 @@ def _compare(group: Group, rows: list[dict], cells_of: dict[str, list[dict]], ba
         base = None
     if base is not None:
         base["is_baseline"] = True
+    deltas = delta_names(group)
     for row in rows:
-        for name in DELTAS:
+        for name in deltas:
             row[f"{name}_delta_pct"] = None
         if base is None or row["n_ok"] == 0:
             continue
-        for name in DELTAS:
+        for name in deltas:
             value, shared, mine, theirs = paired_delta(cells_of[row["label"]], cells_of[base["label"]], name)
             row[f"{name}_delta_pct"] = value
             if name != "quality" or row is base or shared == mine == theirs:

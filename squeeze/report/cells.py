@@ -81,6 +81,9 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
                                                                  _dig(r, "pipeline", "per_stage") or []), default=None), 1e-6)),
     "train_s": ("train s", lambda r: r.get("train_seconds")),
     "eval_s": ("eval s", lambda r: r.get("eval_seconds")),
+    # The evaluation pass alone (trainer.test over the test split): what a study's "runtime / energy" columns
+    # mean when they time the model's use, not its making (energy's `eval` phase, facility kWh).
+    "eval_kwh": ("eval kWh", lambda r: _dig(r, "energy", "phases", "eval", "kwh")),
     "peak_memory_mb": ("peak memory MB", lambda r: _scaled(r.get("peak_memory_bytes"), 1e-6)),
     "energy_kwh": ("energy kWh", lambda r: _dig(r, "energy", "kwh")),
     # The IT equipment's own energy: the facility figure without the data centre's overhead (÷ PUE).
@@ -264,6 +267,10 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["per_batch"] = per_batch_figures(record)
     row["settings"], row["labels"] = compress_settings(record, row["chain"])
     row["row"] = None  # the report row it belongs to, set when grouped
+    # A preset's report section (config.report): its table's columns and the protocol its header cites.
+    row["table"] = _dig(record, "config", "report", "table")
+    row["protocol"] = _dig(record, "config", "report", "protocol")
+    row["perplexity_protocol"] = record.get("perplexity") if isinstance(record.get("perplexity"), dict) else None
     # What the cell spent, evaluate.py records included (the grid's totals).
     energy = record.get("energy") if isinstance(record.get("energy"), dict) else {}
     row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),

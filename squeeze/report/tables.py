@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import math
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -91,19 +92,23 @@ MARKDOWN = (("quality", True), ("accuracy", False), ("token_accuracy", False), (
             ("stage_peak_mb", False), ("spec_acceptance", False), ("spec_speedup", False))
 
 
-def _columns(group: Group, layout: Sequence[tuple[str, bool]] = MARKDOWN) -> list[tuple[str, str, bool]]:
-    """(figure, header, with Δ%) of the table, per-batch figures expanded (the markdown layout: decoding at batch
-    1 only); the other test metrics only where they are not the quality column."""
+def _columns(group: Group) -> list[tuple[str, str, bool]]:
+    """(figure, header, with Δ%) of the table: a preset's own layout (config.report.table) or MARKDOWN; `per_batch`
+    stands for decoding at batch 1, a per-batch name or pattern for those it matches; the other test metrics only
+    where they are not the quality column."""
+    layout = group.layout or MARKDOWN
     quality_name = (group.metric or "").split("/", 1)[-1]
     pipelined = any(r.get("stage_peak_mb_mean") is not None for r in group.rows)
     columns = []
     for name, delta in layout:
         if name == "per_batch":
             columns += [(n, per_batch_header(n), False) for n in group.per_batch
-                        if layout is not MARKDOWN or (n.startswith("decode_") and n.endswith(".batch_1"))]
+                        if n.startswith("decode_") and n.endswith(".batch_1")]
+        elif "." in name:  # per-batch figures by name or pattern
+            columns += [(n, per_batch_header(n), delta) for n in group.per_batch if fnmatch.fnmatchcase(n, name)]
         elif name == "quality":
             columns.append((name, group.metric or "quality", delta))
-        elif name in ("train_tokens_per_s", "stage_peak_mb") and layout is MARKDOWN and not pipelined:
+        elif name in ("train_tokens_per_s", "stage_peak_mb") and group.layout is None and not pipelined:
             continue
         elif name not in METRIC_FIGURES or name != quality_name:
             columns.append((name, FIGURES[name][0], delta))
@@ -193,6 +198,7 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
         table_csv = csv_names[g.slug]
         text += ["", f"## {g.model} × {g.task}", "",
                  f"Quality: `{g.metric}` ({better} is better). Table as CSV: [{table_csv}]({table_csv}).",
+                 *(["", *g.protocol] if g.protocol else []),
                  *(["", *g.timing] if g.timing else []), "", markdown_table(g, starred(advice, g)),
                  *markdown_section(of_group(advice, g))]
         text += ["", totals_text(g.cells, f"{g.model} × {g.task}")]
