@@ -34,7 +34,9 @@ class CharTokenizer:
     eos_token_id = pad_token_id = EOS
     bos_token_id = None
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False):  # one text or a list of them, as transformers' tokenizers
+        if isinstance(text, list):
+            return {"input_ids": [[CHARS[c] for c in t] for t in text]}
         return {"input_ids": [CHARS[c] for c in text]}
 
 
@@ -96,7 +98,8 @@ def test_last_word_accuracy_and_perplexity_match_hand_computation():
     assert out["last_word_perplexity"].item() == pytest.approx(math.exp(sum(word_nll) / 4), rel=1e-5)
     assert out["perplexity"].item() == pytest.approx(math.exp(-sum(token_logp) / len(token_logp)), rel=1e-5)
     assert data.scored_tokens["test"] == len(token_logp)
-    assert data.passages["test"] == {"passages": 4, "target_tokens": 10, "truncated": 0, "blank_skipped": 0}
+    assert data.passages["test"] == {"passages": 4, "target_tokens": 10, "truncated": 0, "blank_skipped": 0,
+                                     "shots": 0, "shots_from": None, "fewer_shots": 0}
     assert data.protocol_record["protocol"] == "last_word"
 
 

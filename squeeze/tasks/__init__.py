@@ -1,5 +1,8 @@
 """Task kinds, one module each: `classification`, `tokens` (NER), `lm` (causal LM and LAMBADA's last word),
-`dialog/` (persona dialog); on `base` (what they share) and `sources` (raw splits from the hub or files).
+`choice` (multiple choice for causal LMs: HellaSwag, StoryCloze), `dialog/` (persona dialog); on `base` (what
+they share), `prompts` (a scored example as a causal LM's prompt: few-shot demonstrations, cutting to fit) and
+`sources` (raw splits from the hub or files). LAMBADA and the multiple-choice tasks take `shots` (k solved
+examples before each scored one, drawn with the run's seed; 0 by default).
 
 A task kind provides, and the run (squeeze/run/recipe.py), the compressors and the measurements rely on no more:
 

@@ -74,13 +74,14 @@ class TaskData(L.LightningDataModule):
         # at one seed never trained on what a student at another seed is tested on.
         self.split_seed = split_seed
         self.datasets: dict[str, Any] = {}
+        self.loaded_splits: Mapping[str, Any] = {}  # the raw splits setup encoded, each whole
         self._raw: dict[bool, datasets.DatasetDict] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         # evaluate.py task.data.data_files=<file>: one file, not a split mapping, is what to score.
-        raw = self.raw_splits(only_test=stage == "test" and self.single_file)
+        raw = self.loaded_splits = self.raw_splits(only_test=stage == "test" and self.single_file)
         for split in raw:
             rows = raw[split]
             limit = self.max_examples.get(split)
@@ -220,8 +221,9 @@ class _Labelled(TaskData):
 
 # -- the LightningModule -----------------------------------------------------------------------------
 STAGES = ("val", "test")
-# Batch entries that say what to score, not model inputs (LastWordData's target_mask).
-SCORING_KEYS = ("target_mask",)
+# Batch entries that say what to score, not model inputs (LastWordData's target_mask; MultipleChoiceData's
+# target_mask and which example, which ending is right and how long each ending is).
+SCORING_KEYS = ("target_mask", "choice_example", "choice_gold", "ending_chars")
 
 
 class NonFiniteLossError(SqueezeError):

@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 
 from squeeze.errors import SqueezeError
 from squeeze.tasks.base import IGNORE_INDEX, FineTune, TaskData, max_positions
+from squeeze.tasks.prompts import DEFAULT_SEPARATOR, Demonstrations, check_shots, encode_pairs, fit, pool_split
 
 
 PROTOCOLS = ("blocks", "sliding")
@@ -75,23 +76,23 @@ def split_last_word(text: str) -> tuple[str, str]:
 def encode_last_word(tokenizer, text: str, max_length: int) -> tuple[list[int], int, bool]:
     """A passage as (token ids, index of the target's first token, whether the context was cut).
 
-    As the harness encodes a (context, continuation) pair: the target's tokens are those the whole text
-    has beyond the context's own tokens (so a BPE merge across the boundary is scored as the text has it);
-    an empty context is the end-of-text token. A passage longer than `max_length` loses context from
-    the left, never target tokens."""
+    As the harness encodes a (context, continuation) pair (squeeze.tasks.prompts.encode_pairs): the target's
+    tokens are those the whole text has beyond the context's own tokens; an empty context is the end-of-text
+    token. A passage longer than `max_length` loses context from the left, never target tokens."""
     context, target = split_last_word(text)
-    whole = tokenizer(context + target, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    if not context_ids:
-        start_token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        context_ids, whole = [start_token], [start_token] + whole
-    target_ids = whole[len(context_ids):]
+    [(context_ids, [target_ids])] = encode_pairs(tokenizer, [context], [[target]])
+    ids, _, cut = _fit_passage(context_ids, target_ids, target, max_length)
+    return ids, len(ids) - len(target_ids), cut
+
+
+def _fit_passage(context_ids: list[int], target_ids: list[int], target: str, max_length: int,
+                 demonstrations: Sequence[tuple[list[int], list[int]]] = (),
+                 context_after: list[int] | None = None) -> tuple[list[int], int, bool]:
+    """(ids, demonstrations kept, context cut): the prompt (prompts.fit) and the target, at most `max_length`."""
     if not target_ids or len(target_ids) >= max_length:
         raise ValueError(f"the last word {target!r} is {len(target_ids)} tokens; it needs 1 to {max_length - 1}")
-    ids = context_ids + target_ids
-    cut = len(ids) > max_length
-    ids = ids[-max_length:]
-    return ids, len(ids) - len(target_ids), cut
+    prompt, kept, cut = fit(demonstrations, (context_ids, context_after or context_ids), max_length - len(target_ids))
+    return prompt + target_ids, kept, cut
 
 
 class LastWord(Metric):
@@ -217,18 +218,26 @@ class LastWordData(LanguageModelingData):
     scored one by one (no stream, no context across passages): the last word (its tokens, with the space
     before it) is the target, everything before it the context (encode_last_word, above).
 
-    A passage is one example: input_ids, labels (every token, for the passages' perplexity) and
+    A passage is one example: input_ids, labels (the passage's tokens, for the passages' perplexity) and
     target_mask (1 on the target's tokens, for LastWordLM below). A passage longer than
     `max_length` tokens loses context from the left (how many did is recorded); `max_length=None` is the
     model's context, as the harness has it (block_size until the run hands the model to check_model).
+
+    `shots` > 0: each passage is preceded by that many other whole passages, joined by `shot_separator`
+    (squeeze.tasks.prompts: drawn with the run's seed from `shot_split`, never the passage itself; dropped
+    first when the prompt is too long). They are context only: the perplexity scores the passage's tokens, its
+    first one too (it has context then).
     """
 
-    def __init__(self, tokenizer, max_length: int | None = None, **kwargs):
+    def __init__(self, tokenizer, max_length: int | None = None, shots: int = 0, shot_split: str | None = None,
+                 shot_separator: str = DEFAULT_SEPARATOR, **kwargs):
         super().__init__(tokenizer, **kwargs)
         if max_length is not None and max_length < 2:
             raise SqueezeError(f"task.data.max_length={max_length} must be at least 2 (a context and a word)")
+        check_shots(shots, shot_separator)
         self.max_length = max_length
-        self.passages: dict[str, dict[str, int]] = {}
+        self.shots, self.shot_split, self.shot_separator = shots, shot_split, shot_separator
+        self.passages: dict[str, dict[str, Any]] = {}
 
     def check_model(self, model) -> None:
         super().check_model(model)
@@ -257,25 +266,56 @@ class LastWordData(LanguageModelingData):
     def encode(self, rows, split):
         if split == "train":
             return super().encode(rows, split)
-        if self.text_column not in rows.column_names:
-            raise SqueezeError(f"the data has no column {self.text_column!r} (has {rows.column_names})")
-        out, cut, targets, blank = [], 0, 0, 0
-        for i, text in enumerate(rows[self.text_column]):
-            if not str(text or "").strip():  # a local text file's blank lines separate passages; they are none
-                blank += 1
-                continue
+        texts = [str(t or "") for t in self._texts(rows)]
+        passages = [t.rstrip() for t in texts if t.strip()]  # a local text file's blank lines are no passages
+        blank = len(texts) - len(passages)
+        if not passages:
+            raise SqueezeError(f"the {split} split has no passage with text ({blank} blank); "
+                               "check task.data.data_files")
+        demos, source = self._demonstrations(rows, split)
+        pieces = []
+        for i, text in enumerate(passages):
             try:
-                ids, start, truncated = encode_last_word(self.tokenizer, str(text or ""), self.passage_length)
+                pieces.append(split_last_word(text))
             except ValueError as e:
                 raise SqueezeError(f"{split} passage {i}: {e}; LAMBADA passages end in a word") from e
-            out.append({"input_ids": ids, "labels": ids, "target_mask": [0] * start + [1] * (len(ids) - start)})
+        out, cut, targets, fewer = [], 0, 0, 0
+        pairs = encode_pairs(self.tokenizer, [c for c, _ in pieces], [[w] for _, w in pieces])
+        for i, (text, (context, word), (context_ids, [target_ids])) in enumerate(zip(passages, pieces, pairs)):
+            shown = [demos.ids(j) for j in demos.draw(text)] if demos else []
+            after = demos.context_ids(context, context_ids)[1] if demos else None
+            try:
+                ids, kept, truncated = _fit_passage(context_ids, target_ids, word, self.passage_length, shown, after)
+            except ValueError as e:
+                raise SqueezeError(f"{split} passage {i}: {e}; LAMBADA passages end in a word") from e
+            # Scored: the passage's own tokens; demonstrations (and the separator before it) are context only.
+            own = min(len(ids), len(context_ids) + len(target_ids))
+            labels = [IGNORE_INDEX] * (len(ids) - own) + ids[len(ids) - own:]
+            start = len(ids) - len(target_ids)
+            out.append({"input_ids": ids, "labels": labels, "target_mask": [0] * start + [1] * len(target_ids)})
             cut += truncated
-            targets += len(ids) - start
-        self.scored_tokens[split] = sum(len(x["input_ids"]) - 1 for x in out)
-        if not out:
-            raise SqueezeError(f"the {split} split has no passage with text ({blank} blank); check task.data.data_files")
-        self.passages[split] = {"passages": len(out), "target_tokens": targets, "truncated": cut, "blank_skipped": blank}
+            fewer += kept < len(shown)
+            targets += len(target_ids)
+        self.scored_tokens[split] = sum(sum(x != IGNORE_INDEX for x in f["labels"][1:]) for f in out)
+        self.passages[split] = {"passages": len(out), "target_tokens": targets, "truncated": cut,
+                                "blank_skipped": blank, "shots": self.shots, "shots_from": source, "fewer_shots": fewer}
         return out
+
+    def _texts(self, rows) -> list:
+        if self.text_column not in rows.column_names:
+            raise SqueezeError(f"the data has no column {self.text_column!r} (has {rows.column_names}); "
+                               "set task.data.text_column")
+        return rows[self.text_column]
+
+    def _demonstrations(self, rows, split: str) -> tuple[Demonstrations | None, str | None]:
+        """The pool `shots` demonstrations are drawn from (whole passages), and its split; (None, None) at 0 shots."""
+        if not self.shots:
+            return None, None
+        loaded = self.loaded_splits or {split: rows}  # encode called on its own: its rows
+        source = pool_split(loaded, self.shot_split, split)
+        texts = self._texts(loaded[source] if source in loaded else rows)
+        pool = [str(t).rstrip() for t in texts if str(t or "").strip()]
+        return Demonstrations(self.tokenizer, pool, self.shots, self.seed, self.shot_separator, source), source
 
     def collate(self, features):
         batch = super().collate(features)
