@@ -201,9 +201,12 @@ def _optimizer(model, **kwargs):
     return torch.optim.AdamW(weights.values(), **kwargs)
 
 
-def _train(model, imp, optimizer, trainer, steps, check=None):
+def _train(model, imp, optimizer, trainer, steps, check=None, at_start=None):
     ids = torch.randint(0, 500, (4, 12), generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
+        imp.on_train_batch_start(trainer, None, None, 0)  # a cut due at step k falls here, after k's validation
+        if at_start:
+            at_start()
         model(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss.backward()
         imp.on_before_optimizer_step(trainer, None, optimizer)
         optimizer.step()
@@ -223,6 +226,7 @@ def test_pruned_weights_stay_zero_through_adamw_with_weight_decay(name, schedule
     trainer = _trainer(optimizer)
     imp.on_train_start(trainer, SimpleNamespace(model=model))
     _train(model, imp, optimizer, trainer, 5)  # dense steps first: every entry has Adam moments
+    imp.on_train_batch_start(trainer, None, None, 0)  # the next batch starts with the cut due at step 5
     assert imp.level == 0.6 and imp.events[0]["step"] == 5
     pruned = {n: ~m.clone() for n, m in imp.masks.items()}
     before = {n: p.detach().clone() for n, p in imp._weights.items()}
@@ -254,12 +258,14 @@ def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
 
     if rewind_step == 0:
         record()
-    for _ in range(6):
-        _train(model, imp, optimizer, trainer, 1, check=record)
-        if trainer.global_step in (3, 6):  # a pruning step: survivors are back at their step-k values
+    def rewound():  # right after the cut due at step 3 or 6: survivors are back at their step-k values
+        if trainer.global_step in (3, 6):
             for n, p in imp._weights.items():
                 m = imp.masks[n]
                 assert torch.equal(p[m], recorded[n][m]) and (p[~m] == 0).all()
+
+    for _ in range(7):
+        _train(model, imp, optimizer, trainer, 1, check=record, at_start=rewound)
     assert [e["step"] for e in imp.events] == [3, 6]
     # Without rewinding the survivors keep their trained values.
     plain = build_tiny("tiny_gpt2")[0]
@@ -268,6 +274,7 @@ def test_rewinding_restores_the_recorded_values(rewind_step, tmp_path):
     trainer = _trainer(optimizer)
     imp.on_train_start(trainer, SimpleNamespace(model=plain))
     _train(plain, imp, optimizer, trainer, 3)
+    imp.on_train_batch_start(trainer, None, None, 0)  # the cut due at step 3
     n = next(iter(imp._weights))
     assert not torch.equal(imp._weights[n][imp.masks[n]], recorded[n][imp.masks[n]])
 
@@ -475,10 +482,12 @@ def test_a_rewind_belongs_to_its_event_and_none_comes_after_the_deadline(tmp_pat
     def at_pretrained():  # the survivors are back at their pretrained values
         return all(torch.equal(p[imp.masks[n]], pretrained[n][imp.masks[n]]) for n, p in imp._weights.items())
 
-    for _ in range(10):
-        _train(model, imp, optimizer, trainer, 1)
-        if at_pretrained():
+    def note_rewind():  # at a batch start: right after a cut due at this step, if one was
+        if trainer.global_step > 0 and at_pretrained():
             rewound.append(trainer.global_step)
+
+    for _ in range(10):
+        _train(model, imp, optimizer, trainer, 1, at_start=note_rewind)
     assert imp.deadline == 7 and [e["step"] for e in imp.events] == [3, 6] and rewound == [3, 6]
     imp.on_train_end(trainer, None)
     assert imp.summary()["steps_after_last_event"] == 4
@@ -507,7 +516,8 @@ def _val_losses(run_dir) -> list[tuple[int, float]]:
 
 def test_the_tested_model_is_the_best_validation_after_the_last_event_also_when_resumed(tmp_path):
     # 64 examples, 8 a batch: 8 steps an epoch, 10 steps, validated every 2; events at steps 3 and 6 (deadline 7),
-    # so validations 6, 8 and 10 see the final sparsity. The checkpoint kept is the one of the highest val/loss
+    # each at the start of the batch after its step (after the validation at step 6), so validations 8 and 10 see
+    # the final sparsity. The checkpoint kept is the one of the highest val/loss
     # (mode max): continuous, and here the denser model's validation at step 4 has the highest of all, so a best
     # kept from before the last event would show.
     common = [*FAST, "model=tiny_gpt2", "task=rotten_tomatoes", "perf=null", "callbacks.energy=null",
@@ -515,24 +525,24 @@ def test_the_tested_model_is_the_best_validation_after_the_last_event_also_when_
               "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
               "checkpoint.every_n_steps=1", "checkpoint.every_minutes=null", "compress=imp",
               "compress.imp.schedule=fixed", "compress.imp.fraction=0.5", "compress.imp.target=0.75",
-              "compress.imp.frequency=3", "compress.imp.rewind_step=0"]
+              "compress.imp.frequency=3", "compress.imp.rewind_step=0", "checkpoint.keep_after_success=best"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run.train(compose_cfg("train", common, whole))["status"] == "ok"
     saved = read_result(whole)
     imp = saved["compress"]["imp"]
     assert [e["step"] for e in imp["events"]] == [3, 6] and imp["deadline_step"] == 7
-    assert imp["steps_after_last_event"] == 4 and imp["validations_after_last_event"] == 3
+    assert imp["steps_after_last_event"] == 4 and imp["validations_after_last_event"] == 2
     assert saved["sparsity"] == pytest.approx(0.75, abs=0.005)
     # validation.best: the best of the validations after the last event (not of the denser model's before it)
     losses = _val_losses(whole)
     assert [s for s, _ in losses] == [2, 4, 6, 8, 10]
-    after = max(v for s, v in losses if s >= 6)
+    after = max(v for s, v in losses if s > 6)
     assert max(v for _, v in losses) > after  # the data this test needs: an earlier, denser "best"
     assert saved["validation"]["best"] == pytest.approx(after, rel=1e-6)
     # ... and that checkpoint (the only best one kept) is the model tested and saved, at the target sparsity
     assert [p.name for p in (whole / "checkpoints").glob("best*.ckpt")] == ["best.ckpt"]
     best = _state(whole / "checkpoints" / "best.ckpt")
-    assert best["global_step"] >= 6
+    assert best["global_step"] >= 8
     tested = formats.load(whole / "model", "sequence_classification")
     for name, p in tested.named_parameters():
         torch.testing.assert_close(p, best["state_dict"][f"model.{name}"], rtol=0, atol=0)
@@ -551,7 +561,7 @@ def test_the_tested_model_is_the_best_validation_after_the_last_event_also_when_
     assert resumed["validation"]["best"] == pytest.approx(saved["validation"]["best"], rel=1e-6)
     assert resumed["metrics"] == pytest.approx(saved["metrics"], rel=1e-6, abs=1e-7)
     assert resumed["compress"]["imp"]["steps_after_last_event"] == 4
-    assert resumed["compress"]["imp"]["validations_after_last_event"] == 3
+    assert resumed["compress"]["imp"]["validations_after_last_event"] == 2
     assert _state(parts / "checkpoints" / "best.ckpt")["global_step"] == best["global_step"]
 
 
@@ -576,3 +586,44 @@ def test_the_offline_presets_pruning_ends_before_their_recovery_window(tmp_path)
                 elif isinstance(compressor, HeadPruning):
                     assert compressor.iterations == 1  # cut before fine-tuning: the whole run recovers
     assert checked >= 6
+
+
+def test_rounds_of_a_share_of_the_original_weights_leave_a_trajectory_of_validation_and_throughput(tmp_path):
+    """The nanoGPT schedule, small: fine-tune 2 steps, then 3 rounds of 10 % of the original weights every 2 steps,
+    validated every 2 (the end of each round's retraining): the record holds one point per round, from the dense
+    model on, each the last validation before the next cut, with that round's training throughput."""
+    overrides = [*FAST, "model=tiny_gpt2", "task=rotten_tomatoes", "perf=null", "callbacks.energy=null",
+                 "trainer.max_steps=9", "trainer.max_epochs=100", "trainer.val_check_interval=2",
+                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "compress=imp",
+                 "compress.imp.schedule=fixed", "compress.imp.fraction=0.1", "compress.imp.step_of=original",
+                 "compress.imp.target=0.3", "compress.imp.start_step=0", "compress.imp.frequency=2",
+                 "compress.imp.recovery=0.3"]
+    assert run.train(compose_cfg("train", overrides, tmp_path))["status"] == "ok"
+    imp = read_result(tmp_path)["compress"]["imp"]
+    assert [e["step"] for e in imp["events"]] == [2, 4, 6]
+    points = imp["trajectory"]
+    assert [p["sparsity"] for p in points] == pytest.approx([0.0, 0.1, 0.2, 0.3], abs=0.005)
+    losses = dict(_val_losses(tmp_path))
+    # dense: the validation at step 2 (before the cut at the end of step 2); each round: its last validation
+    assert [p["step"] for p in points] == [2, 4, 6, 8]
+    for p in points:
+        assert p["val/loss"] == pytest.approx(losses[p["step"]], rel=1e-5)
+        assert p["train_tokens_per_s"] > 0
+    assert [p.get("pruned_at") for p in points[1:]] == [2, 4, 6]
+
+
+def test_adaptive_waits_for_its_warm_up_before_the_first_check():
+    """The nanoGPT loss-threshold schedule: no stage at validations before start_step, even under the threshold."""
+    model = build_tiny("tiny_gpt2")[0]
+    imp = IterativeMagnitudePruning(target=0.5, schedule="adaptive", fraction=0.25, threshold=3.2, start_step=5)
+    trainer = _trainer(_optimizer(model), total=20)
+    imp.on_train_start(trainer, SimpleNamespace(model=model))
+    trainer.callback_metrics = {"val/loss": torch.tensor(1.0)}  # under the threshold at every check
+    for step in (2, 4, 6):
+        trainer.global_step = step
+        imp.on_validation_end(trainer, None)
+        imp.on_train_batch_start(trainer, None, None, 0)
+    assert [e["step"] for e in imp.events] == [6]
+    with pytest.raises(SqueezeError, match=r"warms up until step 18 .* pruning ends by step 14"):
+        IterativeMagnitudePruning(target=0.5, schedule="adaptive", fraction=0.25, threshold=3.2,
+                                  start_step=18).plan_for(20)

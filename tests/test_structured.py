@@ -375,7 +375,7 @@ def test_iterative_pruning_fine_tunes_between_steps(tmp_path):
                                         "compress.heads.amount=2", "compress.heads.iterations=2",
                                         "compress.heads.every_n_steps=3", "trainer.max_steps=7",
                                         "trainer.val_check_interval=2", "task.monitor=val/loss",
-                                        "task.monitor_mode=min"], tmp_path)
+                                        "task.monitor_mode=min", "checkpoint.keep_after_success=best"], tmp_path)
     record = run.train(cfg)
     assert record["status"] == "ok", record.get("error")
     saved = read_result(tmp_path)
@@ -418,3 +418,43 @@ def test_a_fraction_that_rounds_to_no_head_says_so(caplog):
         pruner.prepare_model(model, tokenizer)
     assert "removes nothing" in caplog.text
     assert pruner.summary()["heads_per_layer_before"] == [model.config.num_attention_heads] * model.config.num_hidden_layers
+
+
+def test_rows_in_steps_cut_equal_shares_of_the_original_widths_with_fine_tuning_between(tmp_path):
+    """The nanoGPT study's QKV-row schedule, small: fine-tune first, then 3 cuts of the original head dims (and MLP
+    neurons), fine-tuning between them; the optimizer follows the new shapes and the saved model has the last ones."""
+    cfg = compose_cfg("train", SHORT + ["model=tiny_gpt2", "task=austen", "task.data.block_size=32",
+                                        "task.data.max_examples.train=300", "trainer.max_epochs=50",
+                                        "compress=rows", "compress.rows.qkv_amount=0.75", "compress.rows.mlp_amount=0.5",
+                                        "compress.rows.iterations=3", "compress.rows.every_n_steps=2",
+                                        "compress.rows.start_step=2", "compress.rows.recovery=0.2",
+                                        "trainer.max_steps=9", "trainer.val_check_interval=2",
+                                        "task.monitor=val/loss", "task.monitor_mode=min"], tmp_path)
+    record = run.train(cfg)
+    assert record["status"] == "ok", record.get("error")
+    summary = read_result(tmp_path)["compress"]["rows"]
+    d, width = summary["head_dim_before"][0], summary["intermediate_before"][0]
+    dims, neurons = int(0.75 * d + 0.5), int(0.5 * width + 0.5)  # in the end, in 3 equal cumulative shares
+    assert summary["event_steps"] == [2, 4, 6] and summary["steps_done"] == 3
+    assert [e["head_dim"][0] for e in summary["events"]] == [d - int(dims * k / 3 + 0.5) for k in (1, 2, 3)]
+    assert [e["intermediate"][0] for e in summary["events"]] == [width - int(neurons * k / 3 + 0.5) for k in (1, 2, 3)]
+    params = [e["params"] for e in summary["events"]]
+    assert summary["params_before"] > params[0] > params[1] > params[2] == summary["params_after"]
+    assert summary["steps_after_last_event"] == 3
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        validated = {int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("val/loss")}
+        f.seek(0)
+        trained = {int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert {2, 4, 6, 8} <= validated and set(range(9)) <= trained  # every step trained, between the cuts too
+    reloaded = formats.load(tmp_path / "model", "causal_lm")
+    assert reloaded.transformer.h[0].mlp.c_fc.weight.shape[1] == width - neurons
+    assert models.count_params(reloaded)[0] == summary["params_after"]
+
+
+def test_rows_in_steps_that_cannot_finish_before_recovery_are_refused(tmp_path):
+    cfg = compose_cfg("train", SHORT + ["model=tiny_bert", "compress=rows", "compress.rows.iterations=3",
+                                        "compress.rows.every_n_steps=3", "compress.rows.start_step=2",
+                                        "trainer.max_steps=8"], tmp_path)
+    with pytest.raises(SqueezeError, match=r"compress.rows: the last of 3 pruning steps every 3 steps comes at step 8, "
+                                           r"but .* pruning ends by step 5; lower every_n_steps to ≤ 1"):
+        run.train(cfg)

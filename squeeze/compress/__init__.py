@@ -112,6 +112,31 @@ def pruning_deadline(total_steps: float, recovery: float) -> int:
     return total - max(1, math.ceil(round(recovery * total, 9)))  # round: 0.3 * 10 is 3.0000000000000004
 
 
+def check_steps_fit(what: str, trainer, iterations: int, every_n_steps: int, start_step: int,
+                    recovery: float) -> int:
+    """Structured pruning in `iterations` cuts, the first at `start_step`, then every `every_n_steps`: the last one
+    must fall before the run's recovery window (pruning_deadline). Returns the deadline; refuses what cannot fit,
+    naming the fix, before training starts. Shapes change during fit, which distributed training cannot follow."""
+    if trainer.world_size > 1:
+        raise SqueezeError(f"{what}: pruning in {iterations} steps changes parameter shapes during fit, "
+                           "which distributed training cannot follow; use iterations=1 or a single device")
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise SqueezeError(f"{what}: pruning in {iterations} steps needs a run of known length to keep "
+                           f"its last steps for recovery ({what}.recovery); set trainer.max_steps")
+    total = int(total)
+    deadline = pruning_deadline(total, recovery)
+    last = start_step + (iterations - 1) * every_n_steps
+    if last > deadline:
+        most = (deadline - start_step) // (iterations - 1)
+        fix = f"lower every_n_steps to ≤ {most} or iterations" if most >= 1 else "lower iterations or start_step"
+        raise SqueezeError(f"{what}: the last of {iterations} pruning steps every {every_n_steps} "
+                           f"steps comes at step {last}, but this run's last {total - deadline} of {total} "
+                           f"optimizer steps are kept to recover ({what}.recovery={recovery}), so "
+                           f"pruning ends by step {deadline}; {fix}, or train longer")
+    return deadline
+
+
 def check_recovery(recovery: Any, what: str) -> None:
     if isinstance(recovery, bool) or not isinstance(recovery, (int, float)) or not 0 <= recovery < 1:
         raise SqueezeError(f"{what}={recovery!r} must be a share in [0, 1) of the run's optimizer steps kept to "

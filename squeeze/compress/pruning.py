@@ -28,12 +28,14 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from squeeze import measure
 from squeeze.arch import adapter_for
 from squeeze.arch.linear import is_transposed
 from squeeze.compress import RECOVERY, Compressor, check_recovery, pruning_deadline
@@ -249,6 +251,10 @@ class IterativeMagnitudePruning(Compressor):
         self._restored: dict[str, Any] | None = None
         self._figures: dict[str, Any] = {}
         self._warned: set[str] = set()
+        # The trajectory: after each event, the last validation before the next one (or the end) and the training
+        # throughput over that round (wall time of its training batches); before the first, the dense model's.
+        self._dense_validation: dict[str, Any] | None = None
+        self._round_seconds, self._round_tokens, self._batch_started = 0.0, 0, 0.0
 
     # -- settings ------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
@@ -322,6 +328,9 @@ class IterativeMagnitudePruning(Compressor):
         window = (f"this run's last {total - deadline} of {total} optimizer steps are kept to recover "
                   f"(compress.imp.recovery={self.recovery}), so pruning ends by step {deadline}")
         if self.schedule == "adaptive":
+            if self.start_step > deadline:
+                raise SqueezeError(f"compress.imp schedule=adaptive warms up until step {self.start_step} "
+                                   f"(compress.imp.start_step), but {window}; lower start_step or train longer")
             if first_validation_step is not None and first_validation_step > deadline:
                 when = "never validates" if math.isinf(first_validation_step) else \
                     f"first validates after step {int(first_validation_step)}"
@@ -394,6 +403,10 @@ class IterativeMagnitudePruning(Compressor):
         if self._pending is not None:
             level, self._pending = self._pending, None
             self.prune(level, trainer)
+        # A scheduled event of step k also falls here, after the validation at step k: that validation scores the
+        # round that ends (the trajectory's point, a best checkpoint of it forgotten by the cut), not the cut.
+        self._follow_schedule(trainer)
+        self._batch_started = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Zero gradients stay zero through clipping and Adam's moments: the step cannot move pruned entries.
@@ -402,16 +415,20 @@ class IterativeMagnitudePruning(Compressor):
                 p.grad.masked_fill_(~self.masks[name], 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._round_seconds += time.perf_counter() - self._batch_started
+        self._round_tokens = self._round_tokens + measure.batch_tokens(batch)  # read at validation: no sync per step
         self.apply_masks()
         self._keep_rewind_values(trainer.global_step)
-        self._follow_schedule(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self._weights:
             return
+        self._note_validation(trainer)
         self._validations_after += 1
         if self.schedule != "adaptive" or (self.deadline is not None and trainer.global_step > self.deadline):
             return  # adaptive: a validation in the recovery window prunes nothing
+        if trainer.global_step < self.start_step:
+            return  # adaptive: nor one in the warm-up (start_step)
         loss = trainer.callback_metrics.get("val/loss")
         if loss is None:
             self._warn_once("no-val-loss", "compress.imp schedule=adaptive found no val/loss after validation; "
@@ -419,6 +436,17 @@ class IterativeMagnitudePruning(Compressor):
             return
         if adaptive_should_prune(float(loss), self.threshold, self.level, self.target):
             self._pending = stage_sparsity(self.stage + 1, self.target, self.fraction, self.step_of)
+
+    def _note_validation(self, trainer) -> None:
+        """This validation as the trajectory's point for the current round (a later one in the round replaces it)."""
+        point = {"step": trainer.global_step,
+                 **{k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                 "train_tokens_per_s": (round(int(self._round_tokens) / self._round_seconds, 3)
+                                        if self._round_seconds > 0 else None)}
+        if self.events:
+            self.events[-1]["after"] = point
+        else:
+            self._dense_validation = {**point, "sparsity": round(self.level, 6)}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._fit_end_step = trainer.global_step
@@ -435,6 +463,7 @@ class IterativeMagnitudePruning(Compressor):
             "rewind_values": None if self.rewind_values is None else {n: t.cpu() for n, t in self.rewind_values.items()},
             "pending": self._pending,
             "validations_after_last_event": self._validations_after,
+            "dense_validation": self._dense_validation,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -467,6 +496,8 @@ class IterativeMagnitudePruning(Compressor):
             "include": self.include,
             "exclude": self.exclude,
             "events": self.events,
+            # sparsity -> the validation after retraining and the training throughput of that round
+            "trajectory": trajectory(self._dense_validation, self.events),
             "recovery": self.recovery,
             "deadline_step": self.deadline,
             # null: nothing pruned during training (events is empty), or no training
@@ -497,6 +528,7 @@ class IterativeMagnitudePruning(Compressor):
             self.level, self.stage, self.events = restored["level"], restored["stage"], list(restored["events"])
             self._pending = restored.get("pending")
             self._validations_after = restored.get("validations_after_last_event", 0)
+            self._dense_validation = restored.get("dense_validation")
             values = restored["rewind_values"]
             self.rewind_values = None if values is None else {n: values[n] for n in self._weights}
             self.masks = {n: restored["masks"][n].to(p.device) for n, p in self._weights.items()}
@@ -545,6 +577,7 @@ class IterativeMagnitudePruning(Compressor):
         reached = mask_sparsity(self.masks)
         step = trainer.global_step if trainer is not None else None
         self.events.append({"step": step, "sparsity": round(reached, 6)})
+        self._round_seconds, self._round_tokens = 0.0, 0
         for logger in (trainer.loggers if trainer is not None else []):
             logger.log_metrics({"compress/sparsity": reached}, step=step)
         log.info("compress.imp: step %s, sparsity %.4f", step, reached)
@@ -561,3 +594,13 @@ class IterativeMagnitudePruning(Compressor):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
+
+
+def trajectory(dense: Mapping[str, Any] | None, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One point per round: the sparsity reached and the last validation after it (its retraining), from the dense
+    model's validation (sparsity 0) on; rounds with no validation after them are left out."""
+    points = [dict(dense)] if dense else []
+    for event in events:
+        if event.get("after"):
+            points.append({"sparsity": event["sparsity"], "pruned_at": event["step"], **event["after"]})
+    return points

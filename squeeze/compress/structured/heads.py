@@ -4,7 +4,6 @@ layer by weight magnitude or by gradient importance, once before fine-tuning or 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 
 from squeeze.arch import Adapter, HeadLayout
 from squeeze.arch.loading import reload_kind
-from squeeze.compress import RECOVERY, Compressor, check_recovery, pruning_deadline
+from squeeze.compress import RECOVERY, Compressor, check_recovery, check_steps_fit
 from squeeze.compress.structured.amounts import check_amount, keep_highest, removed_by, units_to_remove
 from squeeze.compress.structured.importance import gradient_head_scores, magnitude_head_scores
 from squeeze.compress.structured.surgery import (
@@ -92,25 +91,9 @@ class HeadPruning(Compressor):
             self._step(pl_module.model, self._batches(trainer), trainer.global_step)
 
     def on_train_start(self, trainer, pl_module):
-        if self.iterations > 1 and trainer.world_size > 1:
-            raise SqueezeError(f"{self._what}: pruning in {self.iterations} steps changes parameter shapes during fit, "
-                               "which distributed training cannot follow; use iterations=1 or a single device")
         if self.iterations == 1:
             return  # cut before fine-tuning: the whole run recovers
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise SqueezeError(f"{self._what}: pruning in {self.iterations} steps needs a run of known length to keep "
-                               f"its last steps for recovery ({self._what}.recovery); set trainer.max_steps")
-        total = int(total)
-        self._deadline = pruning_deadline(total, self.recovery)
-        last = (self.iterations - 1) * self.every_n_steps
-        if last > self._deadline:
-            most = self._deadline // (self.iterations - 1)
-            fix = f"lower every_n_steps to ≤ {most} or iterations" if most >= 1 else "lower iterations"
-            raise SqueezeError(f"{self._what}: the last of {self.iterations} pruning steps every {self.every_n_steps} "
-                               f"steps comes at step {last}, but this run's last {total - self._deadline} of {total} "
-                               f"optimizer steps are kept to recover ({self._what}.recovery={self.recovery}), so "
-                               f"pruning ends by step {self._deadline}; {fix}, or train longer")
+        self._deadline = check_steps_fit(self._what, trainer, self.iterations, self.every_n_steps, 0, self.recovery)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -159,10 +159,10 @@ def plan_head_dims(model, adapter: Adapter, layer_ids: Sequence[int], amount, wh
     return plan
 
 
-def prune_head_dims(model, adapter: Adapter, plan: dict[int, int]) -> None:
+def prune_head_dims(model, adapter: Adapter, plan: dict[int, int], surgery: Surgery | None = None) -> Surgery:
     """Remove the same number of dims from every head (importance.head_dim_scores). The score scaling
     is left as it was."""
-    surgery = Surgery()
+    surgery = surgery if surgery is not None else Surgery()
     for i, remove in plan.items():
         layer = adapter.layers(model)[i][1]
         s = adapter.shape(layer)
@@ -172,6 +172,7 @@ def prune_head_dims(model, adapter: Adapter, plan: dict[int, int]) -> None:
         qk = [h * s.head_dim + t for h in range(s.heads) for t in keep_highest(qk_score[h], remove)]
         v = [h * s.head_dim + t for h in range(s.heads) for t in keep_highest(v_score[h], remove)]
         adapter.cut_attention(surgery, layer, qk, qk, v, v, s.heads, s.head_dim - remove)
+    return surgery
 
 
 def plan_mlp(model, adapter: Adapter, layer_ids: Sequence[int], amount, what: str) -> dict[int, int]:
@@ -187,9 +188,9 @@ def plan_mlp(model, adapter: Adapter, layer_ids: Sequence[int], amount, what: st
     return plan
 
 
-def prune_mlp(model, adapter: Adapter, plan: dict[int, int]) -> None:
+def prune_mlp(model, adapter: Adapter, plan: dict[int, int], surgery: Surgery | None = None) -> Surgery:
     """Remove the intermediate neurons with the lowest importance.neuron_scores."""
-    surgery = Surgery()
+    surgery = surgery if surgery is not None else Surgery()
     for i, remove in plan.items():
         if remove == 0:
             continue
@@ -200,3 +201,4 @@ def prune_mlp(model, adapter: Adapter, plan: dict[int, int]) -> None:
             surgery.keep(parent, name, kept, out=True)
         surgery.keep(out_parent, out_name, kept, out=False)
         adapter.resized_mlp(layer, len(kept))
+    return surgery
