@@ -26,6 +26,7 @@ from typing import Any
 
 from squeeze import assets
 from squeeze.errors import SqueezeError
+from squeeze.hardware import retention
 from squeeze.record import RESULT_FILE, read_record
 
 RUN, MODEL_DIR, CKPT, ASSET, HUB = "run", "model_dir", "ckpt", "asset", "hub"
@@ -180,8 +181,8 @@ def _directory(path: Path, source: str, what: str, need: str, give: str) -> Arti
     status = {"failed": "failed", "ok": "finished, but model/ was removed"}.get((record or {}).get("status"),
                                                                                "did not finish")
     if need == "checkpoint" and checkpoint is None:
-        raise SqueezeError(f"{what}={source}: no checkpoint at {path / RUN_CHECKPOINT} (the run {status}); give "
-                           f"{give}")
+        raise SqueezeError(f"{what}={source}: no checkpoint at {path / RUN_CHECKPOINT} (the run {status})"
+                           f"{retention.dropped_note(path)}; give {give}")
     if need == "model" and model_dir is None:
         if checkpoint is not None:
             fix = (f"evaluate its checkpoint (evaluate.py ckpt={checkpoint} with the model= it was trained from) "

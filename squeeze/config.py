@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf, open_dict
 
 from squeeze.errors import SqueezeError
+from squeeze.hardware import retention
 
 
 def chain_name(compress_cfg: Mapping | None) -> str:
@@ -278,6 +279,8 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
         raise SqueezeError("search: a search is a sweep and runs only with -m (python train.py -m "
                            "hydra/sweeper=search ...); without -m it would train one run and search nothing")
     check_compressor_config(cfg.get("compress"))
+    if OmegaConf.select(cfg, "checkpoint.keep_after_success") is not None:
+        retention.check(cfg.checkpoint.keep_after_success)
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
 

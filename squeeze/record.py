@@ -18,7 +18,8 @@ Keys (schema 1; later features add keys, never change these):
                expected-validation-performance curves), null without validation
   perplexity   {protocol, block_size, stride, scored_tokens} for runs that report perplexity; LAMBADA
                (protocol "last_word") adds last_word: {passages, target_tokens, truncated, max_length,
-               perplexity: how it is averaged}
+               perplexity: how it is averaged}; a multiple-choice task (protocol "multiple_choice") holds its scoring
+               there instead: multiple_choice: {examples, endings, max_length, score, ...}
   params, nonzero_params          parameter counts (tied tensors once)
   checkpoint_bytes                size on disk of the saved model directory
   train_seconds, eval_seconds     wall time of fit and of test
@@ -59,6 +60,8 @@ Keys (schema 1; later features add keys, never change these):
   fine_tuning_version  squeeze.run.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
                (runs that trained); a cell on a stored baseline has it under baseline.fine_tuning_version
   validation   (post-training rows: {monitor, mode, best, from}: one validation pass of the compressed model)
+  checkpoints_after_success  {keep, dropped, bytes_freed, kept[, note]}: what checkpoint.keep_after_success removed
+               from checkpoints/ once the run finished ok (squeeze/hardware/retention.py); absent when nothing was
 """
 
 from __future__ import annotations

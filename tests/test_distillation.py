@@ -341,7 +341,8 @@ def pkd_run(teacher_run, tmp_path_factory):
     """pkd from the finished teacher run into a 2-layer student, the teacher run on the fly."""
     run_dir = tmp_path_factory.mktemp("pkd") / "run"
     # The live teacher (the cache, on by default for classification, drops it once built: tested below).
-    record, spy = _distil(run_dir, "pkd", teacher_run, "compress.pkd.student.layers=2", "compress.pkd.teacher_cache=false")
+    record, spy = _distil(run_dir, "pkd", teacher_run, "compress.pkd.student.layers=2", "compress.pkd.teacher_cache=false",
+                          "checkpoint.keep_after_success=all")  # its checkpoint is read below
     return run_dir, record, spy
 
 

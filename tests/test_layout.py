@@ -158,8 +158,10 @@ def test_task_yaml_targets_follow_the_task_contract(path):
 PARTS = {"arch", "assets", "compress", "formats", "hardware", "measure", "report", "run", "tasks"}
 # Beside the parts, only what every part uses: a model reference's meaning and loader, settings and resolvers,
 # errors, model specs (their _target_ squeeze.models.* is in every record), the result record (written by the
-# run, read by the report, the measurements and the loader), and the `python -m squeeze.recommend` entry point.
-TOP_LEVEL = {"__init__.py", "artifacts.py", "config.py", "errors.py", "models.py", "record.py", "recommend.py"}
+# run, read by the report, the measurements and the loader), and the `python -m squeeze.recommend` and
+# `python -m squeeze.plan` entry points.
+TOP_LEVEL = {"__init__.py", "artifacts.py", "config.py", "errors.py", "models.py", "record.py", "recommend.py",
+             "plan.py"}
 RECIPE = PACKAGE / "run" / "recipe.py"
 # Who may read HydraConfig: the entry points, the sweeper's plugin and the one module that hands its values on.
 HYDRA_READERS = {ROOT / "train.py", ROOT / "evaluate.py", ROOT / "hydra_plugins" / "squeeze_sweeper" / "__init__.py",

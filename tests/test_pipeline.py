@@ -29,7 +29,7 @@ def test_the_issue_lists_every_option():
                            "gpt2-xl", "minilm", "smollm2", "tiny_bert", "tiny_gpt2", "tiny_llama",
                            "opt-125m", "distilgpt2", "tiny_opt"}
     assert set(TASKS) == {"imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada", "personachat",
-                          "rotten_tomatoes", "wnut16", "austen", "chatterbot"}
+                          "rotten_tomatoes", "wnut16", "austen", "chatterbot", "hellaswag", "storycloze"}
 
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
@@ -106,7 +106,11 @@ def test_short_run_learns_and_writes_a_complete_record(tmp_path):
     assert 0 < saved["nonzero_params"] <= saved["params"]
     assert saved["train_seconds"] > 0 and saved["eval_seconds"] > 0 and saved["peak_memory_bytes"] > 0
     assert saved["versions"]["torch"] and saved["versions"]["transformers"]
-    assert (tmp_path / "checkpoints" / "best.ckpt").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    # Finished ok: the checkpoints only a resume needs are gone (checkpoint.keep_after_success=model), and said.
+    assert not (tmp_path / "checkpoints").exists()
+    dropped = saved["checkpoints_after_success"]
+    assert set(dropped["dropped"]) == {"best.ckpt", "last.ckpt"} and dropped["keep"] == "model"
+    assert dropped["bytes_freed"] > 2 * saved["checkpoint_bytes"]  # weights twice, optimizer state beside
 
     # evaluate.py on the run directory reproduces the test metrics of the saved (best) model.
     eval_dir = tmp_path / "eval"
@@ -142,7 +146,7 @@ def test_zero_shot_lm_reports_perplexity_with_its_protocol(tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     common = ["model=tiny_gpt2", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "trainer.max_epochs=10",
-              "trainer.val_check_interval=4", "trainer.limit_val_batches=1"]
+              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "checkpoint.keep_after_success=all"]
     first = tmp_path / "first"
     run.train(compose_cfg("train", [*common, "trainer.max_steps=4"], first))
     assert (first / "checkpoints" / "last.ckpt").exists()

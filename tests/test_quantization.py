@@ -246,7 +246,7 @@ RUN = [*FAST, "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "pe
 def test_qat_run_resumes_and_evaluate_reloads_the_packed_model(tmp_path):
     overrides = [*RUN, "model=tiny_bert", "task=rotten_tomatoes", "compress=qat", "trainer.max_epochs=5",
                  "compress.qat.activations=affine", "compress.qat.start_step=1", "trainer.val_check_interval=2",
-                 "trainer.limit_train_batches=4"]
+                 "trainer.limit_train_batches=4", "checkpoint.keep_after_success=all"]
     first = run.train(compose_cfg("train", [*overrides, "trainer.max_steps=2"], tmp_path))
     assert first["status"] == "ok", first["error"]
     assert first["compress"]["qat"]["fake_quant_batches"] == 1  # step 0 ran in float (start_step=1)

@@ -559,6 +559,11 @@ def test_every_metric_a_task_records_reaches_its_table(tmp_path):
     row = read_csv(tmp_path / "out" / "tiny_bert-wnut16.csv")[0]
     assert float(row["token_accuracy_mean"]) == 0.93 and float(row["loss_mean"]) == 0.3
     assert float(row["precision_mean"]) == 0.5 and float(row["recall_mean"]) == 0.35
+    # multiple choice: accuracy (summed log-likelihood) is the quality, acc_norm (per character) beside it
+    write_cell(root, "1", model="tiny_gpt2", task="rotten_tomatoes", chain="none", quality=0.4,
+               metrics={"test/accuracy": 0.4, "test/accuracy_norm": 0.55, "test/loss": 2.0})
+    section = report.build([root], tmp_path / "out2", draw=False).markdown.read_text().split("## tiny_gpt2 ×")[1]
+    assert "| test/accuracy | Δ% | acc_norm |" in section and "| 0.4 | +0.0% | 0.55 |" in section
 
 
 def test_a_pipeline_run_is_a_row_beside_the_one_process_run(tmp_path):
@@ -613,3 +618,36 @@ def test_a_presets_table_layout_and_protocol_shape_its_section(tmp_path):
     (rec / "result.json").write_text(json.dumps(record))
     with pytest.raises(SqueezeError, match=r"config.report.table: 'eval_energy' is not a report figure; known: "):
         report.build([root], tmp_path / "out2", draw=False)
+
+
+def test_whole_model_and_pruned_matrix_counts_are_both_named(tmp_path):
+    """pruning_rates: the whole model's parameters and the pruned matrices' (the study's count), side by side."""
+    root = tmp_path / "sweep"
+    write_cell(root, "0", model="tiny_gpt2", task="austen", chain="none", quality=30.0)
+    write_cell(root, "1", model="tiny_gpt2", task="austen", chain="imp", quality=33.0, sparsity=0.5,
+               compress={"chain": ["imp"], "imp": {"pruned_params": 600, "sparsity": 0.5}},
+               config={"seed": 0, "optimizer": {"lr": 5e-5}, "task": {"name": "austen", "monitor": "val/perplexity",
+                                                                       "monitor_mode": "min"},
+                       "report": {"table": {"quality": True, "nonzero_params": True, "pruned_matrices_params": False,
+                                            "pruned_matrices_nonzero": True}}})
+    section = report.build([root], tmp_path / "out", draw=False).markdown.read_text().split("## tiny_gpt2 × austen")[1]
+    assert "| nonzero params | Δ% | pruned-matrix params | pruned-matrix nonzero | Δ% |" in section
+    line = next(x for x in section.splitlines() if x.startswith("| imp |"))
+    assert "| 500 | " in line and "| 600 | 300 |" in line  # whole model 1000 → 500 nonzero; matrices 600 → 300
+
+
+def test_a_pruners_rounds_are_plotted_against_the_weights_left(tmp_path):
+    """nanoGPT's trajectory: the validation after each round's retraining and its train throughput, per cell."""
+    root = tmp_path / "sweep"
+    write_cell(root, "0", model="tiny_gpt2", task="austen", chain="none", quality=30.0)
+    points = [{"sparsity": 0.0, "step": 2, "val/perplexity": 30.0, "train_tokens_per_s": 900.0}] + [
+        {"sparsity": s, "pruned_at": 2 * i, "step": 2 * i + 2, "val/perplexity": 30.0 + 40 * s, "train_tokens_per_s": 1000.0}
+        for i, s in enumerate((0.1, 0.2, 0.3), start=1)]
+    write_cell(root, "1", model="tiny_gpt2", task="austen", chain="imp", quality=42.0, sparsity=0.3,
+               compress={"chain": ["imp"], "imp": {"sparsity": 0.3, "trajectory": points}})
+    built = report.build([root], tmp_path / "out")
+    group = built.groups[0]
+    path = group.plots["pruning rounds"]
+    assert path.name == "tiny_gpt2-austen-pruning-rounds.png" and path.read_bytes().startswith(PNG)
+    assert "![pruning rounds](plots/tiny_gpt2-austen-pruning-rounds.png)" in built.markdown.read_text()
+    assert next(c for c in built.cells if c["chain"] == "imp")["trajectory"] == points

@@ -165,7 +165,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 def test_ckpt_path_last_with_nothing_to_resume_says_so_and_last_or_new_starts_fresh(tmp_path):
     with pytest.raises(SqueezeError, match=r"ckpt_path=last: no checkpoint in .* ckpt_path=last_or_new"):
         run.train(compose_cfg("train", [*CELL, "trainer.max_steps=2", "ckpt_path=last"], tmp_path / "a"))
-    assert read_result(tmp_path / "a")["status"] == "failed"
+    assert not (tmp_path / "a" / "result.json").exists()  # refused before a record replaces what the directory held
     record = run.train(compose_cfg("train", [*CELL, "trainer.max_steps=2", "ckpt_path=last_or_new"], tmp_path / "b"))
     assert record["status"] == "ok" and record["resumed_from"] is None
 
@@ -197,7 +197,8 @@ def test_a_sweep_rerun_skips_finished_cells_resumes_killed_ones_and_reruns_faile
     assert run.train(_cell(common, done))["status"] == "ok"
     before = (done / "result.json").read_bytes()
     # A cell killed -9 after its step-4 checkpoint: its record still says "running".
-    run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "baseline.reuse=false"], killed))
+    run.train(_cell([*CELL, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "baseline.reuse=false",
+                     "checkpoint.keep_after_success=all"], killed))  # a kill leaves its checkpoints
     record = read_result(killed)
     # Its record as the killed 8-step run wrote it at its start (same config as the rerun's, status running).
     config = json.loads(json.dumps(read_result(done)["config"]).replace(str(done), str(killed)))
@@ -241,7 +242,8 @@ def test_a_killed_stored_baseline_resumes_from_its_own_checkpoint(tmp_path):
     assert not (entry / "checkpoints").exists() and (entry / "model").is_dir()  # a finished entry keeps its model
     # As if killed -9 after its step-4 checkpoint: the record says running and the checkpoint is there.
     stored = read_result(entry)
-    assert run.train(_cell([*common, "baseline.reuse=false"], tmp_path / "own"))["status"] == "ok"  # the same training
+    assert run.train(_cell([*common, "baseline.reuse=false", "checkpoint.keep_after_success=all"],
+                           tmp_path / "own"))["status"] == "ok"  # the same training
     shutil.copytree(tmp_path / "own" / "checkpoints", entry / "checkpoints")
     (entry / "result.json").write_text(json.dumps({**stored, "status": "running"}))
     again = run.train(_cell(common, tmp_path / "1_again"))

@@ -124,7 +124,7 @@ def test_fsdp_on_two_cpu_processes_trains_and_saves_what_ddp_does(tmp_path):
     is restored while sharded), the saved model is the gathered whole one."""
     common = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.devices=2", "trainer.accelerator=cpu",
               "trainer.precision=32-true", "trainer.max_steps=4", "task.data.block_size=64", "perf=null",
-              "callbacks.energy=null"]
+              "callbacks.energy=null", "checkpoint.keep_after_success=best"]
     for hardware in ("fsdp", "ddp"):
         done = run_cli("train.py", [*common, f"hardware={hardware}", f"hydra.run.dir={tmp_path / hardware}"], cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]

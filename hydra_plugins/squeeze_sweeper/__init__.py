@@ -24,7 +24,7 @@ from omegaconf import OmegaConf, open_dict
 
 from squeeze import config
 from squeeze.errors import SqueezeError, main_exit
-from squeeze.run.sweep import check_settings, prune_cells, with_rows
+from squeeze.run.sweep import check_settings, default_chain, expand, prune_cells
 
 log = logging.getLogger("squeeze")
 
@@ -38,6 +38,7 @@ class SqueezeSweeperConf:
     params: Optional[Dict[str, str]] = None
     rows: Optional[List[str]] = None  # each a string of overrides that go together (one report row)
     setups: Optional[List[str]] = None  # each a string of overrides (a model × task pair), crossed with rows
+    exclude: Optional[List[str]] = None  # each a string of overrides: a cell holding all of them is left out
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=SqueezeSweeperConf, provider="squeeze")
@@ -45,15 +46,16 @@ ConfigStore.instance().store(group="hydra/sweeper", name="squeeze", node=Squeeze
 
 class SqueezeSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 rows: Optional[List[str]] = None, setups: Optional[List[str]] = None):
+                 rows: Optional[List[str]] = None, setups: Optional[List[str]] = None,
+                 exclude: Optional[List[str]] = None):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.rows = list(rows) if rows else []
         self.setups = list(setups) if setups else []
+        self.exclude = list(exclude) if exclude else []
 
     def split_arguments(self, overrides: Any, max_batch_size: int | None) -> list[list[list[str]]]:  # type: ignore[override]
-        default = _default_chain(self.config)
-        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        jobs, notes = check_settings(with_rows(jobs, self.rows, self.setups), default)
+        # A plain function (squeeze.run.sweep.expand), so squeeze.plan lists the same cells without a sweep.
+        jobs, notes = expand(overrides, self.rows, self.setups, default_chain(self.config), self.exclude)
         for note in notes:  # a setting for a compressor only some cells use: which cells it reaches
             log.info(note)
         config.runs_started()  # launchers' errors are Hydra's to report again
@@ -65,16 +67,13 @@ class SqueezeSweeper(BasicSweeper):
         # A preset's `search:` section makes its sweep a search: a preset's defaults list cannot choose
         # hydra/sweeper=search itself, since Hydra keeps train.yaml's own `override hydra/sweeper: squeeze`.
         if self.config is not None and self.config.get("search") is not None:
+            if self.exclude:
+                main_exit(SqueezeError("hydra.sweeper.exclude leaves cells out of a grid; a search samples its own "
+                                       "settings and would ignore it: drop the exclude entries or the search"))
             searcher = SearchSweeper(params=self.params, rows=self.rows, setups=self.setups)
             searcher.hydra_context, searcher.config, searcher.launcher = self.hydra_context, self.config, self.launcher
             return searcher.sweep(arguments)
         return super().sweep(arguments)
-
-
-def _default_chain(cfg: Any) -> list[str]:
-    """The compressors a cell uses when its overrides choose none (the composed config's compress)."""
-    return [str(k) for k, v in (cfg.get("compress") or {}).items()
-            if v is not None and "_target_" in v] if cfg is not None else []
 
 
 class SearchSweeper(Sweeper):
@@ -111,7 +110,7 @@ class SearchSweeper(Sweeper):
                                         if self.config.get("search") is not None else None)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)  # glob() lists options
         overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
-        default = _default_chain(self.config)
+        default = default_chain(self.config)
         space = search.Space.parse(overrides, self.rows, self.setups, default)
         # The grid sweeper's checks, on cells that stand for the space: every compress.<name>.<key> names a setting
         # some chain uses, and the cells compose (a misspelt option stops here, not in trial 7).

@@ -6,5 +6,6 @@
   pipeline       hardware=pipeline: a causal LM cut into stages, one process each, torch's GPipe/1F1B schedules
   checkpointing  mid-epoch checkpoints, stop signals, exact resume, Slurm requeue; fit's best validation
                  checkpoint restored
+  retention      what a finished run keeps: its model and record; the checkpoints only a resume needs dropped
   safe_load      checkpoint files read as data (torch's weights-only unpickler), never run as code
 """

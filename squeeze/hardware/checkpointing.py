@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from squeeze import artifacts
 from squeeze.errors import Interrupted, SqueezeError, out_of_space
-from squeeze.hardware import safe_load
+from squeeze.hardware import retention, safe_load
 
 log = logging.getLogger("squeeze")
 LAST = "last.ckpt"
@@ -361,8 +361,8 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         if found is not None:
             return str(found)
         if ckpt_path == "last":
-            raise SqueezeError(f"ckpt_path=last: no checkpoint in {run_dir} to resume from (checkpoints/last.ckpt); "
-                               "give hydra.run.dir=<the killed run's directory>, or ckpt_path=last_or_new to start "
+            raise SqueezeError(f"ckpt_path=last: no checkpoint in {run_dir} to resume from (checkpoints/last.ckpt)"
+                               f"{retention.dropped_note(run_dir)}; give hydra.run.dir=<the killed run's directory>, or ckpt_path=last_or_new to start "
                                "fresh when there is none")
         log.info("ckpt_path=last_or_new: no checkpoint in %s, starting fresh", run_dir)
         return None

@@ -19,7 +19,7 @@ from squeeze.report.cells import AGGREGATED, BASELINE, FIGURES, PER_BATCH, sort_
 
 # The markdown table, in the shape of the thesis tables: (figure, with a Δ% column). The per-device and
 # per-batch figures (peak memory, decoding throughput) follow the latency; columns nobody recorded drop out.
-TABLE = (("quality", True), ("accuracy", False), ("token_accuracy", False), ("f1", False), ("precision", False), ("recall", False),
+TABLE = (("quality", True), ("accuracy", False), ("accuracy_norm", False), ("token_accuracy", False), ("f1", False), ("precision", False), ("recall", False),
          ("last_word_accuracy", False), ("last_word_perplexity", False), ("hits_1", False), ("hits_5", False),
          ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("loss", False), ("size_mb", True),
          ("nonzero_params", False), ("latency_ms", True), ("throughput", False), ("per_batch", False),

@@ -35,6 +35,17 @@ def record_sparsity(record: dict) -> float | None:
     return next((s for s in reversed(found) if isinstance(s, (int, float))), None)
 
 
+def pruned_matrices(record: dict) -> tuple[int, float] | None:
+    """(parameters of the matrices the chain's last pruner ranked, their sparsity): its compress.<name>.pruned_params
+    and sparsity; None without a pruner that recorded them."""
+    compress = record.get("compress") or {}
+    for name in reversed(compress.get("chain") or []):
+        total, sparsity = _dig(compress, name, "pruned_params"), _dig(compress, name, "sparsity")
+        if isinstance(total, int) and isinstance(sparsity, (int, float)):
+            return total, float(sparsity)
+    return None
+
+
 def _metric(name: str) -> Callable[[dict], Any]:
     return lambda r: _dig(r, "metrics", name)
 
@@ -55,7 +66,7 @@ def _it_kwh(energy: Any) -> float | None:
 
 # Test metrics beside the monitored one (the table leaves out the one that is the quality column).
 # Every test metric a task records has one (NER's token accuracy, the test loss too); a test keeps it so.
-METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "token_accuracy": ("token accuracy", "test/token_accuracy"),
+METRIC_FIGURES = {"accuracy": ("accuracy", "test/accuracy"), "accuracy_norm": ("acc_norm", "test/accuracy_norm"), "token_accuracy": ("token accuracy", "test/token_accuracy"),
                   "f1": ("F1", "test/f1"),
                   "precision": ("precision", "test/precision"), "recall": ("recall", "test/recall"),
                   "last_word_accuracy": ("last-word acc", "test/last_word_accuracy"),
@@ -71,6 +82,10 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "size_mb": ("size MB", lambda r: _scaled(r.get("checkpoint_bytes"), 1e-6)),
     "params": ("params", lambda r: r.get("params")),
     "nonzero_params": ("nonzero params", lambda r: r.get("nonzero_params")),
+    # The pruned matrices alone (a study that counts "the model" as them: GPT-2's attention and MLP weights).
+    "pruned_matrices_params": ("pruned-matrix params", lambda r: (pruned_matrices(r) or (None,))[0]),
+    "pruned_matrices_nonzero": ("pruned-matrix nonzero", lambda r: round(pm[0] * (1 - pm[1]))
+                                if (pm := pruned_matrices(r)) else None),
     "sparsity": ("sparsity", lambda r: record_sparsity(r)),
     "latency_ms": ("latency ms (b1)", lambda r: _scaled(_dig(r, "perf", "latency", "batch_1", "median_s"), 1e3)),
     "throughput": ("throughput ex/s", lambda r: _dig(r, "perf", "throughput", "examples_per_s")),
@@ -271,6 +286,10 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["table"] = _dig(record, "config", "report", "table")
     row["protocol"] = _dig(record, "config", "report", "protocol")
     row["perplexity_protocol"] = record.get("perplexity") if isinstance(record.get("perplexity"), dict) else None
+    # A pruner's rounds (compress.imp.trajectory): sparsity -> the validation after retraining, train tokens/s.
+    compress = record.get("compress") or {}
+    row["trajectory"] = next((t for name in compress.get("chain") or []
+                              if isinstance(t := _dig(compress, name, "trajectory"), list) and t), None)
     # What the cell spent, evaluate.py records included (the grid's totals).
     energy = record.get("energy") if isinstance(record.get("energy"), dict) else {}
     row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),

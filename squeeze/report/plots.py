@@ -78,6 +78,13 @@ def draw_plots(group: Group, plot_dir: Path, recommended: Collection[str] = ()) 
     elif any(c["sparsity"] is not None for c in group.cells):
         group.skipped_plots.append("sparsity vs quality (no finished record has sparsity)")
 
+    tracks = {label(c): c["trajectory"] for c in ok if c.get("trajectory")}
+    if tracks:
+        monitor = "val/" + (group.metric or "quality").split("/", 1)[-1]
+        group.plots["pruning rounds"] = rounds(plot_dir / f"{group.slug}-pruning-rounds.png", tracks, monitor,
+                                               f"{monitor} ({arrow} better)", f"{title}: after each pruning round",
+                                               chains)
+
 
 def text_box(annotation: Annotation, renderer):
     """The display-space box of an annotation's text alone (its own extent includes the leader line)."""
@@ -211,6 +218,29 @@ def sparsity(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float
     _log_scale_if_wide(ax, [y for _, ys in series.values() for y in ys] + ([baseline] if baseline else []))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def rounds(path: Path, tracks: dict[str, Sequence[dict]], monitor: str, ylabel: str, title: str,
+           chains: Sequence[str] = ()) -> Path:
+    """A pruner's rounds (compress.imp.trajectory), one line per cell: the validation after each round's retraining
+    and that round's training throughput, against the share of the pruned matrices' weights left."""
+    fig = _figure()
+    quality, speed = fig.subplots(2, 1, sharex=True)
+    values = []
+    for label, points in tracks.items():
+        left = [1.0 - float(p["sparsity"]) for p in points]
+        ys = [p.get(monitor) for p in points]
+        values += [y for y in ys if y is not None]
+        quality.plot(left, ys, marker="o", label=label, color=_color(label, chains))
+        speed.plot(left, [p.get("train_tokens_per_s") for p in points], marker="o", color=_color(label, chains))
+    quality.set(ylabel=ylabel, title=title)
+    _log_scale_if_wide(quality, values)
+    speed.set(xlabel="weights left in the pruned matrices (1 - sparsity)", ylabel="train tokens/s in the round")
+    speed.invert_xaxis()  # pruning goes from all weights (left) to few (right)
+    for ax in (quality, speed):
+        ax.grid(alpha=0.3)
+    quality.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

@@ -70,7 +70,7 @@ def _hours(seconds: float | None) -> str:
 
 
 def _cell_text(row: dict, name: str) -> str:
-    integer = name in ("params", "nonzero_params")
+    integer = name in ("params", "nonzero_params", "pruned_matrices_params", "pruned_matrices_nonzero")
     mean, std = row[f"{name}_mean"], row[f"{name}_std"]
     if mean is None:
         return ""
@@ -84,7 +84,7 @@ def _md_escape(text: str) -> str:
 # The markdown table holds what a reader decides from; every figure (and every Δ%) is in the group's CSV.
 # (figure, with a Δ%); `per_batch` stands for decoding speed at batch 1; pipeline figures only where a pipeline
 # run is a row.
-MARKDOWN = (("quality", True), ("accuracy", False), ("token_accuracy", False), ("f1", False),
+MARKDOWN = (("quality", True), ("accuracy", False), ("accuracy_norm", False), ("token_accuracy", False), ("f1", False),
             ("last_word_accuracy", False), ("last_word_perplexity", False), ("hits_1", False), ("hits_5", False),
             ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("size_mb", True),
             ("sparsity", False), ("latency_ms", True), ("per_batch", False), ("own_s", True), ("own_kwh", True),

@@ -11,6 +11,7 @@
   loggers    W&B and the other loggers' factories, and what a run tells W&B
   sweep      which cells a sweep has (squeeze's Hydra sweeper, hydra_plugins/squeeze_sweeper, uses it)
   search     which trials a search asks Optuna for, its study (study.db) and front (pareto.json)
+  plan       what a sweep would run, said before it runs (python -m squeeze.plan)
 
 `from squeeze import run; run.train(cfg)` works as before; the recipe (Lightning, transformers) is imported only
 when a run starts, so the report, the sweeper plugin and the loggers' W&B helpers stay light.

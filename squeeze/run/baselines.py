@@ -118,15 +118,22 @@ def ready(entry: Path) -> dict[str, Any] | None:
     return record if record.get("status") == "ok" and (entry / artifacts.RUN_MODEL).is_dir() else None
 
 
+def store_entry(cfg: DictConfig, run_dir: Path,
+                overrides: Mapping[str, Any] | None = None) -> tuple[Path, str, dict[str, Any]]:
+    """Where the store keeps the baseline of this cell's settings (+ overrides): the entry's directory, its key and
+    its fine-tuning config (baseline_config)."""
+    config = baseline_config(cfg, run_dir, overrides)
+    key = key_of(config)
+    names = f"{_slug(config['model'].get('name'))}_{_slug(config['task'].get('name'))}"
+    return store_dir(cfg) / f"{names}_{key}", key, config
+
+
 def obtain(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], dict[str, Any]],
            overrides: Mapping[str, Any] | None = None) -> Baseline:
     """The stored baseline for this cell's settings (+ overrides), trained with `train(config, entry_dir)`
     when the store does not hold it yet."""
-    config = baseline_config(cfg, run_dir, overrides)
-    key = key_of(config)
-    names = f"{_slug(config['model'].get('name'))}_{_slug(config['task'].get('name'))}"
-    store = store_dir(cfg)
-    entry = store / f"{names}_{key}"
+    entry, key, config = store_entry(cfg, run_dir, overrides)
+    store = entry.parent
     record = ready(entry)
     if record is not None:
         log.info("baseline %s: reusing %s", key, entry)
@@ -160,11 +167,9 @@ def best_of(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
             grid: Mapping[str, Any]) -> Baseline:
     """The baseline with the best validation score over a grid of settings ({"optimizer.lr": [...]}): each
     one obtained from (or trained into) the store; ties keep the first."""
-    keys = list(grid)
-    values = [list(v) if isinstance(v, (list, tuple)) else [v] for v in (grid[k] for k in keys)]
     best: tuple[float, Baseline] | None = None
-    for combination in itertools.product(*values):
-        found = obtain(cfg, run_dir, train, dict(zip(keys, combination)))
+    for settings in grid_settings(grid):
+        found = obtain(cfg, run_dir, train, settings)
         validation = found.record.get("validation") or {}
         if validation.get("best") is None:
             raise SqueezeError(f"baseline {found.dir} has no validation score to choose the best by; its task "
@@ -177,6 +182,13 @@ def best_of(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
     return best[1]
 
 
+def grid_settings(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of a grid of settings ({"optimizer.lr": [...], "seed": 42}), in best_of's order."""
+    keys = list(grid)
+    values = [list(v) if isinstance(v, (list, tuple)) else [v] for v in (grid[k] for k in keys)]
+    return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
+
+
 # -- a cell on the store: the recipe hands in its own train and evaluate (Train, Evaluate) ----------------
 Train = Callable[..., dict[str, Any]]  # recipe._train(cfg, record, cell, as_baseline=False)
 Evaluate = Callable[..., dict[str, Any]]  # recipe._evaluate(cfg, record, cell)
@@ -185,7 +197,8 @@ Evaluate = Callable[..., dict[str, Any]]  # recipe._evaluate(cfg, record, cell)
 def reused(cfg: DictConfig, chain: list[Compressor], cell) -> bool:
     """A chain whose compressors all act on the fine-tuned weights (none, dq, int8wo, int4wo, smoothquant, gptq,
     wanda, sparsegpt): in a sweep (or with baseline.reuse=true) that fine-tuned model comes from the store,
-    trained once. rows and heads prune before fine-tuning, so they fine-tune their own model."""
+    trained once. rows and heads prune before fine-tuning, so they fine-tune their own model. `chain`: the cell's
+    compressors, or their classes (after_training is a class attribute: squeeze.plan decides without building)."""
     if not all(c.after_training for c in chain) or cfg.trainer.get("max_steps", -1) == 0:
         return False
     if cfg.get("ckpt_path") not in (None, "last_or_new"):  # resuming this cell's own checkpoint on purpose

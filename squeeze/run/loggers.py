@@ -190,11 +190,12 @@ def _version() -> str | None:
 
 
 # -- the run's name: its report row's label --------------------------------------------------------
-def row_label(compress_cfg: Any) -> str:
+def row_label(compress_cfg: Any, sweep: tuple[list[list[str]], list[str]] | None = None) -> str:
     """The label squeeze.report gives this run's row (squeeze.report.aggregate.row_name): the compressors' labels
     joined with '+', else the chain and the settings that tell the sweep's cells of this model × task and chain
     apart (`imp target=0.3`), with ` @ <hardware>` when the sweep runs this model × task on several. The sweep's
-    cells are derived from its multirun.yaml as its sweeper built them. A single run: the chain and the
+    cells are derived from its multirun.yaml as its sweeper built them, or given (`sweep`: its cells and default
+    chain, as squeeze.plan knows them before the sweep writes anything). A single run: the chain and the
     compressor settings its command line gives."""
     from squeeze.config import chain_name
     from squeeze.report.aggregate import _text, row_name, setting_values
@@ -210,7 +211,7 @@ def row_label(compress_cfg: Any) -> str:
     if cell is None:
         return row_name(chain, "", labels)
     own = list(cell.overrides)
-    jobs, default = _sweep_jobs(cell.sweep_dir) if cell.multirun else (None, [])
+    jobs, default = (sweep or _sweep_jobs(cell.sweep_dir)) if cell.multirun else (None, [])
     if jobs:
         pair = [j for j in jobs if all(_value(j, g) == _value(own, g) for g in ("model", "task"))]
         peers = [_settings_of(j) for j in pair if chosen(j, default) == chosen(own, default)] or [_settings_of(own)]

@@ -72,6 +72,10 @@ def summary(record: dict[str, Any]) -> str:
             w = p["last_word"]
             lines.append(f"last word: {w['passages']} passages scored one by one (up to {w['max_length']} tokens, "
                          f"{w['truncated']} cut); perplexity {w['perplexity']}")
+        elif p.get("multiple_choice"):
+            m = p["multiple_choice"]
+            lines.append(f"multiple choice: {m.get('examples')} examples, {m.get('endings')} endings scored "
+                         f"({m['score']})")
         else:
             lines.append(f"perplexity protocol: {p['protocol']} (block {p['block_size']}, stride {p['stride']})")
     lines.append(f"record: {record['run_dir']}/result.json")

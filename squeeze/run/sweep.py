@@ -2,21 +2,81 @@
 compressor settings: in `python train.py -m compress=none,imp compress.imp.target=0.3,0.5` the target means nothing
 to the `none` cell, so that cell runs once, not once per target) changes about Hydra's cartesian product: the cells,
 pruned, and a preset's rows and setups crossed in. Batching and launching stay Hydra's. Plain functions on override
-strings: the plugin calls them, and squeeze.run.loggers rebuilds a sweep's cells with them to name a run."""
+strings: the plugin calls them (`expand`), squeeze.plan lists a sweep's cells with them before it runs (`cells`), and
+squeeze.run.loggers rebuilds a sweep's cells with them to name a run."""
 
 from __future__ import annotations
 
 import re
 import shlex
+from typing import Any
 
 from squeeze.config import check_compressor_setting, lenient_compressor_settings
 from squeeze.errors import SqueezeError
 
-# What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget), not what
-# the cell is: a rerun, or a search rerun with more trials, finds its finished cells the same.
-NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search")
+# What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget, how often
+# checkpoints are written and what a finished run keeps of them, a preset's report layout), not what the cell is: a
+# rerun, or a search rerun with more trials, finds its finished cells the same.
+NOT_THE_CELL = ("ckpt_path", "rerun_failed", "trust_checkpoint", "hydra", "search", "checkpoint", "report")
 _SETTING = re.compile(r"^\+{0,2}compress\.([A-Za-z_][\w-]*)\.")
 _CHOICE = re.compile(r"^compress=(.*)$")
+
+
+def default_chain(cfg: Any) -> list[str]:
+    """The compressors a cell uses when its overrides choose none (the composed config's compress)."""
+    return [str(k) for k, v in (cfg.get("compress") or {}).items()
+            if v is not None and "_target_" in v] if cfg is not None else []
+
+
+def expand(overrides: list[Any], rows: list[str], setups: list[str], default: list[str],
+           exclude: list[str] = ()) -> tuple[list[list[str]], list[str]]:
+    """The cells of a sweep in job order (hydra.job.num, the sweep directories' prefixes) and the notes for its log:
+    Hydra's basic sweeper's product of the parsed `overrides` (hydra's Override objects), a preset's rows and setups
+    crossed in, the `exclude`d combinations left out, each cell's settings of compressors it does not use dropped
+    (check_settings)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    jobs, notes = without(with_rows(jobs, rows, setups), exclude)
+    cells, more = check_settings(jobs, default)
+    return cells, [*notes, *more]
+
+
+def without(jobs: list[list[str]], exclude: list[str]) -> tuple[list[list[str]], list[str]]:
+    """The cells that hold not every override of any `exclude` entry (hydra.sweeper.exclude: strings of overrides,
+    e.g. "model=gpt2-xl task=lambada", "model=gpt2-xl compress.kd.label=Distil": a study that left those out). An
+    entry that leaves out nothing is said (a narrower command line, or a typo), not an error."""
+    entries = [set(lenient_compressor_settings(shlex.split(str(e)))) for e in exclude or ()]
+    normal = [{o.lstrip("+") for o in entry} for entry in entries]
+    kept, notes = [], []
+    hits = [0] * len(entries)
+    for job in jobs:
+        has = {o.lstrip("+") for o in job}
+        matched = [i for i, entry in enumerate(normal) if entry <= has]
+        for i in matched:
+            hits[i] += 1
+        if not matched:
+            kept.append(job)
+    notes += [f"hydra.sweeper.exclude entry {exclude[i]!r} leaves out no cell of this sweep"
+              for i, n in enumerate(hits) if n == 0]
+    if entries and not kept:
+        raise SqueezeError("hydra.sweeper.exclude leaves out every cell of this sweep; drop or narrow an entry")
+    return kept, notes
+
+
+def cells(cfg: Any, config_loader: Any = None) -> tuple[list[list[str]], list[str]]:
+    """`expand` for a sweep's config as Hydra composes it for `-m`: its overrides read and parsed as Hydra's basic
+    sweeper does before it splits them (hydra.sweeper.params first, then the command line's; glob() needs the
+    config loader)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    arguments += OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)
+    overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
+    return expand(overrides, list(sweeper.get("rows") or []), list(sweeper.get("setups") or []), default_chain(cfg),
+                  list(sweeper.get("exclude") or []))
 
 
 def chosen(job: list[str], default: list[str]) -> list[str]:
@@ -68,8 +128,8 @@ def check_settings(jobs: list[list[str]], default: list[str]) -> tuple[list[list
                                f"a chain (e.g. compress={example}) or drop the setting")
         if rest:
             others = ", ".join(dict.fromkeys(_chain(cells[i], default) for i in rest))
-            notes.append(f"{key} applies to cells {_numbers(kept)} (their chain has {name}), not to cells "
-                         f"{_numbers(rest)} ({others})")
+            notes.append(f"{key} applies to cells {cell_numbers(kept)} (their chain has {name}), not to cells "
+                         f"{cell_numbers(rest)} ({others})")
     return cells, notes
 
 
@@ -77,7 +137,7 @@ def _chain(cell: list[str], default: list[str]) -> str:
     return "+".join(chosen(cell, default)) or "none"
 
 
-def _numbers(indices: list[int]) -> str:
+def cell_numbers(indices: list[int]) -> str:
     """0-2,5: cell numbers as the sweep directories' prefixes (hydra.job.num) give them."""
     spans, start = [], None
     for i, n in enumerate(indices):
