@@ -22,24 +22,8 @@ from squeeze.tasks.lm import LastWordData
 
 from conftest import build_tiny, compose_cfg, fast, read_result, tiny_tokenizer
 
-# A character "tokenizer" (4 is end-of-text and padding) and a bigram model over it: P[prev][next].
-CHARS = {" ": 0, "a": 1, "b": 2, "c": 3}
-EOS = 4
-P = torch.tensor([
-    [0.10, 0.20, 0.10, 0.50, 0.10],
-    [0.60, 0.10, 0.10, 0.10, 0.10],
-    [0.70, 0.10, 0.10, 0.05, 0.05],
-    [0.10, 0.50, 0.30, 0.05, 0.05],
-    [0.10, 0.10, 0.10, 0.60, 0.10],
-])
-
-
-class CharTokenizer:
-    eos_token_id = pad_token_id = EOS
-    bos_token_id = None
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[CHARS[c] for c in t] for t in texts]}
+# test_lambada's character "tokenizer" (4 is end-of-text and padding) and the bigram table P[prev][next] it scores with.
+from test_lambada import CHARS, EOS, P, CharTokenizer  # noqa: E402
 
 
 class Bigram(torch.nn.Module):
