@@ -614,6 +614,7 @@ def test_a_presets_table_layout_and_protocol_shape_its_section(tmp_path):
     line = next(x for x in section.splitlines() if x.startswith("| int8wo |"))
     assert "+3.3%" in line and "+150.0%" in line and "-50.0%" in line  # perplexity, eval time, eval energy
     assert protocol in section and "non-overlapping blocks of 1024 tokens, 5000 test tokens scored" in section
+    assert "Not in these records" not in section  # the preset left those columns out, the records have them
     record["config"]["report"]["table"] = {"quality": True, "eval_energy": True}
     (rec / "result.json").write_text(json.dumps(record))
     with pytest.raises(SqueezeError, match=r"config.report.table: 'eval_energy' is not a report figure; known: "):

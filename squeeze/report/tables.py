@@ -144,7 +144,7 @@ def markdown_table(group: Group, recommended: Collection[str] = ()) -> str:
     shown_names = {name for name, _, _ in shown}
     missing = [FIGURES[name][0] for name in ("size_mb", "latency_ms", "own_s", "total_kwh", "inference_kwh_per_1k")
                if name not in shown_names]
-    if missing:
+    if missing and group.layout is None:  # a preset's own table leaves columns out on purpose
         lines.append("")
         lines.append(f"Not in these records (column left out): {', '.join(missing)}.")
     return "\n".join(lines)
