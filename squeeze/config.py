@@ -281,6 +281,10 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
     check_compressor_config(cfg.get("compress"))
     if OmegaConf.select(cfg, "checkpoint.keep_after_success") is not None:
         retention.check(cfg.checkpoint.keep_after_success)
+    if cfg.get("report") is not None:  # a preset's report layout: checked now, not when the report is drawn
+        from squeeze.report.aggregate import check_report_section
+
+        check_report_section(OmegaConf.to_container(cfg.report, resolve=True))
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
 

@@ -652,3 +652,19 @@ def test_a_pruners_rounds_are_plotted_against_the_weights_left(tmp_path):
     assert path.name == "tiny_gpt2-austen-pruning-rounds.png" and path.read_bytes().startswith(PNG)
     assert "![pruning rounds](plots/tiny_gpt2-austen-pruning-rounds.png)" in built.markdown.read_text()
     assert next(c for c in built.cells if c["chain"] == "imp")["trajectory"] == points
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"tabel": {"quality": True}}, r"^report.tabel is not a report setting; use one of \['table', 'protocol'\]"),
+    ({"table": {"qualty": True}}, r"^config.report.table: 'qualty' is not a report figure; known: "),
+])
+def test_a_misspelt_report_section_stops_before_the_run_loads(section, message, tmp_path):
+    from omegaconf import OmegaConf, open_dict
+    from squeeze import config
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen"], tmp_path)
+    with open_dict(cfg):
+        cfg.report = OmegaConf.create(section)
+    with pytest.raises(SqueezeError, match=message):
+        config.check_before_loading(cfg)

@@ -234,6 +234,20 @@ def table_layout(table: Any) -> list[tuple[str, bool]] | None:
     return [(str(name), bool(delta)) for name, delta in table.items()]
 
 
+REPORT_KEYS = ("table", "protocol")
+
+
+def check_report_section(report: Any) -> None:
+    """A preset's `report:` section, checked before a run loads anything (a misspelt key or figure would otherwise
+    be found only when the report is drawn, after the sweep): its keys, and every figure its table names."""
+    if not isinstance(report, dict):
+        raise SqueezeError(f"report={report!r}: give a mapping with {list(REPORT_KEYS)}")
+    unknown = [k for k in report if k not in REPORT_KEYS]
+    if unknown:
+        raise SqueezeError(f"report.{unknown[0]} is not a report setting; use one of {list(REPORT_KEYS)}")
+    table_layout(report.get("table"))
+
+
 def delta_names(group: Group) -> list[str]:
     """The figures with a Δ%: the default table's, and those a preset's layout asks for (per-batch patterns
     expanded to the figures the group recorded)."""
