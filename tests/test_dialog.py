@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -450,3 +451,48 @@ def test_bertscore_of_an_empty_reply_counts_zero_not_nan():
     means = bertscore_means({"precision": [float("nan"), 0.8], "recall": [0.0, 0.6], "f1": [0.0, 0.7]})
     assert {k: round(float(v), 4) for k, v in means.items()} == {
         "bertscore_precision": 0.4, "bertscore_recall": 0.3, "bertscore_f1": 0.35}
+
+
+@pytest.mark.parametrize("smoothing", ["exp", "none"])
+def test_bleu_of_short_replies_is_smoothed_unless_asked_not_to(smoothing, tmp_path, monkeypatch):
+    """Replies with no 4-gram in common with the reference: plain corpus BLEU is 0 whatever words they share;
+    sacreBLEU's exp smoothing, recomputed here by hand from the n-gram counts, is not."""
+    from torchmetrics.functional.text import sacre_bleu_score
+
+    from squeeze.tasks.dialog.scoring import score_candidates
+
+    model, tokenizer, batches = _model_and_test_batches("tiny_gpt2", tmp_path, examples=4, rows=40)
+    module = DialogModule(model, generate_max_examples=2, generate_batch_size=2, bertscore=None, tokenizer=tokenizer,
+                          bleu_smoothing=smoothing)
+    gold = batches[0]["labels"][19::20][:2]  # the gold reply is each example's last candidate
+    references = [[tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True).strip()] for labels in gold]
+    replies = [" ".join(ref.split()[:2] + ["zebra"]) for [ref] in references]  # words in common, no 4-gram
+    monkeypatch.setattr(module, "generate_replies", lambda prompts: replies[: len(prompts)])
+    metrics = module.metrics["test"]
+    for batch in batches:
+        module.update_metrics(metrics, batch, score_candidates(model, batch, 20))
+    bleu = float(module.compute_metrics(metrics)["bleu"])
+    if smoothing == "none":
+        assert bleu == 0 == float(sacre_bleu_score(replies, references))
+        return
+    from collections import Counter
+    from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
+
+    tokenize = _SacreBLEUTokenizer("13a")
+    correct, total, halvings, logs = [0] * 4, [0] * 4, 0, 0.0
+    for reply, [ref] in zip(replies, references):
+        r, g = tokenize(reply), tokenize(ref)
+        for n in range(1, 5):
+            have = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            want = Counter(tuple(g[i:i + n]) for i in range(len(g) - n + 1))
+            correct[n - 1] += sum(min(c, want[k]) for k, c in have.items())
+            total[n - 1] += max(len(r) - n + 1, 0)
+    for n in range(4):
+        halvings += correct[n] == 0
+        logs += math.log(correct[n] / total[n] if correct[n] else 1 / (2 ** halvings * total[n]))
+    hyp = sum(len(tokenize(r)) for r in replies)
+    ref = sum(len(tokenize(g)) for [g] in references)
+    assert bleu > 0
+    assert bleu == pytest.approx(100 * min(1.0, math.exp(1 - ref / hyp)) * math.exp(logs / 4), rel=1e-4)
+    with pytest.raises(SqueezeError, match="bleu_smoothing='add-one'"):
+        DialogModule(model, bleu_smoothing="add-one", bertscore=None)

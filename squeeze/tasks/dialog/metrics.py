@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.text import SacreBLEUScore
 
 from squeeze.errors import SqueezeError
 from squeeze.tasks.base import IGNORE_INDEX
@@ -73,3 +75,31 @@ class HitsAtK(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.clamp(min=1)
         return {f"hits@{k}": self.hits[i] / total for i, k in enumerate(self.ks)}
+
+
+BLEU_SMOOTHING = ("exp", "none")
+
+
+class CorpusBLEU(SacreBLEUScore):
+    """Corpus BLEU (0-1) from torchmetrics' sacreBLEU n-gram counts, with sacreBLEU's default "exp" smoothing:
+    an order with no matching n-gram counts 1 / (2^k · its n-gram total), k the number of such orders so far
+    (Chen & Cherry 2014, method 3), so short replies that share words with the reference do not all score 0.
+    "none" is plain BLEU (torchmetrics' own). torchmetrics' `smooth=True` cannot stand in: it returns 0 as soon
+    as one order has no match, before smoothing."""
+
+    def __init__(self, smoothing: str = "exp", **kwargs):
+        if smoothing not in BLEU_SMOOTHING:
+            raise SqueezeError(f"task.module.bleu_smoothing={smoothing!r} is not one of {list(BLEU_SMOOTHING)}")
+        super().__init__(**kwargs)
+        self.smoothing = smoothing
+
+    def compute(self) -> torch.Tensor:
+        if self.smoothing == "none":
+            return super().compute()
+        correct, total = self.numerator.double(), self.denominator.double()
+        if self.preds_len == 0 or bool((total == 0).any()):
+            return torch.tensor(0.0, device=self.numerator.device)  # no candidate this long: undefined, 0 as sacreBLEU
+        halvings = torch.cumsum((correct == 0).double(), dim=0)
+        precisions = torch.where(correct > 0, correct / total, 1.0 / (2.0 ** halvings * total))
+        brevity = 1.0 if self.preds_len > self.target_len else math.exp(1 - float(self.target_len / self.preds_len))
+        return (brevity * torch.exp(torch.log(precisions).mean())).float()

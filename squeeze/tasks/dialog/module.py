@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.text import Perplexity, SacreBLEUScore, TranslationEditRate
+from torchmetrics.text import Perplexity, TranslationEditRate
 
 from squeeze import assets
 from squeeze.errors import SqueezeError
 from squeeze.tasks.base import IGNORE_INDEX, STAGES, FineTune
-from squeeze.tasks.dialog.metrics import HitsAtK, context_lengths
+from squeeze.tasks.dialog.metrics import BLEU_SMOOTHING, CorpusBLEU, HitsAtK, context_lengths
 from squeeze.tasks.dialog.scoring import CandidateScores, score_candidates, scores_from_logits
 
 
@@ -40,8 +40,10 @@ class DialogModule(FineTune):
     each example's context encoded once for all its candidates (scoring.py); on the
     stages in `generate_on`, replies to the first `generate_max_examples` examples (null: all; per
     process) are generated from the context with `generate` settings, `generate_batch_size` prompts at
-    a time, and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100) and
-    BERTScore F1 with a local encoder (`bertscore`: an asset name or a model directory; null skips it).
+    a time, and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100; BLEU
+    with sacreBLEU's default "exp" smoothing unless `bleu_smoothing` is none, so short replies with no
+    4-gram match do not all score 0) and BERTScore F1 with a local encoder (`bertscore`: an asset
+    name or a model directory; null skips it).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class DialogModule(FineTune):
         generate_batch_size: int = 16,
         bertscore: str | None = "minilm",
         bertscore_batch_size: int = 32,
+        bleu_smoothing: str = "exp",
         tokenizer=None,
         **kwargs,
     ):
@@ -84,6 +87,9 @@ class DialogModule(FineTune):
         self.generate_max_examples, self.generate_batch_size = generate_max_examples, generate_batch_size
         self.bertscore_path = _bertscore_location(bertscore) if bertscore else None
         self.bertscore_batch_size = bertscore_batch_size
+        if bleu_smoothing not in BLEU_SMOOTHING:
+            raise SqueezeError(f"task.module.bleu_smoothing={bleu_smoothing!r} is not one of {list(BLEU_SMOOTHING)}")
+        self.bleu_smoothing = bleu_smoothing
         super().__init__(model, **kwargs)
         self.tokenizer = tokenizer
         self._stop_ids: list[int] | None = None
@@ -99,7 +105,7 @@ class DialogModule(FineTune):
     # -- metrics ---------------------------------------------------------------------------------
     def make_metrics(self) -> nn.Module:
         metrics = {"perplexity": Perplexity(ignore_index=IGNORE_INDEX), "hits": HitsAtK(self.hits_at),
-                   "bleu": SacreBLEUScore(), "ter": TranslationEditRate()}
+                   "bleu": CorpusBLEU(self.bleu_smoothing), "ter": TranslationEditRate()}
         if self.bertscore_path is not None:
             from torchmetrics.text import BERTScore
 
