@@ -11,7 +11,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,6 +90,19 @@ def check_counts(trainer_cfg: Mapping, data_cfg: Mapping | None = None) -> None:
     for split, limit in dict(d.get("max_examples") or {}).items():
         if limit is not None and not (whole(limit) and limit >= 1):
             raise bad(f"task.data.max_examples.{split}", limit, "a row count ≥ 1 or null (all)")
+
+
+def train_batch_sizes(perf: Mapping | None) -> list[int]:
+    """perf.train_batch_sizes as a list of batch sizes ([] or missing: training throughput is not measured)."""
+    sizes = (perf or {}).get("train_batch_sizes")
+    if sizes is None:
+        return []
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+        shown = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) else sizes
+        raise SqueezeError(f"perf.train_batch_sizes={shown!r} must be a list of whole numbers ≥ 1 "
+                           "(e.g. [4, 12]), or [] to skip training throughput")
+    return [int(b) for b in sizes]
 
 
 # -- compressor settings in a mixed sweep --------------------------------------------------------------
@@ -285,6 +298,12 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
         from squeeze.report.aggregate import check_report_section
 
         check_report_section(OmegaConf.to_container(cfg.report, resolve=True))
+    if cfg.get("perf") is not None:  # measured after training: a bad value would otherwise surface only then
+        train_batch_sizes(OmegaConf.to_container(cfg.perf, resolve=True))
+    if cfg.get("pipeline") is not None:  # hardware=pipeline's window of iterations
+        from squeeze.hardware.pipeline import check_window
+
+        check_window(OmegaConf.to_container(cfg.pipeline, resolve=True).get("window"))
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
 

@@ -55,7 +55,10 @@ def _check_preset(name: str, tmp_path: Path) -> list[str]:
     for cell in first:  # one model × task's rows fully; the others differ only in model= and task=
         cfg = compose_cfg("train", cell, tmp_path)
         chain = build_chain(cfg.compress)
-        names.append(row_name("+".join(c.name for c in chain) or "none", "", {c.name: c.label for c in chain if c.label}))
+        # hardware=pipeline rows: the report tells them apart by the variant they record (stages, schedule, batch)
+        variant = f" [pipeline batch {cfg.task.data.batch_size}]" if cfg.get("pipeline") is not None else ""
+        names.append(row_name("+".join(c.name for c in chain) or "none", "", {c.name: c.label for c in chain if c.label})
+                     + variant)
     names = list(dict.fromkeys(names))  # an lr or seed grid repeats a row: its cells are averaged
     rows = compose_cfg("train", [f"experiment={name}"], tmp_path).hydra.sweeper.rows
     here = [r for r in rows if any(_holds(c, r) for c in first)]  # the rows this model × task has (exclude)

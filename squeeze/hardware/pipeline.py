@@ -1,8 +1,9 @@
 """Pipeline parallelism (`hardware=pipeline`): a causal LM cut into N stages of consecutive layers, one
 process per stage, micro-batches through torch's own schedules (torch.distributed.pipelining: GPipe
-or 1F1B). Causal-LM fine-tuning only; the record gets the mean training loss, tokens/s and every
-stage's peak memory, and the stages' trained weights come back to the parent as one model, which the run
-tests, saves and measures like any other (squeeze.run).
+or 1F1B). Causal-LM fine-tuning only; the record gets the mean training loss, tokens/s (over the whole run,
+and over a window of iterations past the warm-up: pipeline.window) and every stage's peak memory, and the
+stages' trained weights come back to the parent as one model, which the run tests, saves and measures like
+any other (squeeze.run).
 
 torch does the scheduling and the stage-to-stage sends; what is written here is the cut, which torch
 cannot do on a transformers model without tracing it: every stage keeps the model's own forward, fed
@@ -109,6 +110,35 @@ def bounds(layers: int, stages: int) -> list[tuple[int, int]]:
     return out
 
 
+def check_window(window) -> tuple[int, int] | None:
+    """pipeline.window as (first, last): iterations counted from 1, both included; None (null) skips it."""
+    if window is None:
+        return None
+    if (isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in window)
+            or not 1 <= window[0] <= window[1]):
+        raise SqueezeError(f"pipeline.window={window!r} must be [first, last] iterations, counted from 1 and both "
+                           "included, with 1 ≤ first ≤ last (e.g. [20, 40]), or null")
+    return int(window[0]), int(window[1])
+
+
+def window_figures(window: tuple[int, int] | None, batches: list[dict[str, torch.Tensor]], begin: float,
+                   ends: list[float]) -> dict[str, Any] | None:
+    """Throughput over iterations first..last (from 1, both included): their tokens over the wall time from the
+    end of iteration first-1 (the start of the loop for first=1) to the end of iteration last; tokens_per_s None,
+    with the reason, when the run is shorter than the window."""
+    if window is None:
+        return None
+    first, last = window
+    if len(ends) < last:
+        return {"iterations": [first, last], "tokens_per_s": None, "seconds": None, "tokens": None,
+                "reason": f"the run has {len(ends)} iterations, fewer than the window's last ({last}); "
+                          f"give trainer.max_steps ≥ {last}"}
+    seconds = ends[last - 1] - (ends[first - 2] if first > 1 else begin)
+    tokens = sum(int(b["input_ids"].numel()) for b in batches[first - 1:last])
+    return {"iterations": [first, last], "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
 def check(head: str, chain: list) -> None:
     if head != "causal_lm":
         raise SqueezeError(f"hardware=pipeline trains causal language models only; this task's head is {head}")
@@ -125,17 +155,21 @@ def train_batches(data, max_steps: int) -> list[dict[str, torch.Tensor]]:
     return [b for _, b in zip(range(max_steps) if max_steps > 0 else iter(int, 1), data.train_dataloader())]
 
 def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches: int = 4, schedule: str = "gpipe",
-        lr: float = 5e-5, seed: int = 0, steps: int | None = None) -> tuple[dict[str, Any], nn.Module]:
+        lr: float = 5e-5, seed: int = 0, steps: int | None = None,
+        window=None) -> tuple[dict[str, Any], nn.Module]:
     """Train on `batches` (one optimizer step each) with `stages` processes; returns the record's
     `pipeline` figures and the trained model (the stages' weights in one model, built with `build()`).
+    `window` ([first, last] iterations from 1, both included; None skips it): the figures' `window` holds the
+    tokens/s over those iterations alone (window_figures), the slowest stage's time, past the first steps' warm-up.
     `build()` returns the model (called in every process: same seed, same weights). stages=1 runs the same
     loop in this process without pipelining, the baseline."""
     if schedule not in SCHEDULES:
         raise SqueezeError(f"hardware.pipeline.schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    window = check_window(window)
     steps = len(batches) if steps is None else min(steps, len(batches))
     batches = batches[:steps]
     if stages == 1:
-        return _single(build, batches, lr, seed)
+        return _single(build, batches, lr, seed, window)
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -156,16 +190,19 @@ def run(build, batches: list[dict[str, torch.Tensor]], stages: int, microbatches
     last = per_stage[-1]
     seconds = max(s["seconds"] for s in per_stage)
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    windows = [window_figures(window, batches, s["begin"], s["ends"]) for s in per_stage]
+    slowest = max(windows, key=lambda w: w["seconds"] or 0.0) if window is not None else None
     return {"stages": stages, "microbatches": microbatches, "schedule": schedule, "steps": steps,
+            "batch_size": int(batches[0]["input_ids"].shape[0]),
             "losses": last["losses"], "loss": sum(last["losses"]) / len(last["losses"]),
-            "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds, "window": slowest,
             # The stages run on CPU processes (gloo): their peak is the process's resident set.
             "per_stage": [{"stage": i, "layers": s["layers"], "peak_memory_bytes": s["peak"],
                            "peak_memory_kind": "cpu_rss", "params": s["params"]}
                           for i, s in enumerate(per_stage)]}, model
 
 
-def _single(build, batches, lr, seed) -> tuple[dict[str, Any], nn.Module]:
+def _single(build, batches, lr, seed, window=None) -> tuple[dict[str, Any], nn.Module]:
     from squeeze.measure import process_peak_rss
 
     torch.manual_seed(seed)
@@ -173,19 +210,21 @@ def _single(build, batches, lr, seed) -> tuple[dict[str, Any], nn.Module]:
     model.config.use_cache = False
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses, start = [], time.perf_counter()
+    losses, ends, start = [], [], time.perf_counter()
     for batch in batches:
         loss = causal_lm_loss(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["input_ids"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
+        ends.append(time.perf_counter())
     seconds = time.perf_counter() - start
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     layers = len(_stack(model))
-    return {"stages": 1, "microbatches": 1, "schedule": None, "steps": len(batches), "losses": losses,
+    return {"stages": 1, "microbatches": 1, "schedule": None, "steps": len(batches),
+            "batch_size": int(batches[0]["input_ids"].shape[0]), "losses": losses,
             "loss": sum(losses) / len(losses), "train_seconds": seconds, "train_tokens": tokens,
-            "tokens_per_s": tokens / seconds,
+            "tokens_per_s": tokens / seconds, "window": window_figures(window, batches, start, ends),
             "per_stage": [{"stage": 0, "layers": [0, layers], "peak_memory_bytes": process_peak_rss(),
                            "peak_memory_kind": "cpu_rss", "params": sum(p.numel() for p in model.parameters())}]}, model
 
@@ -218,7 +257,7 @@ def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed
         # Every rank joins the group (new_group is collective); only the two holding a tied weight use it.
         tied_group = dist.new_group([0, stages - 1])
         tied = module.tied_weight()
-        losses = []
+        losses, ends = [], []  # ends: each iteration's end on this stage (the window's figures)
         dist.barrier()
         begin = time.perf_counter()
         for batch in batches:
@@ -235,10 +274,12 @@ def _worker(rank, stages, port, build, batches, microbatches, schedule, lr, seed
                 dist.all_reduce(tied.grad, group=tied_group)
             optimizer.step()
             optimizer.zero_grad()
+            ends.append(time.perf_counter())
         dist.barrier()
         seconds = time.perf_counter() - begin
         torch.save(module.owned_state(), os.path.join(shards, f"stage-{rank}.pt"))
-        results[rank] = {"seconds": seconds, "losses": losses, "layers": [start, stop], "peak": process_peak_rss(),
+        results[rank] = {"seconds": seconds, "losses": losses, "begin": begin, "ends": ends, "layers": [start, stop],
+                         "peak": process_peak_rss(),
                          "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
     finally:
         dist.destroy_process_group()

@@ -16,6 +16,10 @@ resident just before) is the batch's own working memory.
 Decoding speed is greedy `generate` of exactly `new_tokens` tokens from the first tokens of real test
 examples, timed like latency; models that cannot generate (encoders, classification heads) skip it.
 
+Training throughput at fixed batch sizes (perf.train_batch_sizes, `measure_training`) is one optimizer step on
+real test examples with their labels, on a copy of the model in train mode, timed like latency; a model that
+cannot be trained (integer weights, nothing trainable) gets the reason instead of figures.
+
 A run's own figures (result.json `perf`, `peak_memory_bytes`): `of_run`, `peak_memory`. Beside this module:
 squeeze.measure.energy (energy and CO2 per phase, the run's EnergyMeter callback) and
 squeeze.measure.speculative (speculative decoding against plain decoding).
@@ -26,6 +30,7 @@ models in one process, in interleaved rounds, with these helpers.
 
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import threading
@@ -35,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from squeeze.config import train_batch_sizes
 from squeeze.errors import SqueezeError
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -71,8 +77,8 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
-def example_batch(dataloader, batch_size: int) -> dict[str, torch.Tensor]:
-    """The first `batch_size` test examples, collated as the test loader collates them."""
+def example_batch(dataloader, batch_size: int, keys: Sequence[str] = INPUT_KEYS) -> dict[str, torch.Tensor]:
+    """The first `batch_size` test examples, collated as the test loader collates them (only `keys`)."""
     dataset = dataloader.dataset
     if len(dataset) < batch_size:
         # Repeat examples rather than measure a smaller batch than the one asked for.
@@ -80,7 +86,7 @@ def example_batch(dataloader, batch_size: int) -> dict[str, torch.Tensor]:
     else:
         indices = list(range(batch_size))
     batch = dataloader.collate_fn([dataset[i] for i in indices])
-    return {k: v for k, v in batch.items() if k in INPUT_KEYS}
+    return {k: v for k, v in batch.items() if k in keys}
 
 
 def of_run(model: torch.nn.Module, data, perf: Mapping[str, Any], device: str) -> dict[str, Any]:
@@ -92,6 +98,11 @@ def of_run(model: torch.nn.Module, data, perf: Mapping[str, Any], device: str) -
                              int(perf["repeats"]), d, decode_settings(perf))
         for d in devices
     }
+    train_sizes = train_batch_sizes(perf)
+    if train_sizes:
+        for d in devices:
+            by_device[d]["train"] = measure_training(model, data.test_dataloader(), train_sizes, int(perf["warmup"]),
+                                                     int(perf["repeats"]), d)
     figures = dict(by_device[devices[0]])  # a copy: by_device holds the original
     if len(by_device) > 1:
         figures["by_device"] = by_device
@@ -237,6 +248,79 @@ def measure_decoding(
     return {"new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "warmup": warmup, "latency": latency}
 
 
+# -- training throughput at fixed batch sizes ---------------------------------------------------------
+def untrainable(model: torch.nn.Module) -> str | None:
+    """Why an optimizer step cannot train `model` as it is (integer weights, nothing trainable), else None."""
+    params = list(model.named_parameters())
+    integer = [name for name, p in params if not p.is_floating_point()]
+    if integer:
+        return (f"integer weights take no gradient ({len(integer)} integer parameter tensors, e.g. {integer[0]}): "
+                "the model cannot be trained as saved")
+    if not any(p.requires_grad for _, p in params):
+        return "no trainable parameter (every parameter has requires_grad=False)"
+    return None
+
+
+def measure_training(
+    model: torch.nn.Module,
+    dataloader,
+    batch_sizes: Sequence[int],
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str = "cpu",
+    lr: float = 1e-5,
+) -> dict[str, Any]:
+    """Training throughput per batch size: {batch_<n>: {median_s, p10_s, p90_s, mean_s, repeats, tokens,
+    tokens_per_s, examples_per_s}}, or {"reason": why} for a model that cannot be trained.
+
+    What one timed call is: forward of the first n test examples with their labels (the task's collated labels:
+    for a causal LM the input ids, padding ignored; for classification the class labels), the loss's backward,
+    `torch.optim.AdamW.step()` (torch's default implementation for the device) and `zero_grad(set_to_none=True)`.
+    It runs on a deep copy of the model in train mode (dropout on), in the model's own dtype (no autocast, whatever
+    the run's trainer.precision), so the measured model is untouched; AdamW's state is created in the first step
+    (a warm-up one when warmup ≥ 1). Tokens are the batch's non-padding input tokens. A batch size that fails (out
+    of memory, a layer without a backward) gets its own reason; the others keep their figures."""
+    sizes = sorted(set(batch_sizes))
+    if not sizes or any(b < 1 for b in sizes):
+        raise SqueezeError(f"perf.train_batch_sizes={list(batch_sizes)} must be positive integers")
+    reason = untrainable(model)
+    if reason is not None:
+        return {"reason": reason}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    trained = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
+    out: dict[str, Any] = {"optimizer": "AdamW", "device": device}
+    try:
+        for size in sizes:
+            batch = {k: v.to(device) for k, v in example_batch(dataloader, size, (*INPUT_KEYS, "labels")).items()}
+            if "labels" not in batch:  # a causal LM's target is its input; padding is not scored
+                mask = batch.get("attention_mask")
+                labels = batch["input_ids"].clone()
+                batch["labels"] = labels if mask is None else labels.masked_fill(mask == 0, -100)
+
+            def step():
+                loss = trained(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            try:
+                timing = time_call(step, warmup, repeats, sync)
+            # Out of memory, a layer without a backward, a forward that takes no labels or returns no loss.
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
+                optimizer.zero_grad(set_to_none=True)
+                out[f"batch_{size}"] = {"reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                continue
+            tokens = int(batch_tokens(batch))
+            out[f"batch_{size}"] = {**timing, "tokens": tokens, "tokens_per_s": tokens / timing["median_s"],
+                                    "examples_per_s": size / timing["median_s"]}
+    finally:
+        del trained, optimizer
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return out
+
+
 # -- memory ------------------------------------------------------------------------------------------
 _peak_before_resets = 0  # the process's peak RSS before PeakMemory first reset the kernel's high-water mark
 
@@ -275,7 +359,22 @@ def _reset_rss_peak() -> bool:
     return _proc_status_bytes("VmHWM") is not None
 
 
-def _current_rss() -> int | None:
+def memory_after_load(model: torch.nn.Module) -> dict[str, Any]:
+    """What the loaded model occupies, right after loading: on a GPU the tensors allocated there
+    (`cuda_allocated`); on CPU its parameters' and buffers' bytes (`cpu_tensors`, what a GPU would count),
+    because the process's resident set (kept beside it, `rss_bytes`) also holds whatever earlier cells of a
+    sweep left in the same process and the allocator's caches, and so does not tell the rows apart."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        used, kind = int(torch.cuda.memory_allocated(param.device)), "cuda_allocated"
+    else:
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
+        used, kind = sum(t.numel() * t.element_size() for t in tensors), "cpu_tensors"
+    return {"bytes": used, "kind": kind, "rss_bytes": current_rss()}
+
+
+def current_rss() -> int | None:
+    """The process's resident set now, in bytes (None where it cannot be read)."""
     rss = _proc_status_bytes("VmRSS")
     if rss is not None:
         return rss
@@ -304,7 +403,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before, self.kind = int(torch.cuda.memory_allocated(self.device)), "cuda_max_allocated"
             return self
-        self.before = _current_rss()
+        self.before = current_rss()
         if self.before is None:
             return self
         if _reset_rss_peak():
@@ -317,7 +416,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.sample_every_s):
-            rss = _current_rss()
+            rss = current_rss()
             if rss is not None and rss > self.peak:
                 self.peak = rss
 
@@ -330,7 +429,7 @@ class PeakMemory:
         elif self._sampler is not None:
             self._stop.set()
             self._sampler.join()
-            self.peak = max(self.peak, _current_rss() or 0)
+            self.peak = max(self.peak, current_rss() or 0)
 
     def record(self) -> dict[str, Any]:
         if self.peak is None or self.before is None:

@@ -91,6 +91,9 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "throughput": ("throughput ex/s", lambda r: _dig(r, "perf", "throughput", "examples_per_s")),
     "tokens_per_s": ("tokens/s", lambda r: _dig(r, "perf", "throughput", "tokens_per_s")),
     "train_tokens_per_s": ("train tokens/s", lambda r: r.get("train_tokens_per_s")),
+    # hardware=pipeline: tokens/s over the iterations of pipeline.window alone (past the first steps' warm-up).
+    "pipeline_window_tokens_per_s": ("pipeline window train tok/s",
+                                     lambda r: _dig(r, "pipeline", "window", "tokens_per_s")),
     "train_loss": ("train loss", _metric("train/loss")),
     "stage_peak_mb": ("peak MB per stage", lambda r: _scaled(max((s.get("peak_memory_bytes") or 0 for s in
                                                                  _dig(r, "pipeline", "per_stage") or []), default=None), 1e-6)),
@@ -100,6 +103,9 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
     # mean when they time the model's use, not its making (energy's `eval` phase, facility kWh).
     "eval_kwh": ("eval kWh", lambda r: _dig(r, "energy", "phases", "eval", "kwh")),
     "peak_memory_mb": ("peak memory MB", lambda r: _scaled(r.get("peak_memory_bytes"), 1e-6)),
+    # Right after the model was built or loaded (memory_after_load.kind: tensors allocated on the GPU, or the
+    # model's tensor bytes on CPU, where the process's resident set also holds earlier cells of a sweep).
+    "memory_after_load_mb": ("memory after load MB", lambda r: _scaled(_dig(r, "memory_after_load", "bytes"), 1e-6)),
     "energy_kwh": ("energy kWh", lambda r: _dig(r, "energy", "kwh")),
     # The IT equipment's own energy: the facility figure without the data centre's overhead (÷ PUE).
     "it_energy_kwh": ("IT kWh", lambda r: _it_kwh(r.get("energy"))),
@@ -116,10 +122,11 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Any]]] = {
 }
 AGGREGATED = ("quality", "validation_best", *FIGURES)
 
-# Figures per device and batch size, named `<figure>.<device>.batch_<n>`: figure -> header.
-PER_BATCH = {"peak_memory_mb": "peak MB", "decode_tokens_per_s": "decode tok/s"}
+# Figures per device and batch size, named `<figure>.<device>.batch_<n>`: figure -> header. Training throughput
+# at a fixed batch size (perf.train_batch_sizes) is `train_tokens_per_s.<device>.batch_<n>`.
+PER_BATCH = {"peak_memory_mb": "peak MB", "decode_tokens_per_s": "decode tok/s", "train_tokens_per_s": "train tok/s"}
 _PERF_KEYS = ("device", "threads", "latency", "throughput", "warmup", "peak_memory_bytes", "peak_memory_kind",
-              "by_device", "decode_tokens_per_s")
+              "by_device", "decode_tokens_per_s", "train")
 
 
 def _perf_by_device(record: dict) -> dict[str, dict]:
@@ -142,8 +149,10 @@ def _perf_by_device(record: dict) -> dict[str, dict]:
 
 def per_batch_figures(record: dict) -> dict[str, float]:
     """`peak_memory_mb.<device>.batch_<n>` from perf.<device>.batch_<n>.peak_memory_bytes (or
-    perf.<device>.latency.batch_<n>.peak_memory_bytes) and `decode_tokens_per_s.<device>.batch_<n>` from
-    perf.<device>.decode_tokens_per_s.batch_<n>; nothing for records without them."""
+    perf.<device>.latency.batch_<n>.peak_memory_bytes), `decode_tokens_per_s.<device>.batch_<n>` from
+    perf.<device>.decode_tokens_per_s.batch_<n> and `train_tokens_per_s.<device>.batch_<n>` from
+    perf[.by_device.<device>].train.batch_<n>.tokens_per_s; nothing for records without them (or a batch size
+    that recorded a reason instead)."""
     out: dict[str, float] = {}
     for device, perf in _perf_by_device(record).items():
         batches = {k: v for k, v in perf.items() if k.startswith("batch_") and isinstance(v, dict)}
@@ -156,6 +165,10 @@ def per_batch_figures(record: dict) -> dict[str, float]:
         for batch, value in (perf.get("decode_tokens_per_s") or {}).items():
             if isinstance(value, (int, float)):
                 out[f"decode_tokens_per_s.{device}.{batch}"] = float(value)
+        train = perf.get("train") if isinstance(perf.get("train"), dict) else {}
+        for batch, figures in train.items():
+            if batch.startswith("batch_") and isinstance((figures or {}).get("tokens_per_s"), (int, float)):
+                out[f"train_tokens_per_s.{device}.{batch}"] = float(figures["tokens_per_s"])
     return out
 
 
@@ -277,6 +290,10 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     if stages:
         row["hardware"] = "cpu" if row["hardware"] == "pipeline" else row["hardware"]
         row["variant"] = f"pipeline {stages.get('stages')} stages {stages.get('schedule') or ''}".strip()
+        # compress=none carries no label (labels belong to compressors): pipeline rows at several batch sizes are
+        # told apart by it, as recorded.
+        if stages.get("batch_size") is not None:
+            row["variant"] += f" batch {stages['batch_size']}"
     row.update({name: read(record) for name, (_, read) in FIGURES.items()})
     # Per device and batch size (peak memory, decoding throughput): only the ones the record has.
     row["per_batch"] = per_batch_figures(record)

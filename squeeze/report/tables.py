@@ -89,7 +89,8 @@ MARKDOWN = (("quality", True), ("accuracy", False), ("accuracy_norm", False), ("
             ("hits_10", False), ("bleu", False), ("ter", False), ("bertscore_f1", False), ("size_mb", True),
             ("sparsity", False), ("latency_ms", True), ("per_batch", False), ("own_s", True), ("own_kwh", True),
             ("total_kwh", True), ("inference_kwh_per_1k", True), ("train_tokens_per_s", False),
-            ("stage_peak_mb", False), ("spec_acceptance", False), ("spec_speedup", False))
+            ("stage_peak_mb", False), ("pipeline_window_tokens_per_s", False), ("spec_acceptance", False),
+            ("spec_speedup", False))
 
 
 def _columns(group: Group) -> list[tuple[str, str, bool]]:
