@@ -12,7 +12,8 @@ merges their keys in the order given, and the run applies them in that order at 
 
 Post-training methods that read calibration data (SmoothQuant, GPTQ, Wanda, SparseGPT) are handed the
 run's data module first (`calibrate_with(data, settings)`, the shared `calibration:` settings): they
-calibrate on its train split.
+calibrate on its train split, or on `calibration.data_files` when set (required when the task's data is one
+file scored as the test split: evaluate.py task.data.data_files=<file>).
 
 Order rules, checked before anything loads (`check_order`):
   - a compressor that trains (`trains=True`) cannot come after one that turns the weights into
@@ -66,9 +67,11 @@ class Compressor(L.Callback):
     # Why it cannot run under a sharding strategy (hardware=fsdp), in one clause; None: it can.
     unsharded: str | None = None
 
-    def calibrate_with(self, data, settings: Mapping | None = None) -> None:
+    def calibrate_with(self, data, settings: Mapping | None = None, fitting: bool | None = None) -> None:
         """The run's data module and the shared `calibration:` settings, before prepare_model. Methods
-        that calibrate keep them (their train split is the calibration data); the rest ignore them."""
+        that calibrate keep them (the train split or calibration.data_files is the calibration data), and
+        check where it comes from when `fitting` (whether the run fine-tunes on the data) is given; the rest
+        ignore them."""
 
     def prepare_model(self, model, tokenizer):
         return model
@@ -158,10 +161,13 @@ def chain_summary(chain: Iterable[Compressor]) -> dict[str, Any]:
             **{c.name: {**c.summary(), **({"label": c.label} if c.label else {})} for c in chain}}
 
 
-def calibrate(chain: Iterable[Compressor], data, settings: Mapping | None) -> None:
-    """Hand every compressor the run's data module and the calibration settings (the run calls this)."""
+def calibrate(chain: Iterable[Compressor], data, settings: Mapping | None, fitting: bool | None = None) -> None:
+    """Hand every compressor the run's data module and the calibration settings (the run calls this, before the
+    model loads). `fitting`: whether the run fine-tunes on the data; given, a calibration source that cannot be
+    (evaluate.py's one scored file and no calibration.data_files, a missing calibration file) is refused now, else
+    when calibration runs."""
     for c in chain:
-        c.calibrate_with(data, settings)
+        c.calibrate_with(data, settings, fitting)
 
 
 def check_order(chain: Iterable[Compressor]) -> None:

@@ -47,7 +47,7 @@ def calibration_windows(sequences: Iterable[Sequence[int]], samples: int = 128, 
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     if len(stream) < seq_len:
         raise SqueezeError(f"calibration needs at least seq_len={seq_len} tokens but the data has {len(stream)}; "
-                           "lower seq_len or use a larger split")
+                           "lower seq_len or give more text (a larger train split or calibration.data_files)")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=generator)
     windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
@@ -275,20 +275,41 @@ def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 # -- the compressors that calibrate ------------------------------------------------------------------
-CALIBRATION = {"samples": 128, "seq_len": None, "seed": None, "batch_size": 8}  # conf/train.yaml's calibration:
+CALIBRATION = {"samples": 128, "seq_len": None, "seed": None, "batch_size": 8,  # conf/common.yaml's calibration:
+               "data_files": None}
+TRAIN_SPLIT, DATA_FILES = "train split", "calibration.data_files"  # record's calibration.source
+
+
+def calibration_text(data, data_files=None, fitting: bool = False) -> tuple[str, list[str] | None]:
+    """Where a run's calibration text comes from: (DATA_FILES, the files resolved) when calibration.data_files
+    is set, else (TRAIN_SPLIT, None), the task's train split. Refused when the task's data is one file scored
+    whole as the test split (evaluate.py task.data.data_files=<file>): calibrating on the very text that is
+    scored would flatter the result, so the user names the calibration text. `fitting`: the run fine-tunes
+    on the data first (then a single file is carved into splits and has a train split)."""
+    if data_files is not None:
+        return DATA_FILES, data.calibration_files(data_files)
+    if not data.has_train_split(fitting):
+        raise SqueezeError("calibration: task.data.data_files=<one file> is scored whole as the test split, so there "
+                           "is no train split to calibrate on; set calibration.data_files=<file or [files]> (text "
+                           "in the task's format), or give the task's splits (task.data.data_files={train: ..., "
+                           "test: ...})")
+    return TRAIN_SPLIT, None
 
 
 def calibration_from_data(data, samples: int = 128, seq_len: int | None = None, seed: int | None = None,
-                          batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches from a run's data module: its train split (`calibration_source`), `samples`
-    drawn with `seed` (default: the data's), `seq_len` tokens each (default: the task's input length)."""
-    data.setup("fit")
-    if "train" not in getattr(data, "datasets", {}):
-        raise SqueezeError("calibration draws from the task's train split, which this data has none of; evaluate "
-                           "with the task's own splits (drop task.data.data_files=<one file>)")
+                          batch_size: int = 8, data_files=None, fitting: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from a run's data module (`calibration_text` says which): its train split, or
+    `data_files` (calibration.data_files) read as the task reads its files; `samples` drawn with `seed`
+    (default: the data's), `seq_len` tokens each (default: the task's input length)."""
+    source, files = calibration_text(data, data_files, fitting)
+    if source == TRAIN_SPLIT:
+        data.setup("fit")
+        if "train" not in getattr(data, "datasets", {}):
+            raise SqueezeError("calibration draws from the task's train split, which this data has none of; set "
+                               "calibration.data_files=<file or [files]>")
     seq_len = seq_len or getattr(data, "input_length", None) or 512
     seed = getattr(data, "seed", 0) if seed is None else seed
-    return calibration_batches(data.calibration_source(), samples, seq_len, seed, batch_size)
+    return calibration_batches(data.calibration_source(files), samples, seq_len, seed, batch_size)
 
 
 class Calibrated(Compressor):
@@ -296,8 +317,8 @@ class Calibrated(Compressor):
 
     It runs in prepare_model when a later compressor of the chain trains (`trained_after`: training
     starts from its result), otherwise in finalize, on the weights that are tested and saved. The run
-    hands it its data module (`calibrate_with`); `use_batches` hands it ready batches instead
-    (benchmarks, tests)."""
+    hands it its data module (`calibrate_with`): it calibrates on the task's train split, or on
+    calibration.data_files when set; `use_batches` hands it ready batches instead (benchmarks, tests)."""
 
     after_training = True
 
@@ -313,13 +334,17 @@ class Calibrated(Compressor):
     def where(self) -> str:
         return f"compress.{self.name}"
 
-    def calibrate_with(self, data, settings=None) -> None:
+    def calibrate_with(self, data, settings=None, fitting: bool | None = None) -> None:
         unknown = set(settings or {}) - set(CALIBRATION)
         if unknown:
             raise SqueezeError(f"calibration.{sorted(unknown)[0]} is not a calibration setting (known: "
                                f"{', '.join(CALIBRATION)})")
         self._data = data
         self._settings = {**CALIBRATION, **{k: v for k, v in (settings or {}).items()}}
+        if data is not None and (fitting is not None or self._settings["data_files"] is not None):
+            # What can be told now is refused now, before the model loads: a missing calibration file, or (once
+            # the run says whether it fits on the data) no calibration text but the scored file.
+            calibration_text(data, self._settings["data_files"], bool(fitting) or self.trained_after)
 
     def use_batches(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Calibrated:
         self._batches = list(batches)
@@ -341,18 +366,21 @@ class Calibrated(Compressor):
     def run_once(self, model: nn.Module) -> nn.Module:
         self.check(model)
         start = time.perf_counter()
-        batches = self._batches
+        batches, source, files = self._batches, "given batches", None
         if batches is None:
             if self._data is None:
                 raise SqueezeError(f"{self.where} needs calibration data: run it through train.py / evaluate.py "
                                    "(the task's train split), or hand it batches with use_batches")
-            batches = calibration_from_data(self._data, **self._settings)
+            # Before training (trained_after) the run fits on the data next; after it, a fitted data has its splits.
+            source, files = calibration_text(self._data, self._settings["data_files"], self.trained_after)
+            batches = calibration_from_data(self._data, **self._settings, fitting=self.trained_after)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches)
         model = self.apply(model, batches)
         self.applied = True
         self.calibration = {
-            "source": "train split" if self._batches is None else "given batches",
+            "source": source,
+            **({"data_files": files} if files is not None else {}),
             "samples": sum(len(b["input_ids"]) for b in batches),
             "seq_len": max(b["input_ids"].shape[-1] for b in batches),
             "tokens": tokens,

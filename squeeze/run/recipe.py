@@ -49,11 +49,13 @@ def _train(cfg: DictConfig, record: dict[str, Any], cell: Cell, as_baseline: boo
         return baselines.on_stored(cfg, chain, record, cell, train=_train, evaluate=_evaluate)
     sharding.check_compressors(chain, cfg.trainer.get("strategy"))  # hardware=fsdp: refuse what cannot shard
     spec, tokenizer, data = build.prepare(cfg)
-    calibrate(chain, data, cfg.get("calibration"))  # post-training methods calibrate on its train split
+    # post-training methods calibrate on its train split (or calibration.data_files)
+    calibrate(chain, data, cfg.get("calibration"), fitting=cfg.trainer.get("max_steps", -1) != 0)
     trainer, loggers = build.trainer(cfg, cell, extra_callbacks=chain)  # first: its energy meter times what follows
     record["_loggers"] = loggers
     model = spec.build(cfg.task.head, build.labels(data))
     models.finish_model(model, tokenizer)
+    record["memory_after_load"] = measure.memory_after_load(model)
     with cost.compress_phase(trainer.callbacks, record, chain):
         for compressor in chain:
             model = compressor.prepare_model(model, tokenizer)
@@ -130,16 +132,17 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], cell: Cell) -> dict[str, 
     check_post_training(chain)
     trained = build.trained(cfg.get("ckpt"))
     spec, tokenizer, data = build.prepare(cfg, trained_model=build.trained_model(trained, cell))
+    calibrate(chain, data, cfg.get("calibration"), fitting=False)  # a one-file test split refused before loading
     labels = build.labels(data)
     if trained is None:
         model, size_from = spec.build(cfg.task.head, labels), None
     else:
         model, tokenizer, size_from = build.load_trained(cfg, spec, tokenizer, trained, labels, record, cell)
     models.finish_model(model, tokenizer)
+    record["memory_after_load"] = measure.memory_after_load(model)
     speculative.check_draft(cfg.get("draft"), model, tokenizer)  # fails before testing, which can be long
     data.tokenizer = tokenizer
     data.check_model(model)
-    calibrate(chain, data, cfg.get("calibration"))
     trainer, record["_loggers"] = build.trainer(cfg, cell)  # first: its energy meter times the compression
     with cost.compress_phase(trainer.callbacks, record, chain):
         for compressor in chain:

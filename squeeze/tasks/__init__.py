@@ -11,8 +11,9 @@ A task kind provides, and the run (squeeze/run/recipe.py), the compressors and t
   a batch of tensors: `input_ids`, `attention_mask`, `labels`, nothing else the model would not take but the
   scoring keys of `base.SCORING_KEYS`) and `input_length` (the longest input; `length_key` names its setting).
   TaskData supplies the rest: `setup` (-> `datasets`, split -> examples), the loaders (train resumable mid-
-  epoch), `check_model` (inputs fit the model's context), `calibration_source()` (post-training calibration's
-  samples); `tokenizer` is swapped for a saved model's own when evaluating.
+  epoch), `check_model` (inputs fit the model's context), `calibration_source(files)` (post-training calibration's
+  samples: the train split, or calibration.data_files read as the task's files) and `has_train_split` (not
+  so for evaluate.py's one scored file); `tokenizer` is swapped for a saved model's own when evaluating.
   Optional: `labels` (class names the head is built with; `base._Labelled` reads them), `protocol_record`
   (the record's `perplexity` entry), `generation_prompts(split, count)` (speculative decoding's prompts).
 - A LightningModule subclassing `base.FineTune`, built from `task.module` with `model=` and the `optimizer=` /

@@ -23,7 +23,7 @@ from torchmetrics import Metric, MetricCollection
 from squeeze import arch, assets, measure
 from squeeze.errors import SqueezeError
 from squeeze.hardware.checkpointing import resumable
-from squeeze.tasks.sources import _is_mapping, load_splits, resolve_data_files
+from squeeze.tasks.sources import _is_mapping, load_splits, read_files, resolve_data_files
 
 log = logging.getLogger("squeeze")
 IGNORE_INDEX = -100  # label of a position that counts neither in the loss nor in a metric (transformers' value)
@@ -136,9 +136,37 @@ class TaskData(L.LightningDataModule):
         # (squeeze.hardware.checkpointing).
         return resumable(self._loader("train", shuffle=True), self.seed)
 
-    def calibration_source(self):
-        """What post-training calibration draws its samples from: the train split's batches, in order."""
-        return self._loader("train", shuffle=False)
+    def has_train_split(self, fitting: bool) -> bool:
+        """Whether the data has a train split apart from the test split. Not so for one file (evaluate.py
+        task.data.data_files=<file>) scored whole as the test split, which it is unless the run fits on it
+        (`fitting`, or it has: it is then carved into splits like any task's data)."""
+        return not self.single_file or fitting or "train" in self.datasets
+
+    def calibration_files(self, data_files: Any) -> list[str]:
+        """calibration.data_files (a file or a list) as absolute paths, found as the task finds its own files."""
+        if _is_mapping(data_files) or not data_files:
+            raise SqueezeError(f"calibration.data_files={data_files!r} must name a file or a list of files (the "
+                               "calibration text, in the task's format)")
+        files = resolve_data_files({"calibration": data_files}, self.asset, setting="calibration.data_files")
+        return files["calibration"]
+
+    def read_calibration_files(self, files: Sequence[str], encode: Callable[[datasets.Dataset], Any]):
+        """`encode` of the rows of calibration files, read with the task's source (the format of its own
+        files); what they lack (a column, a known label) is said as calibration.data_files'."""
+        rows = read_files(self.source, self.name, files, setting="calibration.data_files")
+        try:
+            return encode(rows)
+        except SqueezeError as e:
+            raise SqueezeError(f"calibration.data_files {[Path(f).name for f in files]}: {e}") from e
+
+    def calibration_source(self, files: Sequence[str] | None = None):
+        """What post-training calibration draws its samples from, as batches in order: the rows of `files`
+        (calibration.data_files, encoded as training examples), or else the train split."""
+        if files is None:
+            return self._loader("train", shuffle=False)
+        examples = self.read_calibration_files(files, lambda rows: self.encode(rows, "train"))
+        return DataLoader(examples, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self):
         return self._loader("validation", shuffle=False)

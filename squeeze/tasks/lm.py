@@ -195,9 +195,12 @@ class LanguageModelingData(TaskData):
         self.scored_tokens[split] = sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in windows)
         return [{"input_ids": w, "labels": lab} for w, lab in windows]
 
-    def calibration_source(self):
-        """The training text as token sequences (its blocks, in order): calibration cuts its own windows."""
-        return [f["input_ids"] for f in self.datasets["train"]]
+    def calibration_source(self, files=None):
+        """The text as token sequences: the train split's blocks in order, or the stream of `files`
+        (calibration.data_files); calibration cuts its own windows."""
+        if files is None:
+            return [f["input_ids"] for f in self.datasets["train"]]
+        return [self.read_calibration_files(files, self.token_stream)]
 
     def collate(self, features):
         width = max(len(f["input_ids"]) for f in features)

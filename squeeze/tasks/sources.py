@@ -21,9 +21,11 @@ SPLITS = ("train", "validation", "test")
 LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "conll")
 
 
-def resolve_data_files(data_files: Any, asset: str | None) -> dict[str, list[str]] | None:
+def resolve_data_files(data_files: Any, asset: str | None,
+                       setting: str = "task.data.data_files") -> dict[str, list[str]] | None:
     """Normalise `data_files` to {split: [absolute paths]}; relative paths are taken inside the
-    offline asset's directory when the task names one. Every file must exist."""
+    offline asset's directory when the task names one. Every file must exist (`setting`: the config key a
+    missing one is fixed in)."""
     if data_files is None:
         return None
     if isinstance(data_files, (str, Path)) or _is_list(data_files):
@@ -39,9 +41,8 @@ def resolve_data_files(data_files: Any, asset: str | None) -> dict[str, list[str
                 # Inside the task's asset first (its own files); a user's file relative to where they are.
                 path = base / path if (base / path).exists() or not (Path.cwd() / path).exists() else Path.cwd() / path
             if not path.exists():
-                raise SqueezeError(
-                    f"data file {path} (split {split!r}) does not exist; fix task.data.data_files"
-                )
+                where = f" (split {split!r})" if setting == "task.data.data_files" else ""
+                raise SqueezeError(f"data file {path}{where} does not exist; fix {setting}")
             paths.append(str(path))
         resolved[str(split)] = paths
     return resolved
@@ -130,6 +131,15 @@ def load_splits(
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
 
 
+def read_files(source: str, name: str | None, files: Sequence[str], setting: str) -> datasets.Dataset:
+    """Every row of `files` (resolved paths) as one split, read as load_splits reads a task's files: with the
+    task's local builder, or the one their extension names when the task's source is a hub dataset."""
+    data_files = {"train": list(files)}
+    if source not in LOCAL_BUILDERS:
+        source, name = local_builder(data_files, setting), None
+    return _load_raw(source, name, data_files, None, setting)["train"]
+
+
 # What the generic builders read, by file extension (compression suffixes aside).
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".conll": "conll"}
@@ -153,7 +163,7 @@ def _file_kind(path: str) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
+def _load_raw(source, name, data_files, hub_files, setting: str = "task.data.data_files") -> datasets.DatasetDict:
     try:
         if source == "conll":
             raw = datasets.DatasetDict(
@@ -172,12 +182,13 @@ def _load_raw(source, name, data_files, hub_files) -> datasets.DatasetDict:
             for split, files in data_files.items():
                 for path in files:
                     if not _has_rows(path, source):
-                        raise SqueezeError(f"data file {path} (split {split!r}) has no rows"
+                        where = f" (split {split!r})" if setting == "task.data.data_files" else ""
+                        raise SqueezeError(f"data file {path}{where} has no rows"
                                            f"{' (only a header)' if source == 'csv' else ''}; give a file with "
-                                           "examples (task.data.data_files)") from e
+                                           f"examples ({setting})") from e
             raise SqueezeError(f"could not read the {source} files {sorted(f for fs in data_files.values() for f in fs)}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; check "
-                               "task.data.data_files and task.data.source") from e
+                               f"{setting} and task.data.source") from e
         where = "the hub"
         raise SqueezeError(
             f"could not load dataset {source!r}{f' ({name})' if name else ''} from {where}: "

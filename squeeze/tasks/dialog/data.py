@@ -89,6 +89,13 @@ class DialogData(TaskData):
             return {split: rows[split].to_list() for split in SPLITS}
         return choose_splits(raw, self.splits, self.carve, self.split_seed)
 
+    def has_train_split(self, fitting: bool) -> bool:
+        return True  # its files are always carved into splits (choose_splits), evaluate.py's one file too
+
+    def calibration_files(self, data_files: Any) -> list[str]:
+        raise SqueezeError("calibration.data_files: a dialog task calibrates on its own train split (conversations "
+                           "with their candidates, as it reads them); drop calibration.data_files")
+
     def _examples(self, conversations: list[dict[str, Any]], split: str, first_id: int) -> list[dict[str, Any]]:
         out = []
         for i, conversation in enumerate(conversations):
