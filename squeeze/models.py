@@ -201,8 +201,10 @@ class Pretrained(ModelSpec):
 class RandomInit(ModelSpec):
     """A random-init model of a real architecture (`config` holds its sizes) with a real tokenizer.
 
-    Built without any network: the tokenizer comes from an offline asset or a directory, and the
-    vocabulary size is taken from it so the two always agree.
+    Built without any network: the tokenizer comes from an offline asset, a directory, or a transformers
+    tokenizer class that needs no files (`tokenizer_class: ByT5Tokenizer`: UTF-8 bytes, a 384-token
+    vocabulary, for a character-level model trained from scratch), and the vocabulary size is taken from
+    it so the two always agree.
     """
 
     def __init__(
@@ -212,18 +214,25 @@ class RandomInit(ModelSpec):
         config: dict[str, Any],
         tokenizer_asset: str | None = None,
         tokenizer_path: str | None = None,
+        tokenizer_class: str | None = None,
     ):
         super().__init__(name, kind)
-        if (tokenizer_asset is None) == (tokenizer_path is None):
-            raise SqueezeError(f"model {name}: give exactly one of tokenizer_asset or tokenizer_path")
+        if sum(t is not None for t in (tokenizer_asset, tokenizer_path, tokenizer_class)) != 1:
+            raise SqueezeError(f"model {name}: give exactly one of tokenizer_asset, tokenizer_path or tokenizer_class")
+        if tokenizer_class is not None and not _needs_no_files(tokenizer_class):
+            raise SqueezeError(f"model {name}: tokenizer_class={tokenizer_class} is not a transformers tokenizer that "
+                               "builds without files; use ByT5Tokenizer, or tokenizer_asset / tokenizer_path")
         self.config = dict(config)
         self.tokenizer_asset = tokenizer_asset
         self.tokenizer_path = tokenizer_path
+        self.tokenizer_class = tokenizer_class
 
     def model_type(self) -> str | None:
         return self.config["model_type"]
 
     def tokenizer(self):
+        if self.tokenizer_class is not None:
+            return prepare_tokenizer(getattr(transformers, self.tokenizer_class)(), self.model_type())
         path = assets.locate(self.tokenizer_asset) if self.tokenizer_asset else self.tokenizer_path
         return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)), self.model_type())
 
@@ -240,6 +249,20 @@ class RandomInit(ModelSpec):
         config = AutoConfig.for_model(model_type, **settings, **_head_kwargs(head, labels))
         # from_config draws weights from torch's global RNG, which the run has seeded.
         return HEADS[head].from_config(config)
+
+
+def _needs_no_files(name: str) -> bool:
+    """A tokenizer class transformers builds with no vocabulary file that still reads text (byte-level: ByT5,
+    CANINE); GPT2Tokenizer() or BertTokenizer() build too, empty, and turn text into nothing or [UNK]."""
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        return False
+    try:
+        tokenizer = cls()
+        text = "Pride, 1813"
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    except Exception:  # noqa: BLE001 - any failure means it needs files or arguments
+        return False
 
 
 def _first_line(e: BaseException) -> str:

@@ -185,3 +185,33 @@ def test_opt_default_patterns_take_its_mlp_which_the_old_shared_ones_missed():
     old, _ = select_weights(model, [old_include], [old_exclude])
     assert {n for n in new if ".fc1." in n or ".fc2." in n} and not {n for n in old if ".fc1." in n or ".fc2." in n}
     assert len(new) == 2 * 6  # q, k, v, out_proj, fc1, fc2 in each of 2 layers
+
+
+def test_a_byte_level_gpt2_builds_with_no_tokenizer_file_and_reloads_with_plain_transformers(tmp_path):
+    """model=gpt2_char: transformers' ByT5Tokenizer (UTF-8 bytes) built from its class, the vocabulary the
+    config's, and the saved directory loads back in plain transformers with the same logits."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from squeeze import models
+
+    cfg = OmegaConf.to_container(OmegaConf.load(conftest.CONF / "model" / "gpt2_char.yaml"))
+    cfg.pop("_target_")
+    spec = models.RandomInit(**cfg)
+    tokenizer = spec.tokenizer()
+    ids = tokenizer("Emma é")["input_ids"]
+    assert ids == [b + 3 for b in "Emma é".encode()] + [tokenizer.eos_token_id]  # bytes after 3 specials, then </s>
+    torch.manual_seed(0)
+    model = models.finish_model(spec.build("causal_lm"), tokenizer).eval()
+    assert model.config.vocab_size == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, reloaded = AutoTokenizer.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    batch = torch.tensor([ids])
+    assert again("Emma é")["input_ids"] == ids
+    assert torch.equal(reloaded(batch).logits, model(batch).logits)
+    for wrong in ("GPT2Tokenizer", "BertTokenizer", "NoSuchTokenizer"):  # built empty / does not exist
+        with pytest.raises(SqueezeError, match=f"tokenizer_class={wrong} is not a transformers tokenizer"):
+            models.RandomInit(**{**cfg, "tokenizer_class": wrong})
+    with pytest.raises(SqueezeError, match="exactly one of tokenizer_asset, tokenizer_path or tokenizer_class"):
+        models.RandomInit(**cfg, tokenizer_asset="gpt2_tokenizer")

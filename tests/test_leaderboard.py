@@ -194,3 +194,12 @@ def test_the_nanogpt_preset_asks_for_the_leaderboard_columns(tmp_path):
     piped = compose_cfg("train", ["experiment=nanogpt_compression", "hardware=pipeline"], tmp_path / "p")
     assert list(piped.pipeline.window) == [20, 40]
     check_before_loading(piped)
+
+
+def test_plan_names_the_two_pipeline_rows_by_their_batch_size(tmp_path, monkeypatch):
+    """compress=none has no label: the plan (and W&B's run names) tell the pipeline rows apart by batch size."""
+    from squeeze.run.plan import plan
+
+    monkeypatch.chdir(tmp_path)
+    rows = [c.row for c in plan(["experiment=nanogpt_compression_offline"]).cells]
+    assert rows[-2:] == ["none @ pipeline batch 4", "none @ pipeline batch 12"] and rows[0] == "none @ cpu"

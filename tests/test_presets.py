@@ -17,7 +17,7 @@ from squeeze.run.sweep import prune_cells, with_rows, without
 from conftest import ROOT, compose_cfg, fast, read_result, run_cli
 
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "quick")
-OFFLINE_MODELS = {"minilm", "smollm2", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"}
+OFFLINE_MODELS = {"minilm", "smollm2", "gpt2_char", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt"}  # no hub download
 OFFLINE_TASKS = {"rotten_tomatoes", "wnut16", "austen", "chatterbot"}
 
 

@@ -223,7 +223,15 @@ def row_label(compress_cfg: Any, sweep: tuple[list[list[str]], list[str]] | None
                for name, flat in settings.items()}
     setting = " ".join(f"{k}={_text(v)}" for k, v in setting_values({"settings": settings}, varying))
     label = row_name(chain, setting, labels)
-    return f"{label} @ {cell.choices.get('hardware')}" if len(hardware) > 1 else label
+    if len(hardware) <= 1:
+        return label
+    label = f"{label} @ {cell.choices.get('hardware')}"
+    # hardware=pipeline rows of a preset differ by batch size and carry no compressor label (as the report names them)
+    pipelined = [j for j in pair if _value(j, "hardware") == "pipeline" and chosen(j, default) == chosen(own, default)]
+    batches = {_value(j, "task.data.batch_size") for j in pipelined}
+    if cell.choices.get("hardware") == "pipeline" and len(batches) > 1:
+        label += f" batch {_value(own, 'task.data.batch_size')}"
+    return label
 
 
 def _sweep_jobs(sweep_dir: Any) -> tuple[list[list[str]] | None, list[str]]:
