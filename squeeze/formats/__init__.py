@@ -11,7 +11,8 @@ show: packed, sparse, compressed-tensors, dense, in that order.
     (qat, dq, int8wo,   + config.json quantization_config; pruned zeros stay zero, stored densely
      int4wo)
     pruned float        squeeze's sparse bitmask format (sparse.py)                      squeeze only
-    integer weights that compressed-tensors cannot express (`why_not_compressed`):
+    integer weights that compressed-tensors cannot express (`why_not_compressed`), or pruned ones
+    (survivors only, bitmask + integers; compressed-tensors would store the zeros):
                         squeeze's packed format (packed.py)                              squeeze only
 
 squeeze's loader gives back its own integer layers (QuantizedLinear with the kernel and cpu_kernel the
@@ -70,7 +71,8 @@ def save(model, tokenizer, directory: str | Path) -> None:
     """Write `model` and `tokenizer` to `directory` in the format that fits the model (module docstring)."""
     directory = Path(directory)
     if has_quantized_weights(model):  # integer weights + scales: compress=qat, dq, int8wo, int4wo
-        if why_not_compressed(model) is None:
+        # Pruned and quantized ([imp,int8wo]): compressed-tensors would keep every zero, so pruning saved nothing.
+        if why_not_compressed(model) is None and not packed.has_sparse_integers(model):
             compressed.save_compressed(model, tokenizer, directory)
             fmt = COMPRESSED
         else:

@@ -70,14 +70,15 @@ def save_config(model, directory: Path) -> None:
         model.generation_config.save_pretrained(str(directory))
 
 
-def checked_metadata(f, path: Path, fmt: str, version: str, kind: str) -> dict[str, str]:
+def checked_metadata(f, path: Path, fmt: str, version: str | tuple[str, ...], kind: str) -> dict[str, str]:
     """The metadata of one of squeeze's own safetensors formats (packed, sparse), refused when the file is
-    another format or another version of it."""
+    another format or a version of it this squeeze does not read (`version`: the one, or those, it reads)."""
+    versions = (version,) if isinstance(version, str) else tuple(version)
     meta = f.metadata() or {}
     if meta.get("format") != fmt:
         raise SqueezeError(f"{path} is not a squeeze {kind} checkpoint (format {meta.get('format')!r}); "
                            "save the model again with squeeze")
-    if meta.get("version") != version:
+    if meta.get("version") not in versions:
         raise SqueezeError(f"{path} has {kind} format version {meta.get('version')!r}, this squeeze reads "
-                           f"version {version}; use the squeeze version that wrote it")
+                           f"version {' or '.join(versions)}; use the squeeze version that wrote it")
     return meta

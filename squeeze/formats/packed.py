@@ -9,10 +9,15 @@ still writes where compressed-tensors cannot express the model (squeeze/formats/
                        (<layer>.input_scale, <layer>.input_zero_point)
         <name>:int4    a 4-bit weight, two values a byte: the low nibble holds the even entry (row-major),
                        each nibble two's complement; so int4 weights take 1/8 of fp32 and int8 1/4
-      metadata: format="squeeze-packed", version="1",
+        <name>:bitmask, <name>:values (int8) or <name>:values:int4 (nibbles as above)
+                       a pruned integer weight whose survivors alone take less room: one bit per entry
+                       (sparse.py's bitmask: 1 where the entry is not 0) and the non-zero values in order
+                       (version 2; so a 70 %-sparse int8 matrix takes 0.425 bytes an entry instead of 1)
+      metadata: format="squeeze-packed", version="2" (version 1, without sparse weights, is read too),
                 layers = JSON {layer name: how to rebuild it (type, bits, shapes, bias, kernel, cpu_kernel,
                          from_conv1d)},
                 int4   = JSON {name: shape} of the nibble-packed tensors,
+                sparse = JSON {name: {shape, bits, kept}} of the bitmask-stored integer weights,
                 tied   = JSON {name: the name whose storage it shares}, e.g. lm_head.weight → wte.weight
 
 There is no model.safetensors, so transformers' from_pretrained refuses the directory rather than
@@ -36,9 +41,10 @@ from squeeze.arch.linear import replace_module
 from squeeze.errors import SqueezeError
 from squeeze.formats.common import checked_metadata, model_class, save_config, share, ties, write_safetensors
 from squeeze.formats.quantized_layers import QuantizedEmbedding, QuantizedLinear
+from squeeze.formats.sparse import BITMASK, MIN_SPARSITY, VALUES, pack_bits, unpack_bits
 
 PACKED_FILE = "model.packed.safetensors"
-FORMAT, VERSION = "squeeze-packed", "1"
+FORMAT, VERSION, READS = "squeeze-packed", "2", ("1", "2")
 INT4 = ":int4"
 
 
@@ -63,27 +69,70 @@ def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return ((nibbles.to(torch.int16) ^ 8) - 8).to(torch.int8).view(shape)  # sign-extend the nibble
 
 
+# -- pruned integer weights ---------------------------------------------------------------------------
+def integer_weights(model: nn.Module) -> dict[str, int]:
+    """{state-dict name: bits} of the integer layers' weights."""
+    return {f"{name}.weight": m.bits for name, m in model.named_modules()
+            if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def sparse_pays(q: torch.Tensor, bits: int) -> bool:
+    """Whether an integer weight is pruned enough (MIN_SPARSITY, as float weights) that its bitmask and
+    survivors take less room than the dense integers."""
+    n = q.numel()
+    if q.dim() < 2 or n == 0:
+        return False
+    kept = int(q.count_nonzero())
+    dense = n if bits == 8 else (n + 1) // 2
+    return 1 - kept / n >= MIN_SPARSITY and (n + 7) // 8 + (kept if bits == 8 else (kept + 1) // 2) < dense
+
+
+def has_sparse_integers(model: nn.Module) -> bool:
+    """A pruned and quantized model ([imp,int8wo], [wanda,int4wo], ...): compressed-tensors would store its
+    zeros, so squeeze's packed format stores the survivors instead (squeeze/formats/__init__.py)."""
+    state = model.state_dict()
+    return any(sparse_pays(state[name], bits) for name, bits in integer_weights(model).items() if name in state)
+
+
+def encode_integers(q: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = q.flatten() != 0
+    values = q.flatten()[keep]
+    return pack_bits(keep), (pack_int4(values) if bits == 4 else values.clone())
+
+
+def decode_integers(bitmask: torch.Tensor, values: torch.Tensor, shape: list[int], bits: int, kept: int) -> torch.Tensor:
+    keep = unpack_bits(bitmask, int(torch.Size(shape).numel()))
+    out = torch.zeros(keep.numel(), dtype=torch.int8)
+    out[keep] = unpack_int4(values, [kept]) if bits == 4 else values
+    return out.view(shape)
+
+
 # -- the directory ----------------------------------------------------------------------------------
 def save_packed(model: nn.Module, tokenizer, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = {name: m.meta() for name, m in model.named_modules()
               if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-    four_bit = {f"{name}.weight" for name, meta in layers.items() if meta["bits"] == 4}
+    bits = integer_weights(model)
     tied = ties(model)  # tied tensors are one tensor: stored once
     tensors: dict[str, torch.Tensor] = {}
     int4: dict[str, list[int]] = {}
+    sparse: dict[str, dict] = {}
     for name, t in model.state_dict().items():
         if name in tied:
             continue
         t = t.detach().cpu().contiguous()
-        if name in four_bit:
+        if name in bits and sparse_pays(t, bits[name]):
+            tensors[name + BITMASK], values = encode_integers(t, bits[name])
+            tensors[name + VALUES + (INT4 if bits[name] == 4 else "")] = values
+            sparse[name] = {"shape": list(t.shape), "bits": bits[name], "kept": int(t.count_nonzero())}
+        elif bits.get(name) == 4:
             tensors[name + INT4] = pack_int4(t)
             int4[name] = list(t.shape)
         else:
             tensors[name] = t
     metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(layers), "int4": json.dumps(int4),
-                "tied": json.dumps(tied)}
+                "sparse": json.dumps(sparse), "tied": json.dumps(tied)}
     write_safetensors(tensors, directory / PACKED_FILE, metadata)
     save_config(model, directory)
     tokenizer.save_pretrained(str(directory))
@@ -92,11 +141,16 @@ def save_packed(model: nn.Module, tokenizer, directory: str | Path) -> None:
 def read_packed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
     """(full state dict with tied names, layer descriptions, ties) of a packed file."""
     with safe_open(str(path), framework="pt") as f:
-        meta = checked_metadata(f, path, FORMAT, VERSION, "packed")
+        meta = checked_metadata(f, path, FORMAT, READS, "packed")
         layers, int4, tied = json.loads(meta["layers"]), json.loads(meta["int4"]), json.loads(meta["tied"])
-        state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(INT4)}  # noqa: SIM118 (not iterable)
+        sparse = json.loads(meta.get("sparse", "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()  # noqa: SIM118 (not iterable)
+                 if not k.endswith((INT4, BITMASK, VALUES))}
         for name, shape in int4.items():
             state[name] = unpack_int4(f.get_tensor(name + INT4), shape)
+        for name, d in sparse.items():
+            values = f.get_tensor(name + VALUES + (INT4 if d["bits"] == 4 else ""))
+            state[name] = decode_integers(f.get_tensor(name + BITMASK), values, d["shape"], d["bits"], d["kept"])
     for name, source in tied.items():
         state[name] = state[source]
     return state, layers, tied
