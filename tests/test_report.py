@@ -655,7 +655,8 @@ def test_a_pruners_rounds_are_plotted_against_the_weights_left(tmp_path):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"tabel": {"quality": True}}, r"^report.tabel is not a report setting; use one of \['table', 'protocol'\]"),
+    ({"tabel": {"quality": True}},
+     r"^report.tabel is not a report setting; use one of \['table', 'protocol', 'evp_axis'\]"),
     ({"table": {"qualty": True}}, r"^config.report.table: 'qualty' is not a report figure; known: "),
 ])
 def test_a_misspelt_report_section_stops_before_the_run_loads(section, message, tmp_path):

@@ -6,9 +6,10 @@
 Per model × task: one row per compressor chain and setting (the config.compress keys that tell the
 chain's cells apart, `imp target=0.3`, or the compressors' `label`), its cells (seeds, learning rates)
 aggregated as mean ± std, Δ% against the baseline chain (`none`) over the same seeds and learning rates,
-the grid's totals, a markdown section with a Recommendation (squeeze/report/recommend.py) and a CSV;
-PNG plots of quality against size, latency and energy
-with the Pareto front, expected validation performance (Dodge et al. 2019) and sparsity against quality.
+the grid's totals and CO2 per technique (per row: all its runs against its best one by validation), a markdown
+section with a Recommendation (squeeze/report/recommend.py) and a CSV; PNG plots of quality against size, latency
+and energy with the Pareto front, expected validation performance (Dodge et al. 2019; against cells tried or, with
+config.report.evp_axis=train_seconds, a training budget) and sparsity against quality.
 Reads only result.json files: it knows records, never models.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from squeeze.report.aggregate import (BASELINE, CO2_PRESETS, Group, build_groups, delta_pct, expected_best,
+                                      expected_best_within_budget, expected_validation_budget_curve,
                                       expected_validation_curve, pareto_set, totals)
 from squeeze.report.cells import cell, find_results, load_cells, quality_metric, record_sparsity
 from squeeze.report.tables import (CELLS_CSV, _write_csv, cell_columns, cell_records, group_records, markdown,
@@ -29,8 +31,9 @@ from squeeze.report.cli import main
 
 __all__ = ["BASELINE", "CELLS_CSV", "CO2_PRESETS", "REPORT_DIR", "REPORT_MD", "Group", "Report", "build",
            "build_groups", "cell", "cell_columns", "cell_records", "default_out", "delta_pct", "expected_best",
-           "expected_validation_curve", "find_results", "group_records", "load_cells", "log_wandb", "main",
-           "markdown", "markdown_table", "pareto_set", "quality_metric", "record_sparsity", "row_columns", "totals", "wandb_mode"]
+           "expected_best_within_budget", "expected_validation_budget_curve", "expected_validation_curve",
+           "find_results", "group_records", "load_cells", "log_wandb", "main", "markdown", "markdown_table",
+           "pareto_set", "quality_metric", "record_sparsity", "row_columns", "totals", "wandb_mode"]
 REPORT_DIR = "report"
 REPORT_MD = "report.md"
 

@@ -1,16 +1,19 @@
 """Grouping cells per model × task into rows (a compression chain and the compressor settings that tell
 its cells apart), aggregating each row's cells (seeds, learning rates) as mean ± std with Δ% against the
-baseline row over the same seeds and learning rates; the grid's totals; the pure math (Pareto sets,
-expected validation performance) the tables and plots use."""
+baseline row over the same seeds and learning rates; the grid's totals and CO2 per row and technique; the pure
+math (Pareto sets, expected validation performance against cells tried or a training budget) the tables and plots
+use."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import random
 import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,77 @@ def expected_validation_curve(values: Sequence[float], mode: str = "max", n_max:
     return [expected_best(values, n, mode) for n in range(1, (n_max or len(values)) + 1)]
 
 
+EVP_AXES = ("trials", "train_seconds")  # config.report.evp_axis: the expected-validation plot's x axis
+EXACT_TRIALS = 12  # up to this many trials a row, the budget curve is exact (every subset); beyond, sampled orders
+SAMPLED_ORDERS = 4000
+BUDGET_POINTS = 64  # most budgets a curve is evaluated at
+
+
+def expected_best_within_budget(values: Sequence[float], seconds: Sequence[float], budget: float,
+                                mode: str = "max") -> float:
+    """Expected best validation after a training budget of `budget` seconds: the row's trials are run one after
+    another in a uniformly random order, each to its end, as long as the next one still fits (the cumulative
+    train_seconds of those run stays within the budget); the value is the best validation among the trials run,
+    averaged over all orders. Trials are drawn without replacement: the curve ends at the row's own cost (every
+    trial run: the best of all) and claims no trial that was not run, where the n-trials curve re-indexed by
+    n × mean train time would charge every trial the mean and run on past the trials there were (a drawn-with-
+    replacement n beyond them) at a cost nobody paid. Defined for budgets from the longest single
+    trial on, where every order runs at least one. Exact up to EXACT_TRIALS trials: the first k trials of a
+    random order are a uniformly random k-subset S, and the order stops after them when k is all the trials or
+    the next one, uniform over the rest, does not fit; beyond, SAMPLED_ORDERS orders of a fixed seed."""
+    if not values or len(values) != len(seconds):
+        raise ValueError("expected_best_within_budget needs one train time per value, and at least one value")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
+    times = [float(t) for t in seconds]
+    if budget < max(times) * (1 - 1e-9):
+        raise ValueError(f"budget {budget:g} s is below the longest trial ({max(times):g} s): some orders run none")
+    pick = max if mode == "max" else min
+    n = len(values)
+    budget += 1e-9 * max(1.0, abs(budget))  # a budget equal to a sum of train times runs those trials
+    if n > EXACT_TRIALS:
+        rng, total = random.Random(0), 0.0
+        for _ in range(SAMPLED_ORDERS):
+            order, spent, best = rng.sample(range(n), n), 0.0, None
+            for i in order:
+                if spent + times[i] > budget:
+                    break
+                spent += times[i]
+                best = values[i] if best is None else pick(best, values[i])
+            total += best
+        return total / SAMPLED_ORDERS
+    expected = 0.0
+    for mask in range(1, 1 << n):
+        taken = [i for i in range(n) if mask >> i & 1]
+        spent = sum(times[i] for i in taken)
+        if spent > budget:
+            continue
+        k = len(taken)
+        stop = 1.0 if k == n else sum(spent + times[j] > budget for j in range(n) if not mask >> j & 1) / (n - k)
+        if stop:
+            expected += stop / comb(n, k) * pick(float(values[i]) for i in taken)
+    return expected
+
+
+def expected_validation_budget_curve(values: Sequence[float], seconds: Sequence[float],
+                                     mode: str = "max") -> tuple[list[float], list[float]]:
+    """(budgets, expected_best_within_budget at each): a step function of the budget that changes only where it
+    equals a sum of some trials' train seconds, evaluated at those sums from the longest trial to the row's total
+    (at most BUDGET_POINTS of them, else evenly spaced budgets over that range and the total)."""
+    times = [float(t) for t in seconds]
+    low, high = max(times), sum(times)
+    if len(times) <= EXACT_TRIALS:
+        n = len(times)
+        sums = {round(sum(times[i] for i in range(n) if mask >> i & 1), 9) for mask in range(1, 1 << n)}
+        budgets = sorted(b for b in sums if low - 1e-9 <= b <= high + 1e-9)
+    else:
+        budgets = []
+    if not budgets or len(budgets) > BUDGET_POINTS:
+        budgets = [low + (high - low) * i / (BUDGET_POINTS - 1) for i in range(BUDGET_POINTS)] if high > low else [low]
+    budgets = [min(max(b, low), high) for b in budgets]  # the rounding above kept inside the range
+    return budgets, [expected_best_within_budget(values, times, b, mode) for b in budgets]
+
+
 def delta_pct(value: float | None, base: float | None) -> float | None:
     """(value − base) / base × 100; None when either is missing or the base is zero."""
     if value is None or base is None or base == 0:
@@ -94,6 +168,7 @@ class Group:
     timing: list[str] = field(default_factory=list)  # markdown above the table: how latency/decode were taken
     layout: list[tuple[str, bool]] | None = None  # a preset's table columns (config.report.table), else the default
     protocol: list[str] = field(default_factory=list)  # the preset's protocol and how perplexity was scored
+    evp_axis: str = EVP_AXES[0]  # config.report.evp_axis: expected validation against cells tried or train seconds
 
     @property
     def slug(self) -> str:
@@ -234,7 +309,17 @@ def table_layout(table: Any) -> list[tuple[str, bool]] | None:
     return [(str(name), bool(delta)) for name, delta in table.items()]
 
 
-REPORT_KEYS = ("table", "protocol")
+REPORT_KEYS = ("table", "protocol", "evp_axis")
+
+
+def evp_axis(value: Any) -> str:
+    """config.report.evp_axis, checked: `trials` (default) or `train_seconds`."""
+    if value is None:
+        return EVP_AXES[0]
+    if value not in EVP_AXES:
+        raise SqueezeError(f"config.report.evp_axis={value!r}: use one of {list(EVP_AXES)} (the expected-validation "
+                           "plot's x axis: cells tried, or their cumulative train seconds)")
+    return str(value)
 
 
 def check_report_section(report: Any) -> None:
@@ -246,6 +331,7 @@ def check_report_section(report: Any) -> None:
     if unknown:
         raise SqueezeError(f"report.{unknown[0]} is not a report setting; use one of {list(REPORT_KEYS)}")
     table_layout(report.get("table"))
+    evp_axis(report.get("evp_axis"))
 
 
 def delta_names(group: Group) -> list[str]:
@@ -290,10 +376,11 @@ def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:
         metric = next((c["metric"] for c in finished if c["metric"]), None)
         mode = next((c["mode"] for c in finished if c["metric"]), "max")
         layouts = [table_layout(c["table"]) for c in members if c.get("table")]  # each checked; the first one shown
+        axes = [evp_axis(c["evp_axis"]) for c in members if c.get("evp_axis") is not None]
         group = Group(model, task, metric, mode, members,
                       per_batch=sort_per_batch(n for c in members for n in c["per_batch"]),
                       layout=layouts[0] if layouts else None,
-                      protocol=protocol_lines(members))
+                      protocol=protocol_lines(members), evp_axis=axes[0] if axes else EVP_AXES[0])
         # Latency, throughput and energy on a CPU and on a GPU are not one population: split by hardware.
         mixed = len({c["hardware"] for c in members}) > 1
         by_row = _rows_of(members, mixed)
@@ -375,3 +462,48 @@ def totals(cells: Sequence[dict]) -> dict[str, Any]:
         "factors": sorted({(str(s.get("co2")) if s.get("co2") is not None else "", float(s["co2_kg_per_kwh"]))
                            for s in spent if s.get("co2_kg_per_kwh") is not None}, key=lambda f: f[1]),
     }
+
+
+def _spent(cells: Sequence[dict], key: str) -> float | None:
+    values = [float(c["spent"][key]) for c in cells if c["spent"].get(key) is not None]
+    return sum(values) if values else None
+
+
+def _factors(cells: Sequence[dict]) -> list[tuple[str, float]]:
+    return sorted({(str(c["spent"].get("co2") or ""), float(c["spent"]["co2_kg_per_kwh"])) for c in cells
+                   if c["spent"].get("co2_kg_per_kwh") is not None}, key=lambda f: f[1])
+
+
+def co2_by_row(group: Group) -> list[dict[str, Any]]:
+    """Per row of a model × task: what all its runs spent (every seed and learning rate, failed runs included: kWh
+    and CO2 as each recorded it) and, for a row of several runs (an lr grid, seeds), its best run by validation
+    (the model the search keeps: validation.best by the task's monitor) with that run's own CO2. The search costs
+    all runs; the thesis sets that against the one run it keeps."""
+    out = []
+    for row in group.rows:
+        cells = [c for c in group.cells if c["row"] == row["label"]]
+        judged = [c for c in cells if c["status"] == "ok" and c["validation_best"] is not None]
+        pick = max if group.mode == "max" else min
+        best = pick(judged, key=lambda c: float(c["validation_best"])) if len(cells) > 1 and judged else None
+        out.append({"label": row["label"], "runs": len(cells), "failed": sum(c["status"] != "ok" for c in cells),
+                    "lrs": sorted({c["lr"] for c in cells if c["lr"] is not None}, key=_sortable),
+                    "kwh": _spent(cells, "kwh"), "co2_kg": _spent(cells, "co2_kg"), "factors": _factors(cells),
+                    "best": None if best is None else {"seed": best["seed"], "lr": best["lr"],
+                                                       "validation": best["validation_best"],
+                                                       "kwh": best["spent"].get("kwh"),
+                                                       "co2_kg": best["spent"].get("co2_kg")}})
+    return out
+
+
+def co2_by_technique(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """Per technique (a row label, summed over the model × task tables that have it, in first-seen order): its
+    runs, failed runs, kWh and CO2 over the whole grid, as recorded."""
+    cells_of: dict[str, list[dict]] = {}
+    tables: dict[str, list[str]] = {}
+    for g in groups:
+        for row in g.rows:
+            cells_of.setdefault(row["label"], []).extend(c for c in g.cells if c["row"] == row["label"])
+            tables.setdefault(row["label"], []).append(f"{g.model} × {g.task}")
+    return [{"label": label, "tables": tables[label], "runs": len(cells),
+             "failed": sum(c["status"] != "ok" for c in cells), "kwh": _spent(cells, "kwh"),
+             "co2_kg": _spent(cells, "co2_kg"), "factors": _factors(cells)} for label, cells in cells_of.items()]

@@ -299,9 +299,11 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["per_batch"] = per_batch_figures(record)
     row["settings"], row["labels"] = compress_settings(record, row["chain"])
     row["row"] = None  # the report row it belongs to, set when grouped
-    # A preset's report section (config.report): its table's columns and the protocol its header cites.
+    # A preset's report section (config.report): its table's columns, the protocol its header cites and the
+    # expected-validation plot's axis.
     row["table"] = _dig(record, "config", "report", "table")
     row["protocol"] = _dig(record, "config", "report", "protocol")
+    row["evp_axis"] = _dig(record, "config", "report", "evp_axis")
     row["perplexity_protocol"] = record.get("perplexity") if isinstance(record.get("perplexity"), dict) else None
     # A pruner's rounds (compress.imp.trajectory): sparsity -> the validation after retraining, train tokens/s.
     compress = record.get("compress") or {}

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.text import Annotation, Text
 
-from squeeze.report.aggregate import Group, expected_validation_curve, pareto_set
+from squeeze.report.aggregate import Group, expected_validation_budget_curve, expected_validation_curve, pareto_set
 from squeeze.report.cells import WHERE
 
 # Trade-off plots: (file suffix, cost figure, axis label).
@@ -47,21 +47,35 @@ def draw_plots(group: Group, plot_dir: Path, recommended: Collection[str] = ()) 
 
     ok = [c for c in group.cells if c["status"] == "ok"]
     values: dict[str, list[float]] = {}
+    seconds: dict[str, list[float | None]] = {}
     for c in ok:
         if c["validation_best"] is not None:
             values.setdefault(label(c), []).append(float(c["validation_best"]))
+            seconds.setdefault(label(c), []).append(c["train_s"])
+    monitor = "val/" + (group.metric or "quality").split("/", 1)[-1]
+    best = "max" if group.mode == "max" else "min"
+    evp_ylabel = f"expected {best} {monitor} ({arrow} better)"
+    evp_path = plot_dir / f"{group.slug}-expected-validation.png"
     if values and max(len(v) for v in values.values()) < 2:
         # The curve is the expected best of n tried settings: with one cell a row it is a single point each.
         group.skipped_plots.append("expected validation performance (one cell per row: it needs seeds or lrs)")
+    elif values and group.evp_axis == "train_seconds":
+        timed = [chain for chain in chains if chain in values and None not in seconds[chain]]
+        untimed = [chain for chain in chains if chain in values and chain not in timed]
+        if untimed:
+            group.skipped_plots.append("expected validation vs training budget for " + ", ".join(untimed)
+                                       + " (a finished cell without train_seconds)")
+        if timed:
+            group.plots["expected validation performance"] = expected_validation(
+                evp_path, {c: expected_validation_budget_curve(values[c], seconds[c], group.mode) for c in timed},
+                evp_ylabel, f"{title}: expected validation vs training budget", chains,
+                xlabel=BUDGET_AXIS, steps=True)
     elif values:
         n_max = max(len(v) for v in values.values())
-        curves = {chain: expected_validation_curve(values[chain], group.mode, n_max) for chain in chains
-                  if chain in values}
-        monitor = "val/" + (group.metric or "quality").split("/", 1)[-1]
-        best = "max" if group.mode == "max" else "min"
+        curves = {chain: (list(range(1, n_max + 1)), expected_validation_curve(values[chain], group.mode, n_max))
+                  for chain in chains if chain in values}
         group.plots["expected validation performance"] = expected_validation(
-            plot_dir / f"{group.slug}-expected-validation.png", curves, f"expected {best} {monitor} ({arrow} better)",
-            f"{title}: expected validation performance", chains)
+            evp_path, curves, evp_ylabel, f"{title}: expected validation vs cells tried", chains)
     else:
         group.skipped_plots.append("expected validation performance (no finished record has validation.best)")
 
@@ -190,16 +204,28 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
     return annotations
 
 
-def expected_validation(path: Path, curves: dict[str, Sequence[float]], ylabel: str, title: str,
-                        chains: Sequence[str] = ()) -> Path:
-    """Expected best validation figure against the number of cells tried, one curve per chain."""
+TRIALS_AXIS = "cells tried (hyperparameter assignments, drawn with replacement)"
+BUDGET_AXIS = "training budget (s): cumulative train s of cells run in random order"
+
+
+def expected_validation(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], ylabel: str,
+                        title: str, chains: Sequence[str] = (), xlabel: str = TRIALS_AXIS, steps: bool = False) -> Path:
+    """Expected best validation figure, one (x, y) curve per chain: against the number of cells tried, or (`steps`)
+    against the training budget, a step function (aggregate.expected_best_within_budget)."""
     fig = _figure()
     ax = fig.add_subplot()
-    for label, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label, color=_color(label, chains))
-    ax.set(xlabel="cells tried (hyperparameter assignments)", ylabel=ylabel, title=title)
-    _log_scale_if_wide(ax, [v for curve in curves.values() for v in curve])
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label, color=_color(label, chains),
+                drawstyle="steps-post" if steps else "default")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _log_scale_if_wide(ax, [v for _, ys in curves.values() for v in ys])
+    if steps:  # a post-training row's seconds beside a fine-tune's hours: log when the budgets span > WIDE×
+        xs = [float(x) for xs, _ in curves.values() for x in xs]
+        if min(xs) > 0 and max(xs) > WIDE * min(xs):
+            ax.set_xscale("log")
+            ax.set_xlabel(ax.get_xlabel() + " (log scale)")
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)

@@ -4,8 +4,8 @@ Reads the report's groups and cells (and side_by_side.json through squeeze/repor
 
 Budget (`--max-drop`): `<N>pt` or `<N>%`.
   pt  points of the quality metric. For a metric whose finished values in the model × task all lie in [0, 1]
-      (accuracy, F1, BLEU and TER as torchmetrics returns them) a point is 0.01: the metric × 100, as papers
-      print it. For any other metric (perplexity, loss) a point is one unit of the metric.
+      (accuracy, F1 as torchmetrics returns them) a point is 0.01: the metric × 100, as papers print it. For
+      any other metric (perplexity, loss) a point is one unit of the metric.
   %   the change relative to the baseline's quality.
   A drop is a decrease where higher is better and an increase where lower is better (mode "min": perplexity,
   TER). Default: 1pt for metrics in [0, 1], else 5%. The drop is paired as the report's Δ%: the row's and the

@@ -8,7 +8,8 @@ import math
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from squeeze.report.aggregate import CO2_PRESETS, DELTAS, TABLE, Group, totals
+from squeeze.report.aggregate import (CO2_PRESETS, DELTAS, TABLE, Group, co2_by_row, co2_by_technique,
+                                      delta_names, totals)
 from squeeze.report.cells import FIGURES, METRIC_FIGURES, per_batch_header, sort_per_batch
 from squeeze.report.recommend import markdown_section, of_group, starred
 
@@ -22,7 +23,8 @@ def row_columns(group: Group | None = None) -> list[str]:
             "n_failed", "errors"]
     for name in (group.figures if group is not None else Group("", "", None, "max", []).figures):
         cols += [f"{name}_mean", f"{name}_std"]
-    return cols + [f"{name}_delta_pct" for name in DELTAS]
+    deltas = DELTAS if group is None else delta_names(group)  # a preset's layout adds its own Δ% columns
+    return cols + [f"{name}_delta_pct" for name in deltas]
 
 
 def group_records(group: Group) -> list[dict]:
@@ -168,6 +170,55 @@ def totals_text(cells: list[dict], where: str) -> str:
     return f"Totals over {where} ({t['records']} records, failed ones included): " + "; ".join(parts) + "."
 
 
+def _setting(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _factor_text(factors: Sequence[tuple[str, float]]) -> str:
+    return ", ".join(f"{name} {f:.3f}" if name else f"{f:.3f}" for name, f in factors) or "not recorded"
+
+
+def co2_row_table(group: Group) -> list[str]:
+    """Markdown lines: per row, CO2 over all its runs against its best run by validation (aggregate.co2_by_row);
+    nothing when no record of the model × task has energy."""
+    rows = co2_by_row(group)
+    if all(r["kwh"] is None and r["co2_kg"] is None for r in rows):
+        return []
+    monitor = "val/" + (group.metric or "quality").split("/", 1)[-1]
+    factors = sorted({f for r in rows for f in r["factors"]}, key=lambda f: f[1])
+    lines = ["", f"CO2 per row: all its runs (every seed and learning rate, failed runs included) against its best run "
+                 f"by validation (`{monitor}`, the model the search keeps), as recorded at kg/kWh "
+                 f"{_factor_text(factors)}.", "",
+             "| row | runs | failed | lrs | kWh, all runs | CO2 kg, all runs | best run | CO2 kg, best run "
+             "| all ÷ best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = r["best"]
+        what = "" if best is None else ", ".join(f"{k} {_setting(best[k])}" for k in ("lr", "seed")
+                                                 if best[k] is not None)
+        ratio = (r["co2_kg"] / best["co2_kg"] if best and r["co2_kg"] is not None and best["co2_kg"] else None)
+        lines.append("| " + " | ".join([
+            _md_escape(r["label"]), str(r["runs"]), str(r["failed"]), ", ".join(_setting(lr) for lr in r["lrs"]),
+            _num(r["kwh"]), _num(r["co2_kg"]), what, "" if best is None else _num(best["co2_kg"]),
+            "" if ratio is None else f"{ratio:.2f}×"]) + " |")
+    return lines
+
+
+def co2_technique_table(groups: Sequence[Group]) -> list[str]:
+    """Markdown lines: CO2 per technique (row label) over the whole grid (aggregate.co2_by_technique)."""
+    rows = co2_by_technique(groups)
+    if all(r["kwh"] is None and r["co2_kg"] is None for r in rows):
+        return []
+    factors = sorted({f for r in rows for f in r["factors"]}, key=lambda f: f[1])
+    lines = ["", "CO2 per technique over the whole grid (every run of the row in every model × task, all learning "
+                 f"rates and seeds, failed runs included), as recorded at kg/kWh {_factor_text(factors)}.", "",
+             "| technique | model × task | runs | failed | kWh | CO2 kg |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([_md_escape(r["label"]), _md_escape(", ".join(r["tables"])), str(r["runs"]),
+                                         str(r["failed"]), _num(r["kwh"]), _num(r["co2_kg"])]) + " |")
+    return lines
+
+
 def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: Sequence[str | Path],
              csv_names: dict[str, str], out: Path, advice: Sequence[dict] = ()) -> str:
     n_ok = sum(c["status"] == "ok" for c in cells)
@@ -190,7 +241,7 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
          "the totals below count its training once. Each table shows the columns to decide from; its CSV holds "
          "every figure with its spread and Δ% (precision, recall, throughput, peak memory per batch size, train "
          "and eval time, CO2, ...)."),
-        "", totals_text(cells, "the whole grid"),
+        "", totals_text(cells, "the whole grid"), *co2_technique_table(groups),
     ]
     if skipped:
         text += ["", "Unreadable result.json files, left out:"] + [f"- {_md_escape(s)}" for s in skipped]
@@ -202,7 +253,7 @@ def markdown(groups: list[Group], cells: list[dict], skipped: list[str], paths: 
                  *(["", *g.protocol] if g.protocol else []),
                  *(["", *g.timing] if g.timing else []), "", markdown_table(g, starred(advice, g)),
                  *markdown_section(of_group(advice, g))]
-        text += ["", totals_text(g.cells, f"{g.model} × {g.task}")]
+        text += ["", totals_text(g.cells, f"{g.model} × {g.task}"), *co2_row_table(g)]
         text += [f"\nNote: {note}." for note in g.notes]
         failed = [c for c in g.cells if c["status"] != "ok"]
         if failed:

@@ -40,10 +40,11 @@ class DialogModule(FineTune):
     each example's context encoded once for all its candidates (scoring.py); on the
     stages in `generate_on`, replies to the first `generate_max_examples` examples (null: all; per
     process) are generated from the context with `generate` settings, `generate_batch_size` prompts at
-    a time, and scored against the gold reply by BLEU and TER (sacreBLEU's definitions, 0-100; BLEU
-    with sacreBLEU's default "exp" smoothing unless `bleu_smoothing` is none, so short replies with no
-    4-gram match do not all score 0) and BERTScore F1 with a local encoder (`bertscore`: an asset
-    name or a model directory; null skips it).
+    a time, and scored against the gold reply by BLEU (sacreBLEU's definition and scale, 0-100, with its
+    default "exp" smoothing unless `bleu_smoothing` is none, so short replies with no 4-gram match do not
+    all score 0) and TER as a ratio (edits per reference word, as torchmetrics returns it: 1.016 is 101.6 on
+    sacreBLEU's ×100 scale; above 1 when a reply needs more edits than the reference has words), and by
+    BERTScore F1 with a local encoder (`bertscore`: an asset name or a model directory; null skips it).
     """
 
     def __init__(
@@ -197,7 +198,7 @@ class DialogModule(FineTune):
         out = {"perplexity": metrics["perplexity"].compute(), **metrics["hits"].compute()}
         if metrics["bleu"].update_count:
             out["bleu"] = metrics["bleu"].compute() * 100
-            out["ter"] = metrics["ter"].compute() * 100
+            out["ter"] = metrics["ter"].compute()  # a ratio, as the thesis reports it (1.016), not × 100
         if "bertscore" in metrics and metrics["bertscore"].update_count:
             metrics["bertscore"].embedding_device = metrics["bertscore"].device  # the run's device
             scores = metrics["bertscore"].compute()
