@@ -94,12 +94,20 @@ def test_the_presets_hold_the_published_tables_rows(tmp_path):
     assert (cell.compress.int8wo.embeddings, cell.compress.int8wo.lm_head, cell.task.data.block_size) == (False, False, 1024)
     assert list(cell.report.table)[:5] == ["quality", "last_word_accuracy", "size_mb", "eval_s", "eval_kwh"]
     best = _cells("best_way_to_squeeze", tmp_path)
-    assert len(best) == 3 * 3 * 8  # lr grid × (IMDB, CoNLL-2003, Persona-Chat) × rows (IMP: 4 X%/Y settings)
+    assert len(best) == (4 + 4 + 3) * 8  # the thesis' lr grids (IMDB, CoNLL-2003, Persona-Chat) × rows (IMP: 4 X%/Y)
     assert {(_value(c, "model"), _value(c, "task")) for c in best} == {
         ("bert-base-uncased", "imdb"), ("bert-base-uncased", "conll2003"), ("gpt2", "personachat")}
     cfg = compose_cfg("train", best[1], tmp_path)
     assert cfg.callbacks.energy.co2 == "eea" and cfg.callbacks.energy.pue == 1.59
-    assert cfg.compress.pkd.teacher == "auto" and list(cfg.compress.pkd.teacher_best_of["optimizer.lr"]) == [2e-5, 3e-5, 5e-5]
+    assert cfg.compress.pkd.teacher == "auto" and list(cfg.compress.pkd.teacher_best_of["optimizer.lr"]) == [
+        3e-5, 5e-5, 1e-4, 3e-4]
+    # The thesis' Table 4.1 and its PKD student: the pre-trained model's first 6 layers
+    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.task.data.batch_size, cfg.task.data.eval_batch_size) == (
+        3e-5, 5, 8, 8)
+    assert dict(cfg.compress.pkd.student) == {"layers": 6, "init": "first", "from": "model"}
+    dialog = compose_cfg("train", best[-7], tmp_path)  # the last setup's PKD cell: Persona-Chat at 1e-4
+    assert (_value(best[-7], "task"), dialog.optimizer.lr, dialog.trainer.max_epochs) == ("personachat", 1e-4, 3)
+    assert list(dialog.compress.pkd.teacher_best_of["optimizer.lr"]) == [5e-5, 6.25e-5, 1e-4]
     rates = _check_preset("pruning_rates_offline", tmp_path)
     assert rates == ["none", "pr-0.1", "pr-0.3", "pr-0.5"]
 
