@@ -308,3 +308,27 @@ def test_a_sweep_rerun_with_an_edited_cell_runs_it_afresh_and_keeps_the_old_one(
     assert edited["status"] == "ok" and edited["config"]["trainer"]["max_steps"] == 3
     (kept,) = cell.glob("replaced-*")
     assert read_result(kept)["config"]["trainer"]["max_steps"] == 2 and (kept / "model").is_dir()
+
+
+def test_a_cell_that_fails_after_a_stop_signal_still_ends_the_sweep(tmp_path):
+    """SIGTERM during a cell, then a failure on the way out (its directory removed under the checkpoint save):
+    the cell is recorded as failed and the sweep stops as asked, instead of starting the next cell."""
+    import signal
+
+    from squeeze.hardware import checkpointing
+    from squeeze.run import guard
+
+    def body():
+        checkpointing.signals.signum = signal.SIGTERM  # what the handler keeps when the signal arrives mid-fit
+        raise FileNotFoundError("last.ckpt.partial -> last.ckpt")
+
+    record = {"status": "running"}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            guard.guarded(body, record, tmp_path, multirun=True)
+    finally:
+        checkpointing.signals.signum = None
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert read_result(tmp_path)["status"] == "failed" and "last.ckpt" in read_result(tmp_path)["error"]
+    # Without a stop signal a failed cell is recorded and the sweep goes on.
+    assert guard.guarded(lambda: (_ for _ in ()).throw(OSError("disk")), {}, tmp_path, multirun=True)["status"] == "failed"

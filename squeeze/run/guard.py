@@ -1,8 +1,9 @@
 """A run's outcome, whatever happens: the body runs with a record that is written (atomically) when it ends,
 ok, failed or interrupted, and the loggers are closed. In a sweep a failed cell is recorded and the sweep goes
 on; a single run's error ends the program (squeeze.errors.main_exit: one line on stderr, exit code 2). A signal
-(SIGTERM, SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal.
-squeeze.run.cell.guarded starts the record and calls this."""
+(SIGTERM, SIGINT) ends the run and the sweep: recorded as "interrupted", one line on stderr, exit code 128 + signal;
+a cell that fails after a stop signal came (saving its checkpoint into a removed directory, say) is recorded as
+failed and still ends the sweep. squeeze.run.cell.guarded starts the record and calls this."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze.errors import Interrupted, SqueezeError
+from squeeze.hardware import checkpointing
 from squeeze.run.loggers import wandb_outcome
 from squeeze.record import write_record
 from squeeze.run.summary import headline_figures
@@ -46,6 +48,13 @@ def guarded(body: Callable[[], Any], record: dict[str, Any], run_dir: Path, mult
             _finish(record, run_dir)
             raise
         log.error("cell failed: %s (recorded in %s)", record["error"], run_dir / "result.json")
+        asked = checkpointing.signals.signum
+        if asked is not None:  # the user asked the sweep to stop: a failure on the way out must not move it on
+            if _is_global_zero():
+                _finish(record, run_dir)
+            stop = Interrupted(asked)
+            print(f"{stop}; the cell failed while stopping, so its rerun starts it afresh", file=sys.stderr)
+            raise SystemExit(stop.exit_code) from None
     else:
         is_rank_zero = _is_global_zero()
     if is_rank_zero:
