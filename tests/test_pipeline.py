@@ -27,7 +27,7 @@ TEST_METRICS = {
 def test_the_issue_lists_every_option():
     assert set(MODELS) == {"bert-base-uncased", "distilbert-base-uncased", "gpt2", "gpt2-medium", "gpt2-large",
                            "gpt2-xl", "minilm", "smollm2", "tiny_bert", "tiny_gpt2", "tiny_llama",
-                           "opt-125m", "distilgpt2", "tiny_opt"}
+                           "opt-125m", "distilgpt2", "tiny_opt", "gpt2_char"}
     assert set(TASKS) == {"imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada", "personachat",
                           "rotten_tomatoes", "wnut16", "austen", "chatterbot", "hellaswag", "storycloze"}
 
