@@ -105,6 +105,9 @@ def test_the_presets_hold_the_published_tables_rows(tmp_path):
     assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.task.data.batch_size, cfg.task.data.eval_batch_size) == (
         3e-5, 5, 8, 8)
     assert dict(cfg.compress.pkd.student) == {"layers": 6, "init": "first", "from": "model"}
+    # IMDB: 50/25/25 of train + test pooled (the rest follows from carving test first)
+    assert list(cfg.task.data.splits.train) == ["train", "test"] and cfg.task.data.splits.test is None
+    assert cfg.task.data.carve.test == 0.25 and abs(0.75 * cfg.task.data.carve.validation - 0.25) < 1e-6
     dialog = compose_cfg("train", best[-7], tmp_path)  # the last setup's PKD cell: Persona-Chat at 1e-4
     assert (_value(best[-7], "task"), dialog.optimizer.lr, dialog.trainer.max_epochs) == ("personachat", 1e-4, 3)
     assert list(dialog.compress.pkd.teacher_best_of["optimizer.lr"]) == [5e-5, 6.25e-5, 1e-4]

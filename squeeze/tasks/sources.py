@@ -88,7 +88,8 @@ def load_splits(
     only_test: bool = False,
 ) -> datasets.DatasetDict:
     """Load train/validation/test. A split the source lacks (`splits.<name>: null`) is carved out of
-    train by fraction (`carve`), drawn with `seed` (the data module's fixed split_seed, so every run of a
+    train (`splits.train`: one split or a list pooled) by fraction (`carve`; test first, then validation from
+    what is left), drawn with `seed` (the data module's fixed split_seed, so every run of a
     sweep, whatever its own seed, sees the same split).
 
     `only_test`: the files are the test split and nothing else is loaded (evaluating one file)."""
@@ -104,12 +105,19 @@ def load_splits(
         return datasets.DatasetDict({"test": _load_raw(source, name, data_files, None)[next(iter(data_files))]})
     raw = _load_raw(source, name, data_files, hub_files)
     out = {}
-    train_name = splits.get("train") or "train"
-    if train_name not in raw:
-        raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
-    pool = raw[train_name]
+    # splits.train may pool several of the source's splits (the thesis' IMDB: train + test, then 50/25/25 carved).
+    pooled = splits.get("train") or "train"
+    pooled = [pooled] if isinstance(pooled, str) else [str(s) for s in pooled]
+    for train_name in pooled:
+        if train_name not in raw:
+            raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
+    train_name = "+".join(pooled)
+    pool = raw[pooled[0]] if len(pooled) == 1 else datasets.concatenate_datasets([raw[s] for s in pooled])
     for split in ("test", "validation"):
         src = splits.get(split)
+        if src and src in pooled:
+            raise SqueezeError(f"task.data.splits.{split}={src!r} is also pooled into train ({pooled}); set "
+                               f"task.data.splits.{split}=null to carve the {split} split from the pool")
         if src and src in raw:
             out[split] = raw[src]
         elif src:
