@@ -496,3 +496,66 @@ def test_bleu_of_short_replies_is_smoothed_unless_asked_not_to(smoothing, tmp_pa
     assert bleu == pytest.approx(100 * min(1.0, math.exp(1 - ref / hyp)) * math.exp(logs / 4), rel=1e-4)
     with pytest.raises(SqueezeError, match="bleu_smoothing='add-one'"):
         DialogModule(model, bleu_smoothing="add-one", bertscore=None)
+
+
+# -- Hits@k by the multiple-choice head (issue 27: the thesis ranked with the double-heads model's) ----------
+def test_mc_ranking_is_the_double_heads_models_multiple_choice_score(tmp_path):
+    from transformers import GPT2DoubleHeadsModel
+
+    from squeeze.tasks.dialog.module import last_token_index
+
+    model, _, batches = _model_and_test_batches("tiny_gpt2", tmp_path, examples=4, rows=40)
+    module = DialogModule(model, generate_on=[], bertscore=None, hits_rank="mc").eval()
+    torch.nn.init.normal_(module.mc_head.weight, std=1.0)  # a head that tells candidates apart
+    # The reference: transformers' GPT2DoubleHeadsModel with the same body and the MC head as its summary layer.
+    reference = GPT2DoubleHeadsModel(model.config).eval()
+    reference.transformer.load_state_dict(model.transformer.state_dict())
+    reference.multiple_choice_head.summary.load_state_dict(module.mc_head.state_dict())
+    with torch.no_grad():
+        for batch in batches:
+            ours = module.eval_outputs(batch)
+            ids, mask = batch["input_ids"].view(-1, 20, batch["input_ids"].shape[1]), batch["attention_mask"]
+            theirs = reference(input_ids=ids, attention_mask=mask.view(ids.shape),
+                               mc_token_ids=last_token_index(mask).view(-1, 20)).mc_logits
+            assert ours.scores.shape == (ids.shape[0], 20)
+            assert (ours.scores - theirs).abs().max() < 1e-4 and ours.scores.std() > 1e-2
+            # perplexity stays the LM's whichever ranking: the gold replies' loss as the packed scoring gives it
+            packed = DialogModule(model, generate_on=[], bertscore=None).eval_outputs(batch)
+            assert ours.loss.item() == pytest.approx(packed.loss.item(), abs=1e-4)
+
+
+def test_mc_ranking_needs_a_trained_head_and_a_known_name():
+    model = build_tiny("tiny_gpt2", "causal_lm")[0]
+    with pytest.raises(SqueezeError, match="hits_rank=mc ranks by the MC head, which mc_coef=0 never trains"):
+        DialogModule(model, mc_coef=0, hits_rank="mc", bertscore=None)
+    with pytest.raises(SqueezeError, match=r"hits_rank='MC' is not one of \['lm', 'mc'\]"):
+        DialogModule(model, hits_rank="MC", bertscore=None)
+    with pytest.raises(SqueezeError, match="needs the MC head trained with the model: a pretrained model has none"):
+        DialogModule(model, hits_rank="mc", bertscore=None).load_task_head(None)
+
+
+def test_mc_head_is_saved_beside_the_model_and_evaluate_ranks_with_it(tmp_path):
+    overrides = FAST + ["model=tiny_gpt2", "task.module.bertscore=null", "task.module.hits_rank=mc",
+                        "optimizer.lr=3e-3"] + DIALOG_FAST + ["perf=null", "task.module.generate_on=[]"]
+    record = run.train(compose_cfg("train", overrides, tmp_path / "run"))
+    assert record["status"] == "ok", record["error"]
+    assert record["hits_rank"] == "mc" and (tmp_path / "run" / "model" / "task_head.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    width = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "model")).config.n_embd
+    torch.nn.Linear(width, 1).load_state_dict(load_file(str(tmp_path / "run" / "model" / "task_head.safetensors")))
+    # evaluate.py reads the head back: the same Hits@k; a post-training chain on it keeps the head in its save.
+    again = FAST + ["task.module.bertscore=null", "task.module.hits_rank=mc", f"ckpt={tmp_path / 'run'}"] + \
+        DIALOG_FAST + ["perf=null", "task.module.generate_on=[]"]
+    evaluated = run.evaluate(compose_cfg("eval", again, tmp_path / "eval"))
+    assert evaluated["status"] == "ok", evaluated["error"]
+    for name in ("test/hits@1", "test/hits@5", "test/perplexity"):
+        assert evaluated["metrics"][name] == pytest.approx(record["metrics"][name], rel=1e-4), name
+    quantized = run.evaluate(compose_cfg("eval", again + ["compress=dq"], tmp_path / "dq"))
+    assert quantized["status"] == "ok", quantized["error"]
+    assert (tmp_path / "dq" / "model" / "task_head.safetensors").is_file()
+    # Without a saved head (a pretrained model) the MC ranking is refused in one line.
+    pretrained = FAST + ["model=tiny_gpt2", "task.module.bertscore=null", "task.module.hits_rank=mc"] + \
+        DIALOG_FAST + ["perf=null"]
+    with pytest.raises(SqueezeError, match="needs the MC head trained with the model: a pretrained model has none"):
+        run.evaluate(compose_cfg("eval", pretrained, tmp_path / "zero"))

@@ -91,14 +91,17 @@ def save(model, tokenizer, directory: str | Path) -> None:
     (directory / TAG_FILE).write_text(json.dumps({"format": fmt}) + "\n", encoding="utf-8")
 
 
-def save_atomic(model, tokenizer, directory: str | Path, instead: str) -> Path:
+def save_atomic(model, tokenizer, directory: str | Path, instead: str, extra=None) -> Path:
     """`save`, written beside `directory` and then renamed over it, so a failed save never loses a model saved
-    there before. A full disk (or another OSError) is one line that ends with what to do `instead`."""
+    there before. A full disk (or another OSError) is one line that ends with what to do `instead`.
+    `extra(dir)` writes what goes beside the model (a task's head), inside the same rename."""
     final = Path(directory)
     tmp = final.parent / f".{final.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(model, tokenizer, tmp)
+        if extra is not None:
+            extra(tmp)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (isinstance(e, OSError) or out_of_space(e)):

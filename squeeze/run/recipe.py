@@ -88,13 +88,13 @@ def _train(cfg: DictConfig, record: dict[str, Any], cell: Cell, as_baseline: boo
         _finalize(chain, module, record)
     if as_baseline:  # a store entry (squeeze.run.baselines): the cells that use it test their own model
         if trainer.is_global_zero:
-            _save(module.model, tokenizer, cell.run_dir, record)
+            _save(module, tokenizer, cell.run_dir, record)
         record["energy"] = energy.measured(trainer.callbacks)
         return record
     _test(trainer, module, data, record)
     sharding.gather(trainer, module)  # hardware=fsdp: test sharded it again
     if trainer.is_global_zero:
-        _save(module.model, tokenizer, cell.run_dir, record)
+        _save(module, tokenizer, cell.run_dir, record)
         _measure(cfg, trainer, module.model, data, record)
     if teacher is not None:  # what this cell spent, the teacher's training counted once (the report's totals)
         record["spent"] = baselines.spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
@@ -118,7 +118,7 @@ def _train_pipeline(cfg: DictConfig, record: dict[str, Any], cell: Cell) -> dict
     trainer, record["_loggers"] = build.trainer(cfg, cell)
     _test(trainer, module, data, record)
     record["metrics"]["train/loss"] = figures["loss"]
-    _save(module.model, tokenizer, cell.run_dir, record)
+    _save(module, tokenizer, cell.run_dir, record)
     _measure(cfg, trainer, module.model, data, record)
     record["cost"] = cost.row_cost(record, trains=True, own_train_seconds=figures["train_seconds"], base=None,
                                    units=cost.evaluated_units(data, record.get("perplexity")))
@@ -148,6 +148,8 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], cell: Cell) -> dict[str, 
         for compressor in chain:
             model = compressor.prepare_model(model, tokenizer)
         module = build.module(cfg, model)
+        if hasattr(module, "load_task_head"):  # dialog's MC head, saved beside the model it was trained with
+            module.load_task_head(size_from if size_from is not None and Path(size_from).is_dir() else None)
         _finalize(chain, module, record)
     record["train_seconds"] = 0.0
     if chain:  # validation.best describes the model that is tested: the compressed one
@@ -167,7 +169,7 @@ def _evaluate(cfg: DictConfig, record: dict[str, Any], cell: Cell) -> dict[str, 
         before = record["choices"]["compress"] if size_from is not None else "none"
         record["choices"]["compress"] = "+".join(n for n in (before, chain_name(cfg.compress)) if n != "none")
         if trainer.is_global_zero:  # what was measured is saved, so its size on disk is real
-            _save(module.model, tokenizer, cell.run_dir, record)
+            _save(module, tokenizer, cell.run_dir, record)
         return record
     total, nonzero = models.count_params(module.model)
     record.update(params=total, nonzero_params=nonzero)
@@ -204,6 +206,8 @@ def _test(trainer, module, data, record: dict[str, Any]) -> None:
     record["eval_seconds"] = time.perf_counter() - start
     record["kernels"] = formats.kernels_used(module.model) or None  # what the integer layers ran in the test
     record["metrics"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if getattr(_task_of(module), "hits_rank", None):  # which ranking the Hits@k figures are
+        record["hits_rank"] = _task_of(module).hits_rank
     if hasattr(data, "protocol_record"):
         record["perplexity"] = data.protocol_record
     record["peak_memory_bytes"], record["peak_memory_kind"] = measure.peak_memory()
@@ -217,10 +221,17 @@ def _measure(cfg: DictConfig, trainer, model, data, record: dict[str, Any]) -> N
         record["perf"] = measure.of_run(model, data, cfg.perf, trainer.strategy.root_device.type)
 
 
-def _save(model, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:
+def _task_of(module):
+    """The task's own module (distillation wraps it)."""
+    return getattr(module, "_task", module)
+
+
+def _save(module, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:
     """The run's deliverable: a plain transformers directory (loadable without squeeze), replacing any earlier
-    one only once it is complete."""
+    one only once it is complete; a task's trained head outside the model (dialog's MC head) beside it."""
+    model = module.model
     saved = formats.save_atomic(model, tokenizer, run_dir / artifacts.RUN_MODEL,
-                                instead=f"evaluate the checkpoint in {run_dir / 'checkpoints'}")
+                                instead=f"evaluate the checkpoint in {run_dir / 'checkpoints'}",
+                                extra=getattr(_task_of(module), "save_task_head", None))
     total, nonzero = models.count_params(model)
     record.update(params=total, nonzero_params=nonzero, checkpoint_bytes=dir_bytes(saved))

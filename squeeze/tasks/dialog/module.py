@@ -18,6 +18,9 @@ from squeeze.tasks.base import IGNORE_INDEX, STAGES, FineTune
 from squeeze.tasks.dialog.metrics import BLEU_SMOOTHING, CorpusBLEU, HitsAtK, context_lengths
 from squeeze.tasks.dialog.scoring import CandidateScores, score_candidates, scores_from_logits
 
+HITS_RANKINGS = ("lm", "mc")
+TASK_HEAD_FILE = "task_head.safetensors"  # the MC head beside a saved model (the model itself stays a causal LM)
+
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each right-padded row's last real token."""
@@ -36,8 +39,10 @@ class DialogModule(FineTune):
     """Fine-tunes a causal LM on replies (LM loss) plus next-utterance classification (MC loss).
 
     loss = lm_coef · reply LM loss + mc_coef · cross-entropy of the MC head over the candidates.
-    Validation/test: reply perplexity and Hits@k (candidates ranked by mean reply log-likelihood),
-    each example's context encoded once for all its candidates (scoring.py); on the
+    Validation/test: reply perplexity and Hits@k, candidates ranked by `hits_rank`: "lm", the mean reply
+    log-likelihood, each example's context encoded once for all its candidates (scoring.py); "mc", the MC head's
+    score of each full row at its last token (the double-heads model's multiple-choice head, as the thesis
+    ranked; it is saved beside the model, TASK_HEAD_FILE, and read back with it). On the
     stages in `generate_on`, replies to the first `generate_max_examples` examples (null: all; per
     process) are generated from the context with `generate` settings, `generate_batch_size` prompts at
     a time, and scored against the gold reply by BLEU (sacreBLEU's definition and scale, 0-100, with its
@@ -62,6 +67,7 @@ class DialogModule(FineTune):
         bertscore: str | None = "minilm",
         bertscore_batch_size: int = 32,
         bleu_smoothing: str = "exp",
+        hits_rank: str = "lm",
         tokenizer=None,
         **kwargs,
     ):
@@ -91,6 +97,12 @@ class DialogModule(FineTune):
         if bleu_smoothing not in BLEU_SMOOTHING:
             raise SqueezeError(f"task.module.bleu_smoothing={bleu_smoothing!r} is not one of {list(BLEU_SMOOTHING)}")
         self.bleu_smoothing = bleu_smoothing
+        if hits_rank not in HITS_RANKINGS:
+            raise SqueezeError(f"task.module.hits_rank={hits_rank!r} is not one of {list(HITS_RANKINGS)}")
+        if hits_rank == "mc" and mc_coef == 0:
+            raise SqueezeError("task.module.hits_rank=mc ranks by the MC head, which mc_coef=0 never trains; "
+                               "set task.module.mc_coef>0 or task.module.hits_rank=lm")
+        self.hits_rank = hits_rank
         super().__init__(model, **kwargs)
         self.tokenizer = tokenizer
         self._stop_ids: list[int] | None = None
@@ -121,16 +133,52 @@ class DialogModule(FineTune):
                                "task.data.num_candidates")
 
     def eval_outputs(self, batch: dict) -> CandidateScores:
-        # Not the full rows through the model: one packed row per example, its context once, then every reply.
         self._check_rows(batch)
+        if self.hits_rank == "mc":  # the MC head reads each full row's last token: every row through the model
+            return self.mc_scores(batch, self.model(**batch, output_hidden_states=True))
+        # Not the full rows through the model: one packed row per example, its context once, then every reply.
         return score_candidates(self.model, batch, self.eval_candidates)
+
+    def mc_scores(self, batch: dict, outputs) -> CandidateScores:
+        """CandidateScores of a model output on the full rows (with hidden states) whose ranking scores are the
+        MC head's; perplexity still comes from the gold replies' logits."""
+        lm = scores_from_logits(outputs.logits, batch, self.eval_candidates)
+        return CandidateScores(self._mc_logits(batch, outputs, self.eval_candidates), lm.gold_logits, lm.gold_targets)
+
+    def _mc_logits(self, batch: dict, outputs, candidates: int) -> torch.Tensor:
+        """[examples, candidates]: the MC head on the last layer's state at each row's last token."""
+        rows = batch["input_ids"].shape[0]
+        device = self.mc_head.weight.device
+        last = outputs.hidden_states[-1][torch.arange(rows, device=device), last_token_index(batch["attention_mask"])]
+        return self.mc_head(last.to(self.mc_head.weight.dtype)).view(-1, candidates).float()
+
+    # -- the MC head beside a saved model ---------------------------------------------------------
+    def save_task_head(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.mc_head.state_dict().items()},
+                  str(Path(directory) / TASK_HEAD_FILE))
+
+    def load_task_head(self, directory: Path | None) -> None:
+        """The MC head saved beside the model in `directory`; ranking by it (hits_rank=mc) without one is refused."""
+        path = None if directory is None else Path(directory) / TASK_HEAD_FILE
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            self.mc_head.load_state_dict(load_file(str(path)))
+        elif self.hits_rank == "mc":
+            where = "a pretrained model has none" if directory is None else f"{path} is missing (saved before " \
+                "squeeze kept it, or not a dialog run)"
+            raise SqueezeError(f"task.module.hits_rank=mc needs the MC head trained with the model: {where}; "
+                               "fine-tune it with task=<dialog task> first, or use task.module.hits_rank=lm")
 
     def update_metrics(self, metrics, batch, outputs):
         """`outputs`: CandidateScores, or a model output on the full rows (scored as scoring.py's module
         docstring says; the numbers are the same)."""
         self._check_rows(batch)
         if not isinstance(outputs, CandidateScores):
-            outputs = scores_from_logits(outputs.logits, batch, self.eval_candidates)
+            outputs = (self.mc_scores(batch, outputs) if self.hits_rank == "mc"
+                       else scores_from_logits(outputs.logits, batch, self.eval_candidates))
         metrics["hits"].update(outputs.scores)
         metrics["perplexity"].update(outputs.gold_logits.float()[None], outputs.gold_targets[None])
         stage = next((s for s in STAGES if self.metrics[s] is metrics), None)
@@ -220,11 +268,8 @@ class DialogModule(FineTune):
         parts = {"lm_loss": outputs.loss}
         loss = self.lm_coef * outputs.loss
         if self.mc_coef > 0:
-            device = self.mc_head.weight.device
-            last = outputs.hidden_states[-1][torch.arange(rows, device=device),
-                                             last_token_index(batch["attention_mask"])]
-            mc_logits = self.mc_head(last.to(self.mc_head.weight.dtype)).view(-1, self.train_candidates)
-            gold = torch.full((mc_logits.shape[0],), self.train_candidates - 1, device=device)
+            mc_logits = self._mc_logits(batch, outputs, self.train_candidates)
+            gold = torch.full((mc_logits.shape[0],), self.train_candidates - 1, device=mc_logits.device)
             parts["mc_loss"] = F.cross_entropy(mc_logits, gold)
             loss = loss + self.mc_coef * parts["mc_loss"]
         return {"loss": loss, **parts}
