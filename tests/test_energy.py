@@ -109,3 +109,33 @@ def test_without_a_gpu_or_rapl_the_figures_say_estimated(tmp_path, monkeypatch):
     e = run.train(compose_cfg("train", overrides, tmp_path))["energy"]
     assert e["method"] == "estimated" and e["kwh"] > 0
     assert e["phases"]["train"]["methods"]["cpu"].startswith("estimated (codecarbon")
+
+
+def test_gpu_only_counts_the_gpu_alone_and_without_a_gpu_says_what_it_counted(tmp_path, monkeypatch):
+    # The thesis' energy: GPU power only, sampled every 5 s (here a fake 200 W board sampled fast).
+    monkeypatch.setattr(GpuPowerSampler, "for_visible_gpus",
+                        classmethod(lambda cls, interval_s: cls(0.01, read_watts=lambda: [200.0])))
+    overrides = ["model=tiny_bert", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "trainer.max_steps=2",
+                 "perf=null", "callbacks.energy.components=gpu"]
+    e = run.train(compose_cfg("train", overrides, tmp_path / "gpu"))["energy"]
+    assert (e["components"], e["components_asked"], e["method"]) == ("gpu", "gpu", "measured")
+    for phase in e["phases"].values():
+        assert "cpu_kwh" not in phase and "ram_kwh" not in phase
+        assert phase["kwh_it"] == pytest.approx(phase["gpu_kwh"]) and phase["components"] == "gpu"
+    # On a CPU-only machine gpu-only has nothing to count: CPU + RAM instead, estimated, and the record says so.
+    monkeypatch.setattr(GpuPowerSampler, "for_visible_gpus", classmethod(lambda cls, interval_s: None))
+    monkeypatch.setattr(energy, "MEASURED_CPU_MODES", ())
+    e = run.train(compose_cfg("train", overrides, tmp_path / "cpu"))["energy"]
+    assert (e["components"], e["components_asked"], e["method"]) == ("cpu+ram", "gpu", "estimated")
+    assert e["kwh"] > 0
+    # The default counts everything there is.
+    e = run.train(compose_cfg("train", overrides[:-1], tmp_path / "all"))["energy"]
+    assert (e["components"], e["components_asked"]) == ("cpu+ram", "all")
+    # The report's totals say what the energy counted.
+    from squeeze.report.cells import load_cells
+    from squeeze.report.tables import totals_text
+
+    text = totals_text(load_cells([tmp_path])[0], "the grid")
+    assert "counted: cpu+ram estimated in 2, gpu measured in 1" in text
+    with pytest.raises(SqueezeError, match="components='GPU' is not one of"):
+        EnergyMeter(components="GPU")

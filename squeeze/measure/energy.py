@@ -10,6 +10,10 @@ the board's energy counter where it has one, else power samples (every `gpu_samp
 over time. Every figure says which of these produced it (`method`), so a table never mixes a
 measurement with an estimate without saying so.
 
+`components`: "all" counts CPU + RAM + GPU; "gpu" counts the GPU alone, as the thesis measured (NVML power
+every `gpu_sample_secs`, 5 s); on a machine without a GPU it counts CPU + RAM instead and says so (`components`
+in the record: what was counted, never what was asked for).
+
 PUE and the CO2 factor are applied here, not by codecarbon, so one documented formula covers every
 component and the presets are the published numbers, not whatever a library version ships.
 """
@@ -37,6 +41,7 @@ CO2_PRESETS = {
 }
 # CPU modes in which codecarbon reads a hardware energy counter instead of modelling power.
 MEASURED_CPU_MODES = ("intel_rapl", "intel_power_gadget", "windows_emi", "apple_powermetrics")
+COMPONENTS = ("all", "gpu")
 
 
 # -- arithmetic (pure) ------------------------------------------------------------------------------
@@ -212,11 +217,16 @@ class EnergyMeter(L.Callback):
         tracking_mode: str = "process",
         cpu_sample_secs: float = 5.0,
         gpu_sample_secs: float = 5.0,
+        components: str = "all",
     ):
         if not pue >= 1.0:
             raise SqueezeError(f"callbacks.energy.pue={pue}: a power usage effectiveness is ≥ 1 (1.0 = no overhead)")
         if tracking_mode not in ("process", "machine"):
             raise SqueezeError(f"callbacks.energy.tracking_mode={tracking_mode!r} must be 'process' or 'machine'")
+        if components not in COMPONENTS:
+            raise SqueezeError(f"callbacks.energy.components={components!r} is not one of {list(COMPONENTS)} (all: "
+                               "CPU + RAM + GPU; gpu: the GPU alone, as the thesis measured)")
+        self.components = components
         self.pue = float(pue)
         self.co2_name = str(co2)
         self.kg_per_kwh = co2_factor(co2)
@@ -230,13 +240,15 @@ class EnergyMeter(L.Callback):
     # phases
     @rank_zero_only
     def start(self, phase: str) -> None:
-        cpu = CpuRamTracker(self.country_iso_code, self.tracking_mode, self.cpu_sample_secs)
-        try:
-            cpu.start()
-        except Exception as e:  # energy is a measurement of the run, never a reason to lose it
-            log.warning("energy: codecarbon could not start (%s); CPU/RAM energy not recorded", e)
-            cpu = None
         gpu = GpuPowerSampler.for_visible_gpus(self.gpu_sample_secs)
+        cpu = None
+        if self.components == "all" or gpu is None:  # gpu-only without a GPU: CPU + RAM, said in the record
+            cpu = CpuRamTracker(self.country_iso_code, self.tracking_mode, self.cpu_sample_secs)
+            try:
+                cpu.start()
+            except Exception as e:  # energy is a measurement of the run, never a reason to lose it
+                log.warning("energy: codecarbon could not start (%s); CPU/RAM energy not recorded", e)
+                cpu = None
         if gpu is not None:
             gpu.start()
         self._running[phase] = (time.perf_counter(), cpu, gpu)
@@ -261,7 +273,9 @@ class EnergyMeter(L.Callback):
         if earlier is not None:  # a phase entered again (compression before and after fit) adds up
             figures = {k: v + earlier.get(k, 0.0) for k, v in figures.items()}
             methods = {**earlier["methods"], **methods}
-        self.phases[phase] = {**figures, "methods": methods, "method": summarise_methods(methods)}
+        counted = "+".join(part for part in ("cpu", "ram", "gpu") if part in methods)
+        self.phases[phase] = {**figures, "methods": methods, "method": summarise_methods(methods),
+                              "components": counted or "none"}
         if trainer is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"energy/{phase}_kwh": kwh, f"energy/{phase}_co2_kg": co2}, step=trainer.global_step)
@@ -276,6 +290,10 @@ class EnergyMeter(L.Callback):
             "kwh": kwh,
             "co2_kg": kwh * self.kg_per_kwh,
             "method": summarise_methods(methods),
+            # what was counted (cpu+ram+gpu, gpu, cpu+ram), and what was asked for (all | gpu)
+            "components": "+".join(sorted({c for p in self.phases.values() for c in p["components"].split("+")}
+                                          - {"none"}, key=("cpu", "ram", "gpu").index)) or "none",
+            "components_asked": self.components,
             "pue": self.pue,
             "co2": self.co2_name,
             "co2_kg_per_kwh": self.kg_per_kwh,

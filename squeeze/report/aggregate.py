@@ -11,6 +11,7 @@ import json
 import random
 import re
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import comb
@@ -459,6 +460,7 @@ def totals(cells: Sequence[dict]) -> dict[str, Any]:
         "train_s": total("train_s"), "eval_s": total("eval_s"), "kwh": kwh, "co2_kg": total("co2_kg"),
         "co2_kg_at": {k: (None if kwh is None else kwh * v) for k, v in CO2_PRESETS.items()},
         "pue": sorted({float(s["pue"]) for s in spent if s.get("pue") is not None}),
+        "counted": dict(sorted(Counter(s["counted"] for s in spent if s.get("counted")).items())),
         "factors": sorted({(str(s.get("co2")) if s.get("co2") is not None else "", float(s["co2_kg_per_kwh"]))
                            for s in spent if s.get("co2_kg_per_kwh") is not None}, key=lambda f: f[1]),
     }

@@ -313,7 +313,11 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     energy = record.get("energy") if isinstance(record.get("energy"), dict) else {}
     row["spent"] = {"train_s": record.get("train_seconds"), "eval_s": record.get("eval_seconds"),
                     "kwh": energy.get("kwh"), "co2_kg": energy.get("co2_kg"), "pue": energy.get("pue"),
-                    "co2": energy.get("co2"), "co2_kg_per_kwh": energy.get("co2_kg_per_kwh")}
+                    "co2": energy.get("co2"), "co2_kg_per_kwh": energy.get("co2_kg_per_kwh"),
+                    # what the energy counted and how: "cpu+ram estimated", "gpu measured" (records before
+                    # callbacks.energy.components say nothing)
+                    "counted": (f"{energy['components']} {energy.get('method', '')}".strip()
+                                if energy.get("kwh") is not None and energy.get("components") else None)}
     # A cell on a stored baseline (squeeze.run.baselines) shows the model's whole cost in its row, but spent only
     # its own work (plus the baseline's training when it was the one that trained it): counted once.
     own = record.get("spent") if isinstance(record.get("spent"), dict) else {}

@@ -164,8 +164,9 @@ def totals_text(cells: list[dict], where: str) -> str:
         pue = "/".join(f"{p:g}" for p in t["pue"]) or "?"
         factors = ", ".join(f"{name} {f:.3f}" if name else f"{f:.3f}" for name, f in t["factors"]) or "?"
         at = ", ".join(f"{t['co2_kg_at'][k]:.4g} kg at {k} {f:.3f}" for k, f in CO2_PRESETS.items())
+        counted = ", ".join(f"{kind} in {n}" for kind, n in t["counted"].items())
         parts.append(f"energy {t['kwh']:.4g} kWh (facility, PUE {pue}; {t['with_energy']} of {t['records']} records "
-                     f"have it)")
+                     f"have it{'; counted: ' + counted if counted else ''})")
         parts.append(f"CO2 {_num(t['co2_kg'])} kg as recorded (kg/kWh: {factors}); {at}")
     return f"Totals over {where} ({t['records']} records, failed ones included): " + "; ".join(parts) + "."
 
