@@ -154,3 +154,28 @@ def test_peak_memory_sees_a_batch_s_allocation_and_keeps_the_process_peak(reset,
     assert figures["peak_memory_kind"] == ("cpu_rss" if reset else "cpu_rss_sampled")
     assert figures["peak_increase_bytes"] >= 0.9 * size
     assert measure.process_peak_rss() >= process_peak  # the kernel's reset does not lower the process peak
+
+
+def test_perf_devices_all_is_the_cpu_and_the_gpu_where_there_is_one(monkeypatch):
+    seen = []
+
+    def fake(model, loader, sizes, warmup, repeats, device, decode):
+        seen.append(device)
+        return {"latency": {"batch_1": {"median_s": 0.01}}, device: {}}  # as measure_inference: its own key too
+
+    monkeypatch.setattr(measure, "measure_inference", fake)
+
+    class Data:
+        def test_dataloader(self):
+            return None
+
+    perf = {"devices": "all", "batch_sizes": [1], "warmup": 0, "repeats": 1, "decode_batch_sizes": [],
+            "train_batch_sizes": []}
+    for gpu in (False, True):
+        seen.clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        figures = measure.of_run(torch.nn.Linear(2, 2), Data(), perf, "cpu")
+        assert seen == (["cpu", "cuda"] if gpu else ["cpu"])
+        assert ("by_device" in figures) == gpu and "cpu" in figures
+    with pytest.raises(SqueezeError, match=r"perf.devices='gpu': give a list"):
+        measure.of_run(torch.nn.Linear(2, 2), Data(), {**perf, "devices": "gpu"}, "cpu")

@@ -201,8 +201,8 @@ def test_the_presets_give_every_figure_of_their_table_a_delta(name):
     table = section["table"]
     assert [k for k, delta in table.items() if not delta] == ["sparsity"]  # the baseline's is 0: no Δ%
     for figure in ("quality", "accuracy", "precision", "recall", "f1", "token_accuracy", "hits_1", "hits_5",
-                   "hits_10", "bleu", "ter", "bertscore_f1", "size_mb", "latency_ms", "train_s", "energy_kwh",
-                   "it_energy_kwh", "co2_kg"):
+                   "hits_10", "bleu", "ter", "bertscore_f1", "size_mb", "latency_ms.cpu.batch_1",
+                   "latency_ms.cuda.batch_1", "train_s", "energy_kwh", "it_energy_kwh", "co2_kg"):
         assert table[figure] is True, figure
     assert _preset_report("best_way_to_squeeze") == _preset_report("best_way_to_squeeze_offline")
 
@@ -237,7 +237,7 @@ def test_one_preset_table_shows_each_tasks_metrics_each_with_its_delta(task, hea
     header = next(x for x in table.splitlines() if x.startswith("| row |")).strip("| ").split(" | ")
     for name in headers:
         assert header[header.index(name) + 1] == "Δ%", name
-    for name in ("size MB", "latency ms (b1)", "train s", "IT kWh", "energy kWh", "CO2 kg", "total kWh"):
+    for name in ("size MB", "latency ms b1 (cpu)", "train s", "IT kWh", "energy kWh", "CO2 kg", "total kWh"):
         assert header[header.index(name) + 1] == "Δ%", name
     assert "sparsity" in header and header[header.index("sparsity") + 1] != "Δ%"
     shown = {"Hits@1", "BLEU", "TER", "precision", "token accuracy", "accuracy"} - set(headers)
@@ -286,3 +286,34 @@ def test_the_presets_report_section_passes_the_check_before_a_run_loads(name, tm
     cfg = compose_cfg("train", [f"experiment={name}"], tmp_path)
     assert cfg.report.evp_axis == "train_seconds" and cfg.report.table.ter is True
     config.check_before_loading(cfg)
+
+
+# -- latency on CPU and GPU side by side ------------------------------------------------------------------------
+def _perf(cpu_ms: float, gpu_ms: float | None) -> dict:
+    def on(ms):
+        return {"latency": {"batch_1": {"median_s": ms / 1e3, "p10_s": 0.0, "p90_s": 1.0, "repeats": 3}}}
+    by_device = {"cpu": on(cpu_ms), **({} if gpu_ms is None else {"cuda": on(gpu_ms)})}
+    return {"device": "cpu", **on(cpu_ms), **({"by_device": by_device} if gpu_ms is not None else {}), **by_device}
+
+
+@pytest.mark.parametrize("with_gpu", [True, False])
+def test_the_thesis_table_shows_cpu_and_gpu_latency_where_both_were_measured(with_gpu, tmp_path):
+    section = _preset_report("best_way_to_squeeze")
+    root = tmp_path / "sweep"
+    for name, chain, cpu, gpu in (("a", "none", 40.0, 4.0), ("b", "dq", 20.0, 5.0)):
+        _with_report(write_cell(root, name, chain=chain, quality=0.8, validation=0.8,
+                                perf=_perf(cpu, gpu if with_gpu else None)), section)
+    built = report.build([root], tmp_path / "out", draw=False)
+    [group] = built.groups
+    table = built.markdown.read_text().split("## tiny_bert × rotten_tomatoes")[1]
+    header = next(line for line in table.splitlines() if line.startswith("| row |") and "latency" in line)
+    cells = [c.strip() for c in header.split("|")]
+    assert "latency ms b1 (cpu)" in cells
+    assert ("latency ms b1 (cuda)" in cells) == with_gpu
+    dq = next(line for line in table.splitlines() if line.startswith("| dq"))
+    values = [c.strip() for c in dq.split("|")]
+    at = cells.index("latency ms b1 (cpu)")
+    assert values[at] == "20" and values[at + 1] == "-50.0%"  # the CPU latency and its Δ% against none
+    if with_gpu:
+        at = cells.index("latency ms b1 (cuda)")
+        assert values[at] == "5" and values[at + 1] == "+25.0%"

@@ -124,7 +124,8 @@ AGGREGATED = ("quality", "validation_best", *FIGURES)
 
 # Figures per device and batch size, named `<figure>.<device>.batch_<n>`: figure -> header. Training throughput
 # at a fixed batch size (perf.train_batch_sizes) is `train_tokens_per_s.<device>.batch_<n>`.
-PER_BATCH = {"peak_memory_mb": "peak MB", "decode_tokens_per_s": "decode tok/s", "train_tokens_per_s": "train tok/s"}
+PER_BATCH = {"peak_memory_mb": "peak MB", "decode_tokens_per_s": "decode tok/s", "train_tokens_per_s": "train tok/s",
+             "latency_ms": "latency ms"}  # latency per device: CPU and GPU side by side (perf.devices=[cpu,cuda])
 _PERF_KEYS = ("device", "threads", "latency", "throughput", "warmup", "peak_memory_bytes", "peak_memory_kind",
               "by_device", "decode_tokens_per_s", "train")
 
@@ -148,7 +149,8 @@ def _perf_by_device(record: dict) -> dict[str, dict]:
 
 
 def per_batch_figures(record: dict) -> dict[str, float]:
-    """`peak_memory_mb.<device>.batch_<n>` from perf.<device>.batch_<n>.peak_memory_bytes (or
+    """`latency_ms.<device>.batch_<n>` from perf.<device>.latency.batch_<n>.median_s,
+    `peak_memory_mb.<device>.batch_<n>` from perf.<device>.batch_<n>.peak_memory_bytes (or
     perf.<device>.latency.batch_<n>.peak_memory_bytes), `decode_tokens_per_s.<device>.batch_<n>` from
     perf.<device>.decode_tokens_per_s.batch_<n> and `train_tokens_per_s.<device>.batch_<n>` from
     perf[.by_device.<device>].train.batch_<n>.tokens_per_s; nothing for records without them (or a batch size
@@ -162,6 +164,9 @@ def per_batch_figures(record: dict) -> dict[str, float]:
         for batch, figures in batches.items():
             if isinstance(figures.get("peak_memory_bytes"), (int, float)):
                 out[f"peak_memory_mb.{device}.{batch}"] = figures["peak_memory_bytes"] * 1e-6
+        for batch, figures in (perf.get("latency") or {}).items():
+            if isinstance(figures, dict) and isinstance(figures.get("median_s"), (int, float)):
+                out[f"latency_ms.{device}.{batch}"] = figures["median_s"] * 1e3
         for batch, value in (perf.get("decode_tokens_per_s") or {}).items():
             if isinstance(value, (int, float)):
                 out[f"decode_tokens_per_s.{device}.{batch}"] = float(value)
