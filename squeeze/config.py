@@ -304,8 +304,26 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
         from squeeze.hardware.pipeline import check_window
 
         check_window(OmegaConf.to_container(cfg.pipeline, resolve=True).get("window"))
+    check_task_module(OmegaConf.select(cfg, "task.module"))
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
+
+
+def check_task_module(module) -> None:
+    """A task module's choices (dialog's bleu_smoothing, hits_rank) checked before the model loads: its class's
+    `check_settings`, where it has one."""
+    target = None if module is None else module.get("_target_")
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(str(target))
+    except Exception:  # a target that does not import is reported when the run builds it, with Hydra's message
+        return
+    check = getattr(cls, "check_settings", None)
+    if check is not None:
+        check(OmegaConf.to_container(module, resolve=True))
 
 
 # -- the entry points around Hydra's main --------------------------------------------------------------

@@ -251,3 +251,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere_squeeze_reads_on
     with safe_load.trusting(True):  # the flag that accepts the risk
         checkpointing.AtomicCheckpointIO().load_checkpoint(file)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("task.module.bleu_smoothing=expo", r"^task.module.bleu_smoothing='expo' is not one of \['exp', 'none'\]$"),
+    ("task.module.hits_rank=MC", r"^task.module.hits_rank='MC' is not one of \['lm', 'mc'\]$"),
+    ("task.module.mc_coef=0", r"^task.module.hits_rank=mc ranks by the MC head, which mc_coef=0 never trains"),
+])
+def test_a_dialog_modules_choices_are_checked_before_the_model_loads(setting, message, tmp_path):
+    overrides = ["model=tiny_gpt2", "task=chatterbot", setting]
+    if setting.endswith("mc_coef=0"):
+        overrides.append("task.module.hits_rank=mc")
+    for kind in ("train", "eval"):
+        with pytest.raises(SqueezeError, match=message):
+            check_before_loading(compose_cfg(kind, overrides, tmp_path / kind))
+    check_before_loading(compose_cfg("train", ["model=tiny_gpt2", "task=chatterbot", "task.module.hits_rank=mc"],
+                                     tmp_path / "ok"))

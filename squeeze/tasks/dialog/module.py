@@ -94,15 +94,8 @@ class DialogModule(FineTune):
         self.generate_max_examples, self.generate_batch_size = generate_max_examples, generate_batch_size
         self.bertscore_path = _bertscore_location(bertscore) if bertscore else None
         self.bertscore_batch_size = bertscore_batch_size
-        if bleu_smoothing not in BLEU_SMOOTHING:
-            raise SqueezeError(f"task.module.bleu_smoothing={bleu_smoothing!r} is not one of {list(BLEU_SMOOTHING)}")
-        self.bleu_smoothing = bleu_smoothing
-        if hits_rank not in HITS_RANKINGS:
-            raise SqueezeError(f"task.module.hits_rank={hits_rank!r} is not one of {list(HITS_RANKINGS)}")
-        if hits_rank == "mc" and mc_coef == 0:
-            raise SqueezeError("task.module.hits_rank=mc ranks by the MC head, which mc_coef=0 never trains; "
-                               "set task.module.mc_coef>0 or task.module.hits_rank=lm")
-        self.hits_rank = hits_rank
+        self.check_settings({"bleu_smoothing": bleu_smoothing, "hits_rank": hits_rank, "mc_coef": mc_coef})
+        self.bleu_smoothing, self.hits_rank = bleu_smoothing, hits_rank
         super().__init__(model, **kwargs)
         self.tokenizer = tokenizer
         self._stop_ids: list[int] | None = None
@@ -110,6 +103,18 @@ class DialogModule(FineTune):
         self._generation: dict[str, dict[str, Any]] = {}
         # The MC head lives here, not in the model: the saved model stays a plain causal LM.
         self.mc_head = nn.Linear(model.config.hidden_size, 1)
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """The choices among task.module's settings, checked before anything loads (squeeze.config) and here."""
+        bleu, rank = settings.get("bleu_smoothing", "exp"), settings.get("hits_rank", "lm")
+        if bleu not in BLEU_SMOOTHING:
+            raise SqueezeError(f"task.module.bleu_smoothing={bleu!r} is not one of {list(BLEU_SMOOTHING)}")
+        if rank not in HITS_RANKINGS:
+            raise SqueezeError(f"task.module.hits_rank={rank!r} is not one of {list(HITS_RANKINGS)}")
+        if rank == "mc" and settings.get("mc_coef", 1.0) == 0:
+            raise SqueezeError("task.module.hits_rank=mc ranks by the MC head, which mc_coef=0 never trains; "
+                               "set task.module.mc_coef>0 or task.module.hits_rank=lm")
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer.datamodule is not None:
