@@ -49,8 +49,11 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+LM_HEADS = ("causal_lm", "masked_lm")  # predict tokens: no label set
+
+
 def _head_kwargs(head: str, labels: Sequence[str] | None) -> dict[str, Any]:
-    if head == "causal_lm":
+    if head in LM_HEADS:
         return {}
     if not labels:
         raise SqueezeError(f"a {head} head needs task.data.labels (the list of class names)")
@@ -86,7 +89,7 @@ def finish_model(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
 
 def check_labels(model: PreTrainedModel, head: str, labels: Sequence[str] | None, source: str) -> None:
     """A fine-tuned head must predict the task's label set, in the same order."""
-    if head == "causal_lm" or not labels:
+    if head in LM_HEADS or not labels:
         return
     have = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if have != list(labels):

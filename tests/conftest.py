@@ -41,7 +41,8 @@ LM_FAST = ["task.data.block_size=32", "task.data.max_examples.train=300",
 
 
 def fast(task: str) -> list[str]:
-    return FAST + (LM_FAST if task in ("austen", "wikitext2", "wikitext103", "c4", "lambada") else [])
+    return FAST + (LM_FAST if task in ("austen", "wikitext2", "wikitext103", "c4", "lambada", "austen_mlm",
+                                       "wikitext103_mlm") else [])
 
 
 def compose_cfg(config_name: str, overrides: list[str], run_dir: Path):

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-ENCODER_HEADS = ("sequence_classification", "token_classification")
+ENCODER_HEADS = ("sequence_classification", "token_classification", "masked_lm")  # masked_lm: pre-training (task=*_mlm)
 # Decoders carry their own classification heads in transformers (last-token pooling for sequences).
 DECODER_HEADS = ("sequence_classification", "token_classification", "causal_lm")
 

@@ -4,7 +4,8 @@ pruned_attention.py, so squeeze never needs to run code a model directory brings
 
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from squeeze.arch import pruned_attention
 from squeeze.errors import SqueezeError
@@ -14,6 +15,7 @@ HEADS = {
     "sequence_classification": AutoModelForSequenceClassification,
     "token_classification": AutoModelForTokenClassification,
     "causal_lm": AutoModelForCausalLM,
+    "masked_lm": AutoModelForMaskedLM,
 }
 
 
