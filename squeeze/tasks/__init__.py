@@ -1,5 +1,5 @@
 """Task kinds, one module each: `classification`, `tokens` (NER), `lm` (causal LM and LAMBADA's last word),
-`choice` (multiple choice for causal LMs: HellaSwag, StoryCloze), `dialog/` (persona dialog); on `base` (what
+`mlm` (masked LM: an encoder's pre-training), `choice` (multiple choice for causal LMs: HellaSwag, StoryCloze), `dialog/` (persona dialog); on `base` (what
 they share), `prompts` (a scored example as a causal LM's prompt: few-shot demonstrations, cutting to fit) and
 `sources` (raw splits from the hub or files). LAMBADA and the multiple-choice tasks take `shots` (k solved
 examples before each scored one, drawn with the run's seed; 0 by default).
