@@ -8,6 +8,7 @@ every model go with every task in a sweep.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,9 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from squeeze import arch, assets
 from squeeze.arch.loading import HEADS
 from squeeze.errors import SqueezeError
+
+log = logging.getLogger("squeeze")
+
 # model.kind in conf/model/*.yaml (encoder | decoder), as the adapters call it; which heads make sense for
 # each kind is their knowledge (squeeze.arch.base).
 KINDS = tuple(arch.HEADS_FOR_KIND)
@@ -30,10 +34,10 @@ def check_compatible(model_name: str, kind: str, task_name: str, head: str) -> N
     if head not in HEADS:
         raise SqueezeError(f"task.head={head!r} is not one of {sorted(HEADS)}")
     if head not in arch.HEADS_FOR_KIND[kind]:
-        raise SqueezeError(
-            f"task={task_name} needs a {head} head, which model={model_name} ({kind}) does not have; "
-            f"pick a decoder model (e.g. model=tiny_gpt2, gpt2, smollm2)"
-        )
+        fix = ("an encoder model (e.g. model=tiny_bert, minilm, bert-base-uncased)" if head == "masked_lm"
+               else "a decoder model (e.g. model=tiny_gpt2, gpt2, smollm2)")
+        raise SqueezeError(f"task={task_name} needs a {head} head, which model={model_name} ({kind}) does not have; "
+                           f"pick {fix}")
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -196,9 +200,25 @@ class Pretrained(ModelSpec):
     def build(self, head: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
         kwargs = _head_kwargs(head, labels)
         check_head(self.model_type(), head, self.name)
+        pruned = self._pruned_directory()
+        if pruned is not None:  # a pruned squeeze run's model: its body, zeros kept, under this task's head
+            from squeeze.formats.sparse import load_sparse_body
+
+            model, left, new = load_sparse_body(pruned, head, **kwargs)
+            log.info("model %s: the pruned model's body under a new %s head (initialised: %s; left: %s)", self.name,
+                     head, ", ".join(new) or "nothing", ", ".join(left) or "nothing")
+            return model.to(getattr(torch, self.dtype))
         return self._load(
             HEADS[head].from_pretrained, "weights", dtype=getattr(torch, self.dtype), **kwargs
         )
+
+    def _pruned_directory(self) -> Path | None:
+        """The directory when it holds squeeze's sparse format (a pruned run's model/), which from_pretrained cannot
+        read; None otherwise."""
+        from squeeze.formats import sparse
+
+        directory = Path(self.location).expanduser()
+        return directory if (directory / sparse.SPARSE_FILE).is_file() else None
 
 
 class RandomInit(ModelSpec):

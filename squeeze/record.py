@@ -57,6 +57,9 @@ Keys (schema 1; later features add keys, never change these):
                "tokens"), count}}: what the row spent beyond the model it started from, that plus what the
                starting model cost, and the evaluation's energy per 1,000 test examples or tokens
                (squeeze/run/cost.py says what counts where); kwh null without energy measurement
+  started_from the finished run whose saved model this run fine-tuned (model.name_or_path=<run>/model): its total
+               cost is in cost.total (a model pruned while pre-training, then fine-tuned: "IMP Full")
+  hits_rank    dialog: what ranked the Hits@k candidates (lm: reply likelihood; mc: the MC head)
   fine_tuning_version  squeeze.run.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
                (runs that trained); a cell on a stored baseline has it under baseline.fine_tuning_version
   validation   (post-training rows: {monitor, mode, best, from}: one validation pass of the compressed model)

@@ -89,3 +89,47 @@ def test_tiny_bert_learns_masked_lm_and_is_pruned_during_it(tmp_path):
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.7, abs=0.01)
     assert isinstance(model, type(AutoModelForMaskedLM.from_config(model.config)))
+
+
+# -- the thesis' pre-training IMP: pruned while pre-training, fine-tuned with the mask kept ("IMP Full") ---------
+@pytest.mark.parametrize("model,pretrain_task,target", [("tiny_bert", "austen_mlm", 0.7), ("tiny_gpt2", "austen", 0.3)])
+def test_pruned_during_pretraining_then_fine_tuned_with_the_mask_kept(model, pretrain_task, target, tmp_path):
+    from squeeze.config import check_before_loading, lenient_settings
+
+    pre = fast(pretrain_task) + [f"model={model}", f"task={pretrain_task}", "optimizer.lr=3e-3", "perf=null",
+                                  "trainer.max_steps=20", "trainer.limit_train_batches=20",
+                                  "trainer.val_check_interval=10", "compress=imp", f"compress.imp.target={target}"]
+    pretrained = run.train(compose_cfg("train", pre, tmp_path / "pre"))
+    assert pretrained["status"] == "ok", pretrained["error"]
+    assert pretrained["sparsity"] == pytest.approx(target, abs=0.01)
+    tune = fast("rotten_tomatoes") + [f"model.name_or_path={tmp_path / 'pre' / 'model'}", "task=rotten_tomatoes",
+                                      "compress=keep_mask", "trainer.max_steps=12", "optimizer.lr=1e-3", "perf=null"]
+    cfg = compose_cfg("train", lenient_settings(tune), tmp_path / "tune")
+    check_before_loading(cfg)
+    tuned = run.train(cfg)
+    assert tuned["status"] == "ok", tuned["error"]
+    summary = tuned["compress"]["keep_mask"]
+    # The mask came with the model and stayed: the same zeros after fine-tuning, none added, none regrown.
+    assert summary["sparsity_at_start"] == pytest.approx(pretrained["sparsity"], abs=1e-6)
+    assert tuned["sparsity"] == pytest.approx(pretrained["sparsity"], abs=1e-6)
+    before = formats.load(tmp_path / "pre" / "model", "masked_lm" if model == "tiny_bert" else "causal_lm")
+    after = formats.load(tmp_path / "tune" / "model", "sequence_classification")
+    body = dict(before.base_model.named_parameters())
+    changed = 0
+    for name, p in after.base_model.named_parameters():
+        if p.dim() == 2 and name in body and name.endswith("weight") and (body[name] == 0).float().mean() > 0.2:
+            assert torch.equal(p == 0, body[name] == 0), name  # exactly the pre-training's zeros
+            changed += int(not torch.equal(p, body[name]))
+    assert changed > 0  # the survivors were fine-tuned
+    assert "test/accuracy" in tuned["metrics"]
+    # One row whose cost counts the pre-training it started from.
+    assert tuned["started_from"] == str((tmp_path / "pre").resolve())
+    total, own = tuned["cost"]["total"]["seconds"], tuned["cost"]["own"]["seconds"]
+    assert total == pytest.approx(own + pretrained["cost"]["total"]["seconds"], rel=1e-6)
+
+
+def test_keep_mask_on_a_dense_model_is_refused(tmp_path):
+    overrides = fast("rotten_tomatoes") + ["model=tiny_bert", "task=rotten_tomatoes", "compress=keep_mask",
+                                           "trainer.max_steps=1", "perf=null"]
+    with pytest.raises(SqueezeError, match="^compress=keep_mask: the model has no zeros to keep; start from a pruned"):
+        run.train(compose_cfg("train", overrides, tmp_path))

@@ -127,3 +127,18 @@ def load_sparse(directory: Path, head: str):
         raise SqueezeError(f"{directory} does not hold a {cls.__name__}: {', '.join(problems)}; evaluate it with "
                            "the task it was trained on")
     return model
+
+
+def load_sparse_body(directory: Path, head: str, **config_settings):
+    """The pruned model in `directory` as the start of another task: its body, zeros included, under the `head`
+    asked for (a masked LM pre-trained and pruned, fine-tuned as a classifier). The new head is initialised as
+    from_pretrained initialises one; the saved model's own head is left behind. (model, what was left, what was
+    initialised)."""
+    state = read_sparse(directory / SPARSE_FILE)
+    config = AutoConfig.from_pretrained(str(directory), **config_settings)
+    cls = model_class(config, head, directory)
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    if info.get("mismatched_keys"):
+        raise SqueezeError(f"{directory}: {len(info['mismatched_keys'])} tensors do not fit a {cls.__name__} "
+                           f"(e.g. {min(map(str, info['mismatched_keys']))}); start from a model of this family")
+    return model, sorted(map(str, info.get("unexpected_keys") or [])), sorted(map(str, info.get("missing_keys") or []))
