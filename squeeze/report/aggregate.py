@@ -364,7 +364,15 @@ def protocol_lines(members: list[dict]) -> list[str]:
     ways = list(dict.fromkeys(ways))
     if ways:
         lines.append("Perplexity: " + "; ".join(ways) + ".")
+    ranks = list(dict.fromkeys(HITS_RANKS.get(c.get("hits_rank"), str(c.get("hits_rank"))) for c in members
+                               if c.get("hits_rank")))
+    if ranks:  # dialog: what ordered the candidates (records before hits_rank say nothing)
+        lines.append("Hits@k: candidates ranked by " + "; ".join(ranks) + ".")
     return lines
+
+
+HITS_RANKS = {"lm": "each reply's mean log-likelihood (task.module.hits_rank=lm)",
+              "mc": "the multiple-choice head, as a double-heads model ranks them (task.module.hits_rank=mc)"}
 
 
 def build_groups(cells: list[dict], baseline: str = BASELINE) -> list[Group]:

@@ -310,6 +310,7 @@ def cell(record: dict, source: Path) -> dict[str, Any]:
     row["protocol"] = _dig(record, "config", "report", "protocol")
     row["evp_axis"] = _dig(record, "config", "report", "evp_axis")
     row["perplexity_protocol"] = record.get("perplexity") if isinstance(record.get("perplexity"), dict) else None
+    row["hits_rank"] = record.get("hits_rank")  # dialog: lm | mc
     # A pruner's rounds (compress.imp.trajectory): sparsity -> the validation after retraining, train tokens/s.
     compress = record.get("compress") or {}
     row["trajectory"] = next((t for name in compress.get("chain") or []
