@@ -27,7 +27,7 @@ ENCODERS = ["bert-base-uncased", "distilbert-base-uncased"]
 HUB_TASKS = ["imdb", "conll2003", "wikitext2", "wikitext103", "c4", "lambada", "personachat"]
 CLASSIFICATION = ["imdb", "conll2003"]
 # Every cell a hub model can do: encoders have no LM head (arch.HEADS_FOR_KIND).
-CELLS = [("gpt2", task) for task in HUB_TASKS] + [(m, t) for m in ENCODERS for t in CLASSIFICATION]
+CELLS = [("gpt2", task) for task in HUB_TASKS] + [(m, t) for m in ENCODERS for t in CLASSIFICATION + ["wikitext103_mlm"]]
 TEST_METRICS = {
     "imdb": {"test/accuracy", "test/f1", "test/precision", "test/recall", "test/loss"},
     "conll2003": {"test/precision", "test/recall", "test/f1", "test/token_accuracy", "test/loss"},
@@ -172,7 +172,7 @@ def test_hub_cell_runs_offline(model, task, offline_hub, tmp_path):
     assert wanted <= set(saved["metrics"]) and all(math.isfinite(saved["metrics"][k]) for k in wanted)
     steps = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert len(steps) == 2 and all(math.isfinite(float(r["train/loss"])) for r in steps)
-    if task in ("wikitext2", "wikitext103", "c4", "lambada"):
+    if task in ("wikitext2", "wikitext103", "c4", "lambada", "wikitext103_mlm"):
         assert saved["perplexity"]["scored_tokens"] > 0
     # The deliverable is the hub model: its real config, shrunk, with the hub tokenizer.
     config = json.loads((tmp_path / "model" / "config.json").read_text())
