@@ -299,7 +299,11 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
 
         check_report_section(OmegaConf.to_container(cfg.report, resolve=True))
     if cfg.get("perf") is not None:  # measured after training: a bad value would otherwise surface only then
-        train_batch_sizes(OmegaConf.to_container(cfg.perf, resolve=True))
+        from squeeze.measure import perf_devices
+
+        perf = OmegaConf.to_container(cfg.perf, resolve=True)
+        train_batch_sizes(perf)
+        perf_devices(perf.get("devices"))
     if cfg.get("pipeline") is not None:  # hardware=pipeline's window of iterations
         from squeeze.hardware.pipeline import check_window
 

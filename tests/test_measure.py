@@ -179,3 +179,11 @@ def test_perf_devices_all_is_the_cpu_and_the_gpu_where_there_is_one(monkeypatch)
         assert ("by_device" in figures) == gpu and "cpu" in figures
     with pytest.raises(SqueezeError, match=r"perf.devices='gpu': give a list"):
         measure.of_run(torch.nn.Linear(2, 2), Data(), {**perf, "devices": "gpu"}, "cpu")
+
+
+def test_a_bad_perf_devices_is_refused_before_the_run_loads(tmp_path):
+    from squeeze.config import check_before_loading
+
+    with pytest.raises(SqueezeError, match=r"^perf.devices='gpu': give a list \(\[cpu\], \[cpu,cuda\]\), all"):
+        check_before_loading(compose_cfg("train", ["perf.devices=gpu"], tmp_path))
+    check_before_loading(compose_cfg("train", ["perf.devices=all"], tmp_path))

@@ -89,16 +89,23 @@ def example_batch(dataloader, batch_size: int, keys: Sequence[str] = INPUT_KEYS)
     return {k: v for k, v in batch.items() if k in keys}
 
 
+def perf_devices(asked) -> list[str] | None:
+    """perf.devices as a list (None: the run's device); `all`: the CPU and, where one is visible, the GPU. Checked
+    before a run loads anything (squeeze.config), as perf is measured only after training and testing."""
+    if asked is None:
+        return None
+    if asked == "all":
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if isinstance(asked, str) or not all(isinstance(d, str) for d in asked):
+        raise SqueezeError(f"perf.devices={asked!r}: give a list ([cpu], [cpu,cuda]), all, or null for the run's device")
+    return list(asked)
+
+
 def of_run(model: torch.nn.Module, data, perf: Mapping[str, Any], device: str) -> dict[str, Any]:
     """result.json's `perf`: the tested (and saved) model timed on the run's `device`, or on each of
     perf.devices (the first one's figures at the top level, each one's under by_device and its own name);
     perf.devices=all: the CPU and, where one is visible, the GPU (a table's CPU and GPU latency side by side)."""
-    asked = perf.get("devices")
-    if asked == "all":
-        asked = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    elif isinstance(asked, str):
-        raise SqueezeError(f"perf.devices={asked!r}: give a list ([cpu], [cpu,cuda]), all, or null for the run's device")
-    devices = list(asked or [device])
+    devices = perf_devices(perf.get("devices")) or [device]
     by_device = {
         d: measure_inference(model, data.test_dataloader(), list(perf["batch_sizes"]), int(perf["warmup"]),
                              int(perf["repeats"]), d, decode_settings(perf))
