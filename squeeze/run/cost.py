@@ -18,9 +18,14 @@ not measured. The run calls `compress_phase` around its compression work and `of
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from squeeze.artifacts import RUN_MODEL
 from squeeze.measure import energy
+from squeeze.record import RESULT_FILE, read_record
 
 
 def phase(record: dict[str, Any] | None, name: str) -> dict[str, Any]:
@@ -108,3 +113,21 @@ class compress_phase:
         if self.meter is not None:
             self.meter.stop("compress")
         self.record["compress_seconds"] = (self.record.get("compress_seconds") or 0.0) + spent
+
+
+def starting_run(cfg, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished squeeze run whose saved model this one fine-tuned (model.name_or_path=<run>/model: e.g. a
+    model pruned during pre-training, then fine-tuned with its mask kept); its cost is what this row started from,
+    so the row's total counts the pre-training (the thesis' "IMP Full"). None for any other starting model."""
+    location = OmegaConf.select(cfg, "model.name_or_path")
+    if not location:
+        return None
+    directory = Path(str(location)).expanduser()
+    run_dir = directory.parent
+    if directory.name != RUN_MODEL or not (run_dir / RESULT_FILE).is_file():
+        return None
+    started = read_record(run_dir)
+    if started.get("status") != "ok":
+        return None
+    record["started_from"] = str(run_dir.resolve())
+    return started

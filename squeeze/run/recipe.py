@@ -26,7 +26,7 @@ from squeeze.compress import calibrate, chain_summary, check_post_training
 from squeeze.config import chain_name
 from squeeze.hardware import checkpointing, pipeline, sharding
 from squeeze.measure import energy, speculative
-from squeeze.record import RESULT_FILE, dir_bytes, read_record
+from squeeze.record import dir_bytes
 from squeeze.run import baselines, build, cost
 from squeeze.run.cell import Cell, guarded
 
@@ -99,27 +99,9 @@ def _train(cfg: DictConfig, record: dict[str, Any], cell: Cell, as_baseline: boo
     if teacher is not None:  # what this cell spent, the teacher's training counted once (the report's totals)
         record["spent"] = baselines.spent(teacher, record.get("energy"), float(record.get("train_seconds") or 0.0))
     post_training = bool(chain) and all(c.after_training for c in chain)
-    started = teacher.record if teacher is not None else _starting_run(cfg, record)
+    started = teacher.record if teacher is not None else cost.starting_run(cfg, record)
     record["cost"] = cost.of_training(record, data, post_training, started)
     return record
-
-
-def _starting_run(cfg: DictConfig, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished squeeze run whose saved model this one fine-tuned (model.name_or_path=<run>/model: e.g. a
-    model pruned during pre-training, then fine-tuned with its mask kept); its cost is what this row started from,
-    so the row's total counts the pre-training (the thesis' "IMP Full"). None for any other starting model."""
-    location = OmegaConf.select(cfg, "model.name_or_path")
-    if not location:
-        return None
-    directory = Path(str(location)).expanduser()
-    run_dir = directory.parent
-    if directory.name != artifacts.RUN_MODEL or not (run_dir / RESULT_FILE).is_file():
-        return None
-    started = read_record(run_dir)
-    if started.get("status") != "ok":
-        return None
-    record["started_from"] = str(run_dir.resolve())
-    return started
 
 
 def _train_pipeline(cfg: DictConfig, record: dict[str, Any], cell: Cell) -> dict[str, Any]:
