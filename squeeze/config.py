@@ -309,6 +309,10 @@ def check_before_loading(cfg, sweep: bool = False) -> None:
 
         check_window(OmegaConf.to_container(cfg.pipeline, resolve=True).get("window"))
     check_task_module(OmegaConf.select(cfg, "task.module"))
+    if OmegaConf.select(cfg, "callbacks.energy") is not None:  # measured from the first step: checked now
+        from squeeze.measure.energy import check_components
+
+        check_components(OmegaConf.select(cfg, "callbacks.energy.components", default="all"))
     settle_model_directory(cfg)
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
 

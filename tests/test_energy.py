@@ -139,3 +139,7 @@ def test_gpu_only_counts_the_gpu_alone_and_without_a_gpu_says_what_it_counted(tm
     assert "counted: cpu+ram estimated in 2, gpu measured in 1" in text
     with pytest.raises(SqueezeError, match="components='GPU' is not one of"):
         EnergyMeter(components="GPU")
+    from squeeze.config import check_before_loading  # before anything loads, sweeps' cells included
+
+    with pytest.raises(SqueezeError, match="^callbacks.energy.components='GPU' is not one of"):
+        check_before_loading(compose_cfg("train", ["callbacks.energy.components=GPU"], tmp_path / "bad"))

@@ -44,6 +44,13 @@ MEASURED_CPU_MODES = ("intel_rapl", "intel_power_gadget", "windows_emi", "apple_
 COMPONENTS = ("all", "gpu")
 
 
+def check_components(components: str) -> None:
+    """callbacks.energy.components, also checked before a run loads anything (squeeze.config)."""
+    if components not in COMPONENTS:
+        raise SqueezeError(f"callbacks.energy.components={components!r} is not one of {list(COMPONENTS)} (all: "
+                           "CPU + RAM + GPU; gpu: the GPU alone, as the thesis measured)")
+
+
 # -- arithmetic (pure) ------------------------------------------------------------------------------
 def integrate_power(times_s: Sequence[float], watts: Sequence[float]) -> float:
     """Joules under a sampled power trace (trapezoid rule between consecutive samples)."""
@@ -223,9 +230,7 @@ class EnergyMeter(L.Callback):
             raise SqueezeError(f"callbacks.energy.pue={pue}: a power usage effectiveness is ≥ 1 (1.0 = no overhead)")
         if tracking_mode not in ("process", "machine"):
             raise SqueezeError(f"callbacks.energy.tracking_mode={tracking_mode!r} must be 'process' or 'machine'")
-        if components not in COMPONENTS:
-            raise SqueezeError(f"callbacks.energy.components={components!r} is not one of {list(COMPONENTS)} (all: "
-                               "CPU + RAM + GPU; gpu: the GPU alone, as the thesis measured)")
+        check_components(components)
         self.components = components
         self.pue = float(pue)
         self.co2_name = str(co2)
