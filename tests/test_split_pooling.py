@@ -57,6 +57,6 @@ def test_a_split_both_pooled_and_kept_is_refused_with_the_fix(files):
     with pytest.raises(SqueezeError, match=r"splits.test='test' is also pooled into train.*splits.test=null"):
         load_splits("csv", data_files=files, splits={"train": ["train", "test"], "validation": None, "test": "test"},
                     carve=HALVES, seed=42)
-    with pytest.raises(SqueezeError, match="has no split 'dev'"):
+    with pytest.raises(SqueezeError, match=r"has no split 'dev' \(has \['train', 'test'\]\); fix task.data.splits.train$"):
         load_splits("csv", data_files=files, splits={"train": ["train", "dev"], "validation": None, "test": None},
                     carve=HALVES, seed=42)

@@ -110,7 +110,8 @@ def load_splits(
     pooled = [pooled] if isinstance(pooled, str) else [str(s) for s in pooled]
     for train_name in pooled:
         if train_name not in raw:
-            raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)})")
+            raise SqueezeError(f"dataset {source!r} has no split {train_name!r} (has {list(raw)}); fix "
+                               "task.data.splits.train")
     train_name = "+".join(pooled)
     pool = raw[pooled[0]] if len(pooled) == 1 else datasets.concatenate_datasets([raw[s] for s in pooled])
     for split in ("test", "validation"):
