@@ -9,15 +9,34 @@ training novels; whole training reviews for rotten_tomatoes), seeded, shared by 
 (`python train.py` — the default job — gives the MiniLM run. One thread on a shared 2-core machine: GPTQ and
 SparseGPT run many small column operations that two competing OpenMP threads slow down badly.)
 
-Rows: fp32; torch's quantize_dynamic with per-channel weights (the peer); squeeze dq as it was (7-bit
-activations, `reduce_range=True`), as it is (8-bit on this VNNI CPU), and with lm_head in float;
-[smoothquant,dq]; int4 round-to-nearest (int4wo, group 64, layer stack only, as GPTQ); gptq 4-bit g64
-(act_order; 64, not 128: SmolLM2's width 576 is 4.5 × 128, and groups must divide it); one-shot magnitude / Wanda / SparseGPT at 50% unstructured and 2:4 (layer stack). Printed:
+Rows: fp32; torch's quantize_dynamic with per-channel weights (the peer); squeeze dq with one activation scale
+per tensor as it was (7-bit activations everywhere; then 8-bit on VNNI), dq as it is (one scale per token, int8 or
+int7 weights, `bits=auto`), and with lm_head in float; [smoothquant,dq]; int4 round-to-nearest (int4wo, group 64,
+layer stack only, as GPTQ); gptq 4-bit g64 (act_order; 64, not 128: SmolLM2's width 576 is 4.5 × 128, and groups
+must divide it); one-shot magnitude / Wanda / SparseGPT at 50% unstructured and 2:4 (layer stack). Printed:
 the metric, its ratio to fp32 (perplexity: method / fp32; accuracy: the difference in points), and the
-seconds each method took to compress (calibration included); then CPU latency of fp32, dq and
-[smoothquant,dq] (batch 1 × 128 tokens, median of `--repeats`).
+seconds each method took to compress (calibration included); then CPU latency of fp32 and the dq rows (batch
+1 × 128 tokens, median of `--repeats`). `--only REGEX` runs those methods (and fp32). An AVX2-only CPU's path
+on a VNNI one: FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (fbgemm's own switch; squeeze's dq reads it too).
 
-Measured (shared 2-core AVX512-VNNI CPU under load ~7-10 from other jobs, so seconds are inflated;
+Per-token dq, measured 2026-12-06 on this 2-core AVX512-VNNI CPU, nothing else running, defaults (600 lines:
+65 test blocks; 128 calibration windows), `OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/ptq_quality.py
+--only "dq|peer"`, then the same with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (perplexity, ratio to fp32 55.40):
+                                                  VNNI             AVX2 path
+  torch quantize_dynamic per-channel (peer)    196.43  3.546×   196.43  3.546×
+  dq per tensor, 7-bit activations (before)    198.39  3.581×   198.39  3.581×
+  dq per tensor, int8 weights (before)          96.16  1.736×   198.39  3.581×  (AVX2: 7-bit activations)
+  dq per token, int8 weights                    57.97  1.046×    62.94  1.136×  (AVX2: 7-bit activations)
+  dq per token, int7 weights                    58.53  1.056×    58.53  1.056×  (8-bit activations on both)
+  squeeze dq (bits=auto: int8 | int7)           57.97  1.046×    58.53  1.056×
+  squeeze dq, lm_head float                     57.25  1.033×    57.80  1.043×
+  [smoothquant,dq] a=0.8                        56.28  1.016×    57.80  1.043×
+  [smoothquant,dq] a=0.8, lm_head float         55.81  1.007×    57.38  1.036×
+  CPU latency, batch 1 × 128 tokens, one thread, median of 10 (each model in turn, not interleaved):
+  VNNI: fp32 533.3 ms, dq per tensor 227.1, dq per token 239.8, [smoothquant,dq] 214.5, lm_head float 287.3;
+  AVX2 path: fp32 475.5, dq per tensor 276.0, dq per token 280.4, [smoothquant,dq] 297.1, lm_head float 317.0.
+
+Earlier, before per-token dq (shared 2-core AVX512-VNNI CPU under load ~7-10 from other jobs, so seconds are inflated;
 `--lines 100 --samples 16 --train-lines 4000`: 10 test blocks of Persuasion, 16 calibration windows from the
 first 4000 lines of the train split; perplexity, ratio to fp32, compress seconds):
   fp32                                          53.26   1.000
@@ -64,6 +83,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -114,8 +134,8 @@ def peer(model, batches):
 
 
 def seven_bit_dq(model, batches):
-    """squeeze dq before the fix: activations quantized to 7 bits (reduce_range=True) on every CPU."""
-    return chain(lambda: named(DynamicQuantization(), "dq"))(model, batches)
+    """squeeze dq before both fixes: one activation scale per tensor, 7 bits (reduce_range=True) on every CPU."""
+    return chain(lambda: named(DynamicQuantization(bits=8, activations="tensor"), "dq"))(model, batches)
 
 
 def magnitude(pattern):
@@ -129,12 +149,15 @@ def magnitude(pattern):
     return build
 
 
-def methods(quick: bool):
+def methods(quick: bool, only: str | None = None):
     dq = lambda **kw: named(DynamicQuantization(**kw), "dq")  # noqa: E731
     rows = {
         "fp32": lambda m, b: m,
         "torch quantize_dynamic per-channel (peer)": peer,
         "squeeze dq, 7-bit activations (before)": seven_bit_dq,
+        "squeeze dq per tensor, int8 weights (before)": chain(lambda: dq(bits=8, activations="tensor")),
+        "squeeze dq int8 weights": chain(lambda: dq(bits=8)),
+        "squeeze dq int7 weights": chain(lambda: dq(bits=7)),
         "squeeze dq": chain(dq),
         "squeeze dq, lm_head float": chain(lambda: dq(lm_head=False)),
         "[smoothquant,dq] a=0.8": chain(lambda: named(SmoothQuant(0.8), "smoothquant"), dq),
@@ -153,6 +176,8 @@ def methods(quick: bool):
     if quick:
         keep = ("fp32", "squeeze dq", "[smoothquant,dq] a=0.8", "gptq 4-bit g64", "wanda 50%", "sparsegpt 2:4")
         rows = {k: v for k, v in rows.items() if k in keep}
+    if only:
+        rows = {k: v for k, v in rows.items() if k == "fp32" or re.search(only, k)}
     return rows
 
 
@@ -234,11 +259,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 lines, 8 samples, 6 methods")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--only", default=None, help="regex: the methods to run (fp32 always runs)")
     args = parser.parse_args()
     if args.quick:
         args.lines, args.samples, args.repeats, args.train_lines = 40, 8, 2, args.train_lines or 2000
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); dq activations: "
-          f"{'7' if quantized_layers.reduce_range() else '8'}-bit on this CPU")
+    cpu = "an int8 dot product (VNNI)" if quantized_layers.cpu_has_int8_dot() else "no int8 dot product (AVX2)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); fbgemm on {cpu}: dq bits=auto takes "
+          f"int{DynamicQuantization().bits} weights")
 
     if not args.skip_smollm2:
         path = cache_dir() / "smollm2"
@@ -253,12 +280,12 @@ def main() -> None:
         print(f"calibration: {args.samples} windows of 128 tokens from the train split "
               f"({time.perf_counter() - start:.1f} s); test: {len(data.datasets['test'])} blocks of 128 tokens")
         results = compare(f"smollm2 / austen (Persuasion, first {args.lines} lines, 128-token blocks)", base, data,
-                          batches, perplexity, methods(args.quick), higher_better=False)
+                          batches, perplexity, methods(args.quick, args.only), higher_better=False)
         ids = data.datasets["test"][0]["input_ids"]
         ids = torch.tensor(ids[:128]).unsqueeze(0)
         print("\n## CPU latency, smollm2, batch 1 × 128 tokens (median; shared machine)\n")
-        for name in ("fp32", "squeeze dq", "[smoothquant,dq] a=0.8", "squeeze dq, lm_head float",
-                     "[smoothquant,dq] a=0.8, lm_head float"):
+        for name in ("fp32", "squeeze dq per tensor, int8 weights (before)", "squeeze dq", "[smoothquant,dq] a=0.8",
+                     "squeeze dq, lm_head float", "[smoothquant,dq] a=0.8, lm_head float"):
             if name in results:
                 print(f"| {name} | {latency_ms(results[name][0], ids, args.repeats):.1f} ms |", flush=True)
         del results
@@ -270,7 +297,7 @@ def main() -> None:
         data = task_data("rotten_tomatoes", tokenizer)
         batches = calibration_from_data(data, samples=args.samples, seq_len=None, seed=0, batch_size=8)
         compare("minilm / rotten_tomatoes (test accuracy; fine-tuned by `python train.py`)", base, data, batches,
-                accuracy, methods(args.quick), higher_better=True)
+                accuracy, methods(args.quick, args.only), higher_better=True)
 
 
 if __name__ == "__main__":

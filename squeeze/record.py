@@ -10,7 +10,7 @@ Keys (schema 1; later features add keys, never change these):
                test/last_word_perplexity
   kernels      {"linear" | "lm_head": {kernel: layers}}: which kernels the integer linear layers ran by the end
                of the test (int8pack_mm_bf16, int4pack_mm_bf16, dequantize_bf16 (many rows), dequantize_fp32,
-               fbgemm_dynamic, torchao, not_run; a layer that ran two counts under both;
+               fbgemm_dynamic(_per_token), torchao, not_run; a layer that ran two counts under both;
                squeeze/formats/quantized_layers.py kernels_used), null without integer linears
   compress     {chain: [names in order], <name>: what that compressor records}
   sparsity     global fraction of pruned weights (the last pruner in the chain), null without pruning

@@ -147,7 +147,8 @@ OPTIONS = {  # compressor, settings, what its linears run on the test input
     "int8wo": (q.WeightOnlyQuantization, {}, "int8pack_mm_bf16"),
     "int4wo": (q.WeightOnlyQuantization, {"bits": 4, "group_size": 32, "embeddings": False}, "int4pack_mm_bf16"),
     "int8wo dequantize": (q.WeightOnlyQuantization, {"cpu_kernel": "dequantize"}, "dequantize_fp32"),
-    "dq fbgemm": (q.DynamicQuantization, {}, "fbgemm_dynamic"),
+    "dq fbgemm": (q.DynamicQuantization, {}, "fbgemm_dynamic_per_token"),
+    "dq fbgemm per tensor": (q.DynamicQuantization, {"activations": "tensor"}, "fbgemm_dynamic"),
     "dq torchao": (q.DynamicQuantization, {"backend": "torchao"}, "torchao"),
 }
 

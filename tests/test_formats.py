@@ -45,8 +45,8 @@ def _transformers_logits(directory: Path, head: str, ids: torch.Tensor) -> torch
 
 # Weight-only: both loaders dequantize the same integers with the same scales in fp32 (squeeze with
 # cpu_kernel=dequantize: its CPU kernels would round activations to bf16), so the logits agree to float
-# rounding (1e-5). dq: squeeze runs fbgemm's int8 kernel (activations 7-bit, per tensor, integer
-# accumulation), transformers fake-quantizes the inputs to 8 bits per tensor in float: the activation
+# rounding (1e-5). dq: squeeze runs fbgemm's int8 kernel (8-bit activations per token, integer
+# accumulation), transformers fake-quantizes the inputs to 8 bits per token in float: the activation
 # rounding differs by up to a step, which measured ≤ 2.1% of the largest logit on these models; 5% allowed.
 @pytest.mark.parametrize("name,head,make,tol", [
     ("tiny_llama", "causal_lm", lambda: q.WeightOnlyQuantization(cpu_kernel="dequantize"), 1e-5),

@@ -42,7 +42,7 @@ OPTIONS = {
 # What the integer linear layers of each cell's last quantizer may run in the test (record["kernels"]). The
 # CPU kernels take every tiny layer; the test batches have more than KERNEL_MAX_ROWS rows, which run
 # dequantize_bf16 where the CPU has native bf16 matmul.
-KERNELS = {"dq": {"fbgemm_dynamic"}, "dq-torchao": {"torchao"}, "int8wo-dequantize": {"dequantize_fp32"},
+KERNELS = {"dq": {"fbgemm_dynamic_per_token"}, "dq-torchao": {"torchao"}, "int8wo-dequantize": {"dequantize_fp32"},
            "int4wo-dequantize": {"dequantize_fp32"}, "int4wo": {"int4pack_mm_bf16", "dequantize_bf16"},
            "int8wo": {"int8pack_mm_bf16", "dequantize_bf16"}, "qat": {"int8pack_mm_bf16", "dequantize_bf16"}}
 

@@ -152,7 +152,8 @@ def test_qat_quantizes_biases_and_norms_affine_by_default():
 
 # -- post-training conversion and packed checkpoints -------------------------------------------------
 CONVERSIONS = [
-    ("dq", q.DynamicQuantization, {}, 8),
+    ("dq", q.DynamicQuantization, {"bits": 8}, 8),
+    ("dq", q.DynamicQuantization, {"bits": 7, "activations": "tensor"}, 7),
     ("int8wo", q.WeightOnlyQuantization, {}, 8),
     ("int4wo", q.WeightOnlyQuantization, {"bits": 4, "group_size": 32}, 4),
 ]
@@ -232,11 +233,11 @@ def test_dq_reuses_the_integers_qat_trained():
     qat = _compressor(q.QuantizationAwareTraining, "qat")
     qat.finalize(model)
     codes = model.transformer.h[0].attn.c_attn.weight.clone()
-    dq = _compressor(q.DynamicQuantization, "dq")
+    dq = _compressor(q.DynamicQuantization, "dq", bits=8)  # QAT's int8 grid (auto takes int7 without VNNI)
     dq.finalize(model)
     assert dq.summary()["by_kind"]["reused"] == dq.summary()["quantized_modules"] == 11
     layer = model.transformer.h[0].attn.c_attn
-    assert layer.kernel == "dynamic_fbgemm" and torch.equal(layer.weight, codes)
+    assert layer.kernel == "dynamic_fbgemm_token" and torch.equal(layer.weight, codes)
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -273,7 +274,8 @@ def test_qat_run_resumes_and_evaluate_reloads_the_packed_model(tmp_path):
 
 
 def test_qat_then_dq_chain_runs_each_step_once_in_order(tmp_path):
-    overrides = [*RUN, *LM_FAST, "model=tiny_gpt2", "task=austen", "compress=[qat,dq]", "trainer.max_steps=2"]
+    overrides = [*RUN, *LM_FAST, "model=tiny_gpt2", "task=austen", "compress=[qat,dq]", "trainer.max_steps=2",
+                 "compress.dq.bits=8"]  # QAT's int8 grid, kept (auto takes int7 on a CPU without VNNI)
     record = run.train(compose_cfg("train", overrides, tmp_path))
     assert record["status"] == "ok", record["error"]
     saved = read_result(tmp_path)
@@ -282,7 +284,7 @@ def test_qat_then_dq_chain_runs_each_step_once_in_order(tmp_path):
     dq = saved["compress"]["dq"]
     assert dq["by_kind"]["reused"] == dq["quantized_modules"] == 11  # dq found QAT's int8 layers, converted once
     model = load_packed(tmp_path / "model", "causal_lm")
-    assert model.transformer.h[0].mlp.c_fc.kernel == "dynamic_fbgemm"
+    assert model.transformer.h[0].mlp.c_fc.kernel == "dynamic_fbgemm_token"
     evaluated = run.evaluate(compose_cfg("eval", [*RUN, *LM_FAST, "model=tiny_gpt2", "task=austen",
                                                   f"ckpt={tmp_path}"], tmp_path / "eval"))
     assert evaluated["status"] == "ok", evaluated["error"]
@@ -308,7 +310,9 @@ def test_post_training_dq_through_evaluate(tmp_path):
 @pytest.mark.parametrize("option, overrides, message", [
     ("int8wo", ["compress.int8wo.bits=3"], "compress.int8wo.bits=3: only 4 or 8 bits are supported"),
     ("int4wo", ["compress.int4wo.group_size=48"], "compress.int4wo.group_size=48 does not divide the 64 entries"),
-    ("dq", ["compress.dq.bits=4"], "compress.dq.bits=4: dynamic quantization is int8 only"),
+    ("dq", ["compress.dq.bits=4"], "compress.dq.bits=4: dynamic quantization takes auto, 8 or 7"),
+    ("dq", ["compress.dq.activations=channel"], "compress.dq.activations='channel' is not one of"),
+    ("dq", ["compress.dq.backend=torchao", "compress.dq.activations=tensor"], "torchao's dynamic int8 scales"),
     ("qat", ["compress.qat.biases=minmax"], "compress.qat.biases='minmax' is not one of"),
     ("int8wo", ["compress.int8wo.granularity=tensor", "compress.int8wo.group_size=32"], "needs granularity=channel"),
     ("int4wo", ["compress.int4wo.cpu_kernel=fast"], "compress.int4wo.cpu_kernel='fast' is not one of"),

@@ -54,12 +54,12 @@ def why_not_compressed(model: nn.Module) -> str | None:
     if conv:
         return (f"{conv[0]} (and {len(conv) - 1} more) was GPT-2's Conv1D, quantized as nn.Linear: stock GPT-2 "
                 "builds Conv1D, which compressed-tensors does not quantize (it quantizes Linear and Embedding)")
-    affine4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.bits < 8
+    affine4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.bits <= 4
                and m.zero_point is not None]
     if affine4:
         return (f"{affine4[0]} has affine int4 weights: transformers 5's compressed-tensors loader expects another "
                 "shape for their packed zero points (a size mismatch on load); symmetric int4 loads")
-    emb4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) and m.bits < 8]
+    emb4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) and m.bits <= 4]
     if emb4:
         return (f"{emb4[0]} is an int4 embedding: compressed-tensors packs it as weight_packed, and transformers 5 "
                 "needs an embedding's weight (to initialise it, and to tie lm_head to it); "

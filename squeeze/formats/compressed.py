@@ -17,9 +17,9 @@ the same model without squeeze, and squeeze's own loader rebuilds its integer la
                 cpu_kernel, embedding dtype, ...), tied: {name: the name whose storage it shares}}
 
 What the schemes say: weights int, symmetric or not, strategy tensor / channel / group; the inputs of
-compress=dq layers are dynamic int8, per tensor and asymmetric for the fbgemm kernel (as
-quantized::linear_dynamic computes it; 7-bit on CPUs without VNNI, see reduce_range), per token and symmetric for
-torchao's; QAT's learned input ranges are static per-tensor int8.
+compress=dq layers are dynamic int8, per token and symmetric (the default fbgemm kernel and torchao's), or per
+tensor and asymmetric (activations=tensor, as quantized::linear_dynamic computes it; 7-bit on CPUs without VNNI
+against int8 weights, see activation_bits); QAT's learned input ranges are static per-tensor int8.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def _scheme(layer: nn.Module, name: str):
     if isinstance(layer, QuantizedLinear):
         if layer.kernel == "dynamic_fbgemm":
             inputs = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=True)
-        elif layer.kernel == "dynamic_torchao":
+        elif layer.kernel in ("dynamic_torchao", "dynamic_fbgemm_token"):
             inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         elif layer.input_scale is not None:
             inputs = QuantizationArgs(num_bits=layer.input_bits, type="int", strategy="tensor",
                                       symmetric=layer.input_zero_point is None)
-    fmt = CompressionFormat.pack_quantized if scheme.bits < 8 else (
+    fmt = CompressionFormat.pack_quantized if scheme.bits <= 4 else (
         CompressionFormat.int_quantized if inputs is not None else CompressionFormat.naive_quantized)
     return QuantizationScheme(targets=[f"re:^{re.escape(name)}$"], weights=weights, input_activations=inputs,
                               format=fmt.value)

@@ -83,8 +83,8 @@ def sparse_pays(q: torch.Tensor, bits: int) -> bool:
     if q.dim() < 2 or n == 0:
         return False
     kept = int(q.count_nonzero())
-    dense = n if bits == 8 else (n + 1) // 2
-    return 1 - kept / n >= MIN_SPARSITY and (n + 7) // 8 + (kept if bits == 8 else (kept + 1) // 2) < dense
+    dense = n if bits != 4 else (n + 1) // 2  # int7/int8: a byte each
+    return 1 - kept / n >= MIN_SPARSITY and (n + 7) // 8 + (kept if bits != 4 else (kept + 1) // 2) < dense
 
 
 def has_sparse_integers(model: nn.Module) -> bool:

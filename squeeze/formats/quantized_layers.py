@@ -6,10 +6,15 @@ They sit below the compressors: the quantization compressors create them, the fo
 rebuild them, and neither needs the other.
 
 Kernels (measured on the 2-core AVX512 CPU these were written on; see benchmarks/quantization.py):
-  dynamic_fbgemm   int8 activations quantized per call × int8 weights, torch's fbgemm kernel
-                   (quantized::linear_dynamic, what torch.ao's quantize_dynamic runs): CPU only, and
-                   several times faster than fp32 on a 768×3072 layer, while torchao 0.18's int8
+  dynamic_fbgemm   int8 activations quantized per call (one scale per tensor) × int8 weights, torch's
+                   fbgemm kernel (quantized::linear_dynamic, what torch.ao's quantize_dynamic runs): CPU
+                   only, and several times faster than fp32 on a 768×3072 layer, while torchao 0.18's int8
                    dynamic path (torch._int_mm) was ~10× slower than fp32.
+  dynamic_fbgemm_token  the same kernel with one activation scale per token: each row is divided by its
+                   absolute maximum before the call and the output multiplied back, so a per-tensor grid
+                   on the scaled rows is a per-token grid on the real ones (outlier tokens no longer take
+                   the whole tensor's range). Without VNNI, fbgemm's 8-bit activations saturate against
+                   8-bit weights (reduce_range), but not against int7 weights (|w| ≤ 63): compress.dq.bits=7.
   dynamic_torchao  torchao's Int8DynamicActivationInt8WeightConfig: the maintained path, also on GPU.
   weight_only      float activations × int8/int4 weights. On CPU (cpu_kernel=auto) torch's weight-only
                    kernels, vectorized for bf16 activations only, so the activations are cast to bf16
@@ -27,6 +32,7 @@ Each layer remembers which of these it ran (`kernels_ran`; kernels_used(model) c
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +44,7 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.formats.integers import Scheme, dequantize, fake_quant_with
 
-KERNELS = ("weight_only", "dynamic_fbgemm", "dynamic_torchao")
+KERNELS = ("weight_only", "dynamic_fbgemm", "dynamic_fbgemm_token", "dynamic_torchao")
 CPU_KERNELS = ("auto", "dequantize")  # how weight_only runs on CPU (QuantizedLinear's docstring)
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes, largest first
 # Activation rows above which the weight-only kernels give way to a bf16 GEMM (CPUs with native bf16 only):
@@ -157,8 +163,8 @@ class QuantizedLinear(_QuantizedWeight):
 
     def _choose(self, x: torch.Tensor) -> _Kernel:
         """The path for inputs like `x`, chosen once per device, dtype and need of a gradient."""
-        if self.kernel == "dynamic_fbgemm":
-            return _Fbgemm(self, x)
+        if self.kernel in ("dynamic_fbgemm", "dynamic_fbgemm_token"):
+            return _Fbgemm(self, x, per_token=self.kernel == "dynamic_fbgemm_token")
         if self.kernel == "dynamic_torchao" or (x.is_cuda and self.kernel == "weight_only"):
             weight = torchao_weight(self, x.device)
             if weight is not None:
@@ -204,18 +210,28 @@ class _Dequantize(_Kernel):
 
 
 class _Fbgemm(_Kernel):
-    name = "fbgemm_dynamic"
+    """fbgemm's dynamic int8 kernel, activations per tensor or (`per_token`) per token."""
 
-    def __init__(self, layer, x):
+    def __init__(self, layer, x, per_token: bool = False):
         if x.device.type != "cpu":
             raise SqueezeError(f"compress=dq's fbgemm kernel runs on CPU only, but this model runs on {x.device}; "
                                "evaluate it with hardware=cpu, or use compress.dq.backend=torchao or compress=int8wo")
         super().__init__(x)
-        self.packed = fbgemm_pack(layer.weight, layer.scale, layer.bias)
+        self.per_token = per_token
+        self.name = "fbgemm_dynamic_per_token" if per_token else "fbgemm_dynamic"
+        # Per token, the bias is added after the rows are scaled back, so it is not packed.
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+        self.packed = fbgemm_pack(layer.weight, layer.scale, None if per_token else layer.bias)
+        self.reduce_range = activation_bits(layer.bits) < 8
 
     def __call__(self, layer, x):
         layer.kernels_ran.add(self.name)
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, reduce_range()).to(x.dtype)
+        a = x.float().contiguous()
+        if not self.per_token:
+            return torch.ops.quantized.linear_dynamic(a, self.packed, self.reduce_range).to(x.dtype)
+        peak = a.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        out = torch.ops.quantized.linear_dynamic(a / peak, self.packed, self.reduce_range).mul_(peak)
+        return (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
 
 
 class _Torchao(_Kernel):
@@ -442,6 +458,13 @@ class QuantizedEmbedding(_QuantizedWeight):
         return values.reshape(rows.shape).to(getattr(torch, self.out_dtype))
 
 
+def activation_bits(weight_bits: int) -> int:
+    """The bits fbgemm's dynamic kernel gives activations against weights of `weight_bits` on this CPU:
+    8, except 8-bit weights on a CPU without an int8 dot product (reduce_range below). Int7 weights
+    cannot saturate vpmaddubsw's int16 pair sums (2 × 255 × 63 < 32767), so they keep 8 everywhere."""
+    return 7 if weight_bits > 7 and reduce_range() else 8
+
+
 @functools.cache
 def reduce_range() -> bool:
     """Whether fbgemm's dynamic kernel must quantize activations to 7 bits on this CPU.
@@ -456,7 +479,11 @@ def reduce_range() -> bool:
 
 
 def cpu_has_int8_dot() -> bool:
-    """True when the CPU sums u8×s8 products in int32 (x86 AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    """True when the CPU sums u8×s8 products in int32 (x86 AVX512-VNNI, AVX-VNNI or AMX-INT8) and fbgemm
+    may use it: FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (fbgemm's own switch) makes a VNNI CPU run the AVX2 kernels,
+    which is how the AVX2 path is checked on a VNNI machine."""
+    if os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper() in ("AVX2", "AVX"):
+        return False
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())  # not Linux: none, the safe 7 bits
 
 

@@ -6,37 +6,50 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from squeeze.compress.quantization.base import _Quantization
+from squeeze.compress.quantization.base import _Quantization, check_scheme
 from squeeze.errors import SqueezeError
-from squeeze.formats.quantized_layers import dynamic_kernels_available
+from squeeze.formats.quantized_layers import dynamic_kernels_available, reduce_range
 
 
 class DynamicQuantization(_Quantization):
-    """Post-training dynamic int8 (`compress=dq`): int8 weights; activations quantized on each call.
-    `backend=fbgemm` (torch's CPU kernel, the fastest here) or `torchao` (also on GPU)."""
+    """Post-training dynamic int8 (`compress=dq`): integer weights; activations quantized to int8 on each call,
+    one scale per token (`activations=token`) or per tensor. `backend=fbgemm` (torch's CPU kernel, the fastest
+    here) or `torchao` (also on GPU; per token). `bits=7` stores weights on ±63 so that fbgemm keeps 8-bit
+    activations on CPUs without VNNI too (quantized_layers.activation_bits); `bits=8` drops them to 7 there;
+    `auto` (default) takes 8 on a CPU with VNNI and 7 without."""
 
     after_training = True
 
-    def __init__(self, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
+    def __init__(self, bits: int | str = "auto", granularity: str = "channel", group_size: int | None = None,
                  backend: str = "fbgemm", embeddings: bool = True, exclude: Sequence[str] = (),
-                 lm_head: bool = True):
+                 lm_head: bool = True, activations: str = "token"):
+        self.bits_asked = bits
+        if bits == "auto":  # the most bits that keep 8-bit activations on the CPU that quantizes
+            bits = 7 if backend == "fbgemm" and reduce_range() else 8
         super().__init__(bits, granularity, group_size, "symmetric", embeddings, exclude, lm_head)
         self.backend = backend
+        self.activations = activations
 
     @property
     def kernel(self) -> str:
-        return f"dynamic_{self.backend}"
+        return "dynamic_fbgemm_token" if self.backend == "fbgemm" and self.activations == "token" else \
+            f"dynamic_{self.backend}"
 
     def check(self) -> None:
-        super().check()
-        if self.bits != 8:
-            raise SqueezeError(f"{self.where}.bits={self.bits}: dynamic quantization is int8 only; "
-                               "use compress=int4wo for 4-bit weights")
+        if self.bits not in (7, 8) or isinstance(self.bits, bool):
+            raise SqueezeError(f"{self.where}.bits={self.bits_asked!r}: dynamic quantization takes auto, 8 or 7 (int7 "
+                               "weights keep 8-bit activations on CPUs without VNNI); use compress=int4wo for 4 bits")
+        check_scheme(self.where, 8, self.granularity, self.group_size)
         if self.group_size is not None:
             raise SqueezeError(f"{self.where}.group_size={self.group_size}: the int8 dynamic kernels take one scale "
                                "per channel or per tensor; use compress=int8wo for group-wise scales")
         if self.backend not in ("fbgemm", "torchao"):
             raise SqueezeError(f"{self.where}.backend={self.backend!r} is not one of ['fbgemm', 'torchao']")
+        if self.activations not in ("token", "tensor"):
+            raise SqueezeError(f"{self.where}.activations={self.activations!r} is not one of ['token', 'tensor']")
+        if self.backend == "torchao" and self.activations != "token":
+            raise SqueezeError(f"{self.where}.activations=tensor: torchao's dynamic int8 scales activations per "
+                               "token only; use compress.dq.backend=fbgemm for one scale per tensor")
         if self.backend == "fbgemm" and (why := dynamic_kernels_available()):
             raise SqueezeError(f"{self.where}: {why}; use compress.dq.backend=torchao or compress=int8wo")
 
@@ -54,12 +67,17 @@ class DynamicQuantization(_Quantization):
         return self.convert(model)
 
     def summary(self) -> dict[str, Any]:
-        from squeeze.formats.quantized_layers import reduce_range
+        from squeeze.formats.quantized_layers import activation_bits, cpu_has_int8_dot
 
-        bits = 7 if self.backend == "fbgemm" and reduce_range() else 8
-        return {**super().summary(), "backend": self.backend,
-                "activations": f"int{bits} dynamic per call (per tensor)" if bits == 8 else
-                               "int8 dynamic per call, 7-bit range (this CPU has no VNNI)"}
+        bits = activation_bits(self.bits) if self.backend == "fbgemm" else 8
+        where = "per token" if self.activations == "token" else "per tensor"
+        cpu = "VNNI" if cpu_has_int8_dot() else "no VNNI (AVX2)"
+        return {**super().summary(), "bits_asked": self.bits_asked, "backend": self.backend,
+                "activations": self.activations,
+                "activation_bits": bits, "cpu_int8_dot": cpu,
+                "activations_described": f"int{bits} dynamic per call ({where})" + (
+                    "; 7-bit range: this CPU has no VNNI and the weights are int8 (compress.dq.bits=7 keeps 8)"
+                    if bits == 7 else "")}
 
 
 class WeightOnlyQuantization(_Quantization):
