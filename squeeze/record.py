@@ -59,6 +59,8 @@ Keys (schema 1; later features add keys, never change these):
                (squeeze/run/cost.py says what counts where); kwh null without energy measurement
   started_from the finished run whose saved model this run fine-tuned (model.name_or_path=<run>/model): its total
                cost is in cost.total (a model pruned while pre-training, then fine-tuned: "IMP Full")
+  trained_head a sweep's [imp,dq] cell started from this finished cell of the same sweep, which trained its head
+               alone (squeeze/run/trained_head.py): train_seconds and cost.total include that training, spent not
   hits_rank    dialog: what ranked the Hits@k candidates (lm: reply likelihood; mc: the MC head)
   fine_tuning_version  squeeze.run.baselines.FINE_TUNING_VERSION of the code that fine-tuned this run's model
                (runs that trained); a cell on a stored baseline has it under baseline.fine_tuning_version

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class Planned:
     action: str  # what the sweep does with it: run | skip | resume | rerun (failed) | replace (another config's run)
     baseline: str | None  # the store's use: "start" (its chain acts on the stored model) | "teacher" | None
     stored: list[dict[str, Any]]  # the store entries it uses: {"dir", "ready"}
+    head_cell: int | None = None  # the earlier cell whose trained model its post-training tail starts from
 
 
 @dataclass
@@ -92,7 +94,11 @@ def plan(args: Sequence[str]) -> Plan:
         from squeeze.run.cell import hydra_config_kept  # Lightning loads with it: after the sweep's own checks
 
         with hydra_config_kept():
-            cells = [_cell(cfg, job, num, swept) for num, (cfg, job) in enumerate(zip(composed, jobs))]
+            judged = [_cell(cfg, job, num, swept) for num, (cfg, job) in enumerate(zip(composed, jobs))]
+    cells = [c for c, _, _ in judged]
+    for i, (c, _, wants) in enumerate(judged):  # as squeeze.run.trained_head.finished_head will find it
+        if wants is not None and c.action != "skip":
+            c.head_cell = next((e.num for e, offers, _ in judged[:i] if offers == wants), None)
     return Plan(args, sweep_dir, cells, notes)
 
 
@@ -106,8 +112,10 @@ def _check_sweeper(master: DictConfig) -> None:
                            "(hydra/sweeper=squeeze, train.yaml's own)")
 
 
-def _cell(composed: DictConfig, job: list[str], num: int, swept: tuple[list[list[str]], list[str]]) -> Planned:
+def _cell(composed: DictConfig, job: list[str], num: int, swept: tuple[list[list[str]], list[str]]):
+    """(the planned cell; the training its model is; the training it starts from: trained_head.shapes)"""
     # Imported here: a mistake in the sweep is told before Lightning loads (seconds).
+    from squeeze.run import baselines, trained_head
     from squeeze.run import cell as cells
     from squeeze.run import loggers
 
@@ -124,10 +132,29 @@ def _cell(composed: DictConfig, job: list[str], num: int, swept: tuple[list[list
     if cfg.get("pipeline") is not None:  # squeeze.run.recipe.train runs it without the rerun bookkeeping
         action = "run"
     use, entries = _store_use(cfg, here) if action != "skip" else (None, [])
-    return Planned(num=num, dir=str(here.run_dir), row=loggers.row_label(cfg.compress, sweep=swept),
-                   model=str(here.choices.get("model")), task=str(here.choices.get("task")),
-                   chain=config.chain_name(cfg.get("compress")), overrides=list(job), status=status, action=action,
-                   baseline=use, stored=entries)
+    offers, wants = trained_head.shapes(OmegaConf.to_container(cfg, resolve=True), str(here.run_dir),
+                                        _chain_kinds(cfg))
+    if use == "start" or not baselines.reuse_enabled(cfg, True) or cfg.get("ckpt_path") not in (None, "last_or_new"):
+        wants = None
+    planned = Planned(num=num, dir=str(here.run_dir), row=loggers.row_label(cfg.compress, sweep=swept),
+                      model=str(here.choices.get("model")), task=str(here.choices.get("task")),
+                      chain=config.chain_name(cfg.get("compress")), overrides=list(job), status=status, action=action,
+                      baseline=use, stored=entries)
+    return planned, offers, wants
+
+
+def _chain_kinds(cfg: DictConfig) -> list[SimpleNamespace]:
+    """The chain's names with whether each acts after training (a class attribute: nothing is built)."""
+    from hydra.utils import get_object
+
+    kinds = []
+    for name, node in config.used_compressors(cfg.get("compress")).items():
+        try:
+            after = bool(get_object(str(node.get("_target_"))).after_training)
+        except Exception:  # an unimportable _target_: the cell fails to build its chain before anything else
+            return []
+        kinds.append(SimpleNamespace(name=name, after_training=after))
+    return kinds
 
 
 def _judged(earlier: str | None, rerun_failed: bool) -> tuple[str, str]:
@@ -210,6 +237,8 @@ def _status_text(c: Planned) -> str:
 
 
 def _baseline_text(c: Planned) -> str:
+    if c.head_cell is not None:
+        return f"starts from cell {c.head_cell}'s model"
     if c.baseline is None:
         return "-"
     ready = sum(e["ready"] for e in c.stored)

@@ -4,7 +4,8 @@ build the model, the task's data and the compressor chain → fit (resumable; th
 restored) → finalize the chain → test → measure → save the model → result.json, written whatever happens.
 evaluate.py is the same minus fit, from a finished run, a saved model or a pretrained one. In a sweep, a chain
 that acts only on the fine-tuned weights starts instead from the stored fine-tuned baseline (trained once), as
-evaluate.py would from a finished run. A failure at any step is written into result.json with status "failed";
+evaluate.py would from a finished run, and a chain that trains then compresses ([imp,dq]) from the sweep's finished
+cell that trained its head ([imp]). A failure at any step is written into result.json with status "failed";
 in a sweep the next cell then runs, alone it ends the program with one line.
 
 Beside it in squeeze/run/: build (config → model, data, chain, module, Trainer), cell (what Hydra says about
@@ -27,7 +28,7 @@ from squeeze.config import chain_name
 from squeeze.hardware import checkpointing, pipeline, sharding
 from squeeze.measure import energy, speculative
 from squeeze.record import dir_bytes
-from squeeze.run import baselines, build, cost
+from squeeze.run import baselines, build, cost, trained_head
 from squeeze.run.cell import Cell, guarded
 
 
@@ -47,6 +48,8 @@ def _train(cfg: DictConfig, record: dict[str, Any], cell: Cell, as_baseline: boo
     chain = build.chain(cfg.compress)
     if not as_baseline and baselines.reused(cfg, chain, cell):
         return baselines.on_stored(cfg, chain, record, cell, train=_train, evaluate=_evaluate)
+    if not as_baseline and (head := trained_head.finished_head(cfg, record, chain, cell)) is not None:
+        return trained_head.on_finished_head(cfg, chain, head, record, cell, evaluate=_evaluate)  # [imp,dq] on imp's
     sharding.check_compressors(chain, cfg.trainer.get("strategy"))  # hardware=fsdp: refuse what cannot shard
     spec, tokenizer, data = build.prepare(cfg)
     # post-training methods calibrate on its train split (or calibration.data_files)
