@@ -98,6 +98,7 @@ from squeeze import formats, models
 from squeeze.arch.linear import as_out_in
 from squeeze.assets import cache_dir
 from squeeze.compress.calibration import calibration_from_data, layer_stack, linear_layers
+from squeeze.compress.awq import AWQ
 from squeeze.compress.gptq import GPTQ
 from squeeze.compress.quantization import DynamicQuantization, WeightOnlyQuantization
 from squeeze.compress.smoothquant import SmoothQuant
@@ -166,6 +167,9 @@ def methods(quick: bool, only: str | None = None):
         "int4 RTN g64 (int4wo, layer stack)": chain(lambda: named(WeightOnlyQuantization(
             bits=4, group_size=64, embeddings=False, lm_head=False), "int4wo")),
         "gptq 4-bit g64": chain(lambda: named(GPTQ(bits=4, group_size=64), "gptq")),
+        "awq 4-bit g64": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
+        "awq 4-bit g64, no clipping": chain(lambda: named(AWQ(bits=4, group_size=64, clip=False), "awq")),
+        "awq 4-bit g32": chain(lambda: named(AWQ(bits=4, group_size=32), "awq")),
         "magnitude 50%": magnitude("unstructured"),
         "wanda 50%": chain(lambda: named(Wanda(0.5), "wanda")),
         "sparsegpt 50%": chain(lambda: named(SparseGPT(0.5), "sparsegpt")),

@@ -33,9 +33,10 @@ SWEEP = ["model=tiny_gpt2", "task=austen", "compress=imp,[imp,dq]", "baseline.re
 
 
 def test_the_plan_says_which_cell_the_quantized_row_starts_from(tmp_path):
-    cells = plan([*SWEEP, f"hydra.sweep.dir={tmp_path}"]).cells
-    assert [(c.chain, c.head_cell) for c in cells] == [("imp", None), ("imp", None), ("imp+dq", 0), ("imp+dq", None)]
-    assert "starts from cell 0's model" in table(plan([*SWEEP, f"hydra.sweep.dir={tmp_path}"]))
+    planned = plan([*SWEEP, f"hydra.sweep.dir={tmp_path}"])
+    assert [(c.chain, c.head_cell) for c in planned.cells] == [("imp", None), ("imp", None), ("imp+dq", 0),
+                                                               ("imp+dq", None)]
+    assert "starts from cell 0's model" in table(planned)
 
 
 def test_imp_then_dq_starts_from_the_imp_cell_and_trains_nothing_again(tmp_path):

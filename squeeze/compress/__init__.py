@@ -57,6 +57,7 @@ class Compressor(L.Callback):
     integer_weights: bool = False  # finalize leaves integer weights (dq, weight-only, converted QAT)
     replaces_objective: bool = False  # wrap_module returns a module with another loss (distillation)
     float_weights: bool = False  # works on float weights: comes before every integer_weights compressor
+    folds_scales: bool = False  # folds per-channel scales into the norms (smoothquant, awq): one per chain
     trained_after: bool = False  # set by check_order: a later compressor of the chain trains
     # Acts only on the fine-tuned weights (at finalize), so applying it to a stored fine-tuned model is the
     # same run (squeeze.run.baselines). Not so for what prunes before fine-tuning (rows, heads) or trains.
@@ -174,8 +175,14 @@ def check_order(chain: Iterable[Compressor]) -> None:
     chain = list(chain)
     converted = None
     objective = None
+    folded = None
     for i, c in enumerate(chain):
         c.trained_after = any(later.trains for later in chain[i + 1:])
+        if c.folds_scales:
+            if folded is not None:
+                raise SqueezeError(f"compress: {folded.name} and {c.name} both fold per-channel scales into the same "
+                                   "norms, each chosen for the unscaled model; choose one of them")
+            folded = c
         if c.float_weights and converted is not None:
             raise SqueezeError(
                 f"compress order: {c.name} works on float weights but comes after {converted.name}, which has "

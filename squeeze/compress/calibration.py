@@ -121,14 +121,21 @@ class LayerStats:
     with_hessian: bool = True
     tokens: int = field(default=0, init=False)
     absmax: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
     sq_sum: torch.Tensor = field(init=False)
     hessian: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.absmax = torch.zeros(self.in_features)
+        self.abs_sum = torch.zeros(self.in_features)
         self.sq_sum = torch.zeros(self.in_features)
         if self.with_hessian:
             self.hessian = torch.zeros(self.in_features, self.in_features)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """mean |X_j| per input channel (AWQ's activation term)."""
+        return self.abs_sum / max(self.tokens, 1)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -142,8 +149,10 @@ class LayerStats:
             return
         if self.absmax.device != x.device:  # accumulate where the model runs (a GPU's matmul for H)
             self.absmax, self.sq_sum = self.absmax.to(x.device), self.sq_sum.to(x.device)
+            self.abs_sum = self.abs_sum.to(x.device)
             self.hessian = None if self.hessian is None else self.hessian.to(x.device)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.abs_sum += x.abs().sum(0)
         self.sq_sum += (x * x).sum(0)
         if self.hessian is not None:
             # H stays the mean of 2·x xᵀ: rescale the old mean, add the new rows scaled by sqrt(2/total).

@@ -110,6 +110,7 @@ class SmoothQuant(Calibrated):
     the same function, with activation outliers moved into the weights for the quantizer after it."""
 
     float_weights = True
+    folds_scales = True  # [smoothquant,awq] is refused (check_order)
 
     def __init__(self, alpha: float = 0.8):
         super().__init__()

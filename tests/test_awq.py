@@ -1,0 +1,144 @@
+"""AWQ: the scale search never loses to round-to-nearest on its objective and wins where a few input channels carry
+large activations; the clipping search likewise; whole models keep their float function until rounding, beat RTN
+on outlier-heavy activations, save packed and reload bit-identically; runs through evaluate.py; bad settings and
+[smoothquant,awq] are one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAST, LM_FAST, compose_cfg, read_result
+from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
+
+from squeeze import formats, run
+from squeeze.compress.awq import AWQ, output_error, search_clip, search_scales
+from squeeze.compress.gptq import rtn_quantize
+from squeeze.compress.quantization import WeightOnlyQuantization
+from squeeze.errors import SqueezeError
+from squeeze.formats.quantized_layers import QuantizedLinear
+from squeeze.run.build import chain as build_chain
+
+RUN = [*FAST, "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "perf=null",
+       "calibration.samples=8", "calibration.seq_len=32"]
+LM = [*RUN, *LM_FAST, "task=austen"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                   unk_token="[UNK]", pad_token="[UNK]")
+
+
+def _outlier_case(width=128, out=96, seed=0):
+    """Inputs whose first 4 channels are 30x the others (what AWQ is for), and weights of one scale."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, width, generator=g)
+    x[:, :4] *= 30
+    w = torch.randn(out, width, generator=g) / width ** 0.5
+    return x, w, 2 * x.t() @ x / len(x)
+
+
+def test_scale_search_beats_round_to_nearest_where_channels_are_salient():
+    x, w, h = _outlier_case()
+    found = search_scales([w], x.abs().mean(0), h, bits=4, group_size=32)
+    rtn = rtn_quantize(w, 4, 32).dequantized
+    assert found["rtn_error"] == pytest.approx(output_error(rtn - w, h), rel=1e-5)  # alpha 0 is RTN
+    assert found["alpha"] > 0 and found["error"] < 0.7 * found["rtn_error"]
+    s = found["scales"]
+    assert s[:4].min() > s[4:].max()  # the salient channels are scaled up
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-4)  # normalised as the reference does
+
+
+def test_clip_search_never_worse_than_the_full_range_and_stays_within_it():
+    x, w, h = _outlier_case(seed=1)
+    w = w.clone()
+    w[::7, 5] = 1.5  # a few large weights take their groups' ranges
+    clipped = search_clip(w, h, bits=4, group_size=32, grid=20, max_shrink=0.5)
+    full = rtn_quantize(w, 4, 32).dequantized
+    shrunk = rtn_quantize(clipped, 4, 32).dequantized
+    assert output_error(shrunk - w, h) < output_error(full - w, h)
+    ratio = clipped.reshape(96, 4, 32).abs().amax(-1) / w.reshape(96, 4, 32).abs().amax(-1)
+    assert ratio.min() >= 0.55 - 1e-6 and ratio.max() <= 1 + 1e-6 and ratio.min() < 1
+
+
+def _with_outliers(family):
+    """A tiny model whose norms (or, for BERT, value rows) make a few activation channels large."""
+    model = tiny(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                p[:3] *= 25
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_awq_beats_round_to_nearest_and_reloads_bit_identically(family, tmp_path):
+    model = _with_outliers(family)
+    batches = token_batches(n=8, batch=4, length=32)
+    with torch.no_grad():
+        reference = torch.cat([model(**b).logits for b in batches])
+    awq = AWQ(group_size=16)
+    awq.name = "awq"
+    quantized = awq.use_batches(batches).finalize(copy.deepcopy(model))
+    rtn = WeightOnlyQuantization(bits=4, group_size=16, weights="affine", embeddings=False, lm_head=False,
+                                 cpu_kernel="dequantize")  # the same int4 scheme, round-to-nearest
+    rtn.name = "int4wo"
+    rounded = rtn.finalize(copy.deepcopy(model))
+    layers = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == awq.summary()["quantized_modules"] > 0 and all(m.bits == 4 for m in layers)
+    with torch.no_grad():
+        got = torch.cat([quantized(**b).logits for b in batches])
+        base = torch.cat([rounded(**b).logits for b in batches])
+    assert (got - reference).norm() < (base - reference).norm()
+    summary = awq.summary()
+    assert summary["scaled_groups"] > 0 and summary["mean_error_vs_rtn"] <= 1.0
+    directory = tmp_path / "model"
+    formats.save(quantized, _tokenizer(), directory)
+    back = formats.load(directory, "sequence_classification" if family == "bert" else "causal_lm")
+    with torch.no_grad():
+        again = torch.cat([back(**b).logits for b in batches])
+    assert torch.equal(again, got)
+
+
+def test_awq_leaves_q_and_k_unclipped_on_llama():
+    awq = AWQ(group_size=16)
+    awq.name = "awq"
+    awq.use_batches(token_batches(n=4, batch=2, length=16)).finalize(_with_outliers("llama"))
+    assert awq.summary()["clipped_layers"] == 2 * (7 - 2)  # 2 blocks × (q,k,v,o,gate,up,down − q,k)
+
+
+def test_evaluate_runs_awq_and_reloads(tmp_path):
+    plain = tmp_path / "plain"
+    record = run.train(compose_cfg("train", [*LM, "model=tiny_llama", "trainer.max_steps=1"], plain))
+    assert record["status"] == "ok", record["error"]
+    overrides = [*LM, "model=tiny_llama", f"ckpt={plain}", "compress=awq", "compress.awq.group_size=16"]
+    evaluated = run.evaluate(compose_cfg("eval", overrides, tmp_path / "awq"))
+    assert evaluated["status"] == "ok", evaluated["error"]
+    saved = read_result(tmp_path / "awq")["compress"]["awq"]
+    assert saved["calibration"]["samples"] == 8 and saved["quantized_modules"] == 14
+    again = run.evaluate(compose_cfg("eval", [*LM, "model=tiny_llama", f"ckpt={tmp_path / 'awq'}"], tmp_path / "again"))
+    assert again["status"] == "ok", again["error"]
+    assert again["metrics"]["test/perplexity"] == pytest.approx(evaluated["metrics"]["test/perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compress=awq", "compress.awq.bits=3"], "awq bits=3: only 4 or 8 bits"),
+    (["compress=awq", "compress.awq.group_size=48"], "group_size=48 does not divide in_features=64"),
+    (["compress=awq", "compress.awq.grid=0"], "awq grid=0 must be a positive integer"),
+    (["compress=awq", "compress.awq.max_shrink=1.0"], r"max_shrink=1.0 must be in \[0, 1\)"),
+    (["compress=[smoothquant,awq]"], "smoothquant and awq both fold per-channel scales"),
+    (["compress=[awq,smoothquant]"], "awq and smoothquant both fold per-channel scales"),
+    (["compress=[awq,imp]"], "imp trains the model but comes after awq"),
+])
+def test_bad_settings_fail_with_one_line(overrides, message, tmp_path):
+    cfg = compose_cfg("train", [*RUN, "model=tiny_llama", "task=austen", *overrides], tmp_path)
+    with pytest.raises(SqueezeError, match=message) as error:
+        chain = build_chain(cfg.compress)
+        for c in chain:
+            c.calibrate_with(None, cfg.calibration)
+            c.prepare_model(tiny("llama"), None)
+    assert "\n" not in str(error.value)
