@@ -36,6 +36,14 @@ Per-token dq, measured 2026-12-06 on this 2-core AVX512-VNNI CPU, nothing else r
   VNNI: fp32 533.3 ms, dq per tensor 227.1, dq per token 239.8, [smoothquant,dq] 214.5, lm_head float 287.3;
   AVX2 path: fp32 475.5, dq per tensor 276.0, dq per token 280.4, [smoothquant,dq] 297.1, lm_head float 317.0.
 
+AWQ against GPTQ and RTN, the same defaults, measured 2026-12-06 (one thread; each method beside one other job, so
+its seconds are inflated; `--only "awq|gptq|int4"`, the affine rows run on their own with the same data):
+                                       symmetric int4          affine int4 (zero points)
+  round-to-nearest g64 (layer stack)    79.08  1.427×           68.06  1.228×
+  gptq g64 act_order                    60.64  1.095×  235 s    58.04  1.048×  254 s
+  awq g64 (scales + clipping)           63.88  1.153×  265 s    62.52  1.128×  264 s
+AWQ halves most of RTN's loss but stays behind GPTQ on this 135M model.
+
 Earlier, before per-token dq (shared 2-core AVX512-VNNI CPU under load ~7-10 from other jobs, so seconds are inflated;
 `--lines 100 --samples 16 --train-lines 4000`: 10 test blocks of Persuasion, 16 calibration windows from the
 first 4000 lines of the train split; perplexity, ratio to fp32, compress seconds):
@@ -166,8 +174,12 @@ def methods(quick: bool, only: str | None = None):
                                                        lambda: dq(lm_head=False)),
         "int4 RTN g64 (int4wo, layer stack)": chain(lambda: named(WeightOnlyQuantization(
             bits=4, group_size=64, embeddings=False, lm_head=False), "int4wo")),
+        "int4 RTN g64 affine (layer stack)": chain(lambda: named(WeightOnlyQuantization(
+            bits=4, group_size=64, weights="affine", embeddings=False, lm_head=False), "int4wo")),
         "gptq 4-bit g64": chain(lambda: named(GPTQ(bits=4, group_size=64), "gptq")),
-        "awq 4-bit g64": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
+        "gptq 4-bit g64 affine": chain(lambda: named(GPTQ(bits=4, group_size=64, symmetric=False), "gptq")),
+        "awq 4-bit g64 symmetric": chain(lambda: named(AWQ(bits=4, group_size=64, symmetric=True), "awq")),
+        "awq 4-bit g64 (affine)": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
         "awq 4-bit g64, no clipping": chain(lambda: named(AWQ(bits=4, group_size=64, clip=False), "awq")),
         "awq 4-bit g32": chain(lambda: named(AWQ(bits=4, group_size=32), "awq")),
         "magnitude 50%": magnitude("unstructured"),

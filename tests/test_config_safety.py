@@ -37,7 +37,7 @@ def _one_line_exit_2(done) -> str:
 
 # -- compressor names and settings ----------------------------------------------------------------------
 @pytest.mark.parametrize("name, path, message", [
-    ("ipm", ["target"], "compress.ipm: no compressor 'ipm'; did you mean 'imp'? (compressors: dq, "),
+    ("ipm", ["target"], "compress.ipm: no compressor 'ipm'; did you mean 'imp'? (compressors: awq, dq, "),
     ("imp", ["targte"], "compress.imp.targte: imp has no setting 'targte'; did you mean 'target'?"),
     ("kd", ["student", "layer"], "compress.kd.student.layer: kd has no setting 'student.layer'; did you mean "
                                  "'student.layers'?"),
@@ -116,7 +116,7 @@ def test_hydra_composition_errors_become_one_line_with_the_closest_name():
         "Could not override 'trainer.max_step': Key 'max_step' is not in struct (did you mean 'trainer.max_steps'?); "
         "to append to your config use +trainer.max_step=5")
     line = error_line(_composition_error(["compress=ipm"]))
-    assert line.startswith("In 'train': Could not find 'compress/ipm'; did you mean 'imp'? (options in 'compress': dq,")
+    assert line.startswith("In 'train': Could not find 'compress/ipm'; did you mean 'imp'? (options in 'compress': awq, dq,")
     assert "\n" not in line and "search path" not in line
 
 

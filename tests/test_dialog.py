@@ -324,7 +324,7 @@ def test_compressors_work_on_dialog_and_evaluate_reloads_the_result(chain, tmp_p
     assert {"test/perplexity", "test/hits@1", "test/bleu", "test/ter"} <= set(record["metrics"])
     summary = record["compress"]
     if chain == "[imp,dq]":
-        assert record["sparsity"] > 0 and summary["dq"]["bits"] == 8
+        assert record["sparsity"] > 0 and summary["dq"]["bits"] in (7, 8) and summary["dq"]["activation_bits"] == 8
     elif chain == "[rows,qat]":
         assert summary["rows"]["params_after"] < summary["rows"]["params_before"]
         assert summary["qat"]["quantized_modules"] > 0
