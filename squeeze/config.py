@@ -181,6 +181,8 @@ def check_compressor_config(compress_cfg: Mapping | None) -> None:
         paths = list(_setting_paths(node, compressor_options().get(str(name)) or {}))
         for path in paths:
             check_compressor_setting(str(name), path, node.get("_target_"))
+        if "_target_" in node:
+            check_compressor_values(str(name), node)
         if "_target_" not in node:
             check_compressor_setting(str(name), paths[0] if paths else ["_target_"])  # an unknown name first
             chain = chain_name(nodes)
@@ -188,6 +190,18 @@ def check_compressor_config(compress_cfg: Mapping | None) -> None:
             raise SqueezeError(f"compress.{'.'.join([str(name), *(paths[0] if paths else [])])}: this run's chain "
                                f"(compress={chain}) does not use {name}; add it (compress={with_it}) or drop the "
                                "setting")
+
+
+def check_compressor_values(name: str, node: Mapping) -> None:
+    """A compressor class's own check of its settings' values (`check_values(name, settings)`, where it has one), so a
+    bad value stops a run, or a whole -m sweep, before anything loads rather than when that cell builds its chain."""
+    module, _, cls = str(node["_target_"]).rpartition(".")
+    try:
+        check = getattr(getattr(importlib.import_module(module), cls), "check_values", None)
+    except (ImportError, AttributeError):
+        return  # an unimportable _target_ fails where the chain is built, with its own message
+    if check is not None:
+        check(name, {k: v for k, v in node.items() if k != "_target_"})
 
 
 def _setting_paths(node: Mapping, yaml_node: Mapping, prefix: tuple = ()):

@@ -110,3 +110,22 @@ def test_without_vnni_int7_weights_keep_8_bit_activations_exact_where_int8_would
     assert result["int8_activation_bits"] == 7  # int8 weights: fbgemm's 7-bit fallback, recorded
     assert result["auto_error"] < 0.01 and result["int8_error"] < 0.03
     assert result["saturated_error"] > 0.1  # the fallback is needed: without it the int16 sums clip
+
+
+# -- bad values stop a run, and a whole -m sweep, before anything loads ----------------------------------------------
+@pytest.mark.parametrize("cell, message", [
+    (["compress=dq", "compress.dq.activations=chanel"], "compress.dq.activations='chanel' is not one of"),
+    (["compress=dq", "compress.dq.bits=6"], "compress.dq.bits=6: dynamic quantization takes auto, 8 or 7"),
+    (["compress=awq", "compress.awq.max_shrink=2"], r"compress.awq: awq max_shrink=2 must be in \[0, 1\)"),
+    (["compress=awq", "compress.awq.grid=0"], "compress.awq: awq grid=0 must be a positive integer"),
+])
+def test_a_bad_value_stops_the_sweep_before_its_first_cell(cell, message):
+    from squeeze.errors import SqueezeError
+    from squeeze.run.sweep import check_settings
+
+    with pytest.raises(SqueezeError, match=message) as error:
+        check_settings([["compress=none"], cell], default=[])
+    assert "\n" not in str(error.value)
+    cells, _ = check_settings([["compress=none"], ["compress=dq", "compress.dq.bits=7", "compress.dq.label=DQ"],
+                               ["compress=awq", "compress.awq.grid=10"]], default=[])
+    assert len(cells) == 3  # good values pass

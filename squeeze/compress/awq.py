@@ -183,6 +183,16 @@ class AWQ(Calibrated):
         self.quantized = 0
         self._chosen: dict = {}
 
+    @classmethod
+    def check_values(cls, name: str, settings: dict) -> None:
+        """The settings' values, before anything loads (squeeze.config)."""
+        merged = {"bits": 4, "group_size": 64, "grid": 20, "clip_grid": 20, "max_shrink": 0.5, **settings}
+        try:
+            check_settings(merged["bits"], merged["group_size"], merged["grid"], merged["clip_grid"],
+                           merged["max_shrink"])
+        except SqueezeError as e:
+            raise SqueezeError(f"compress.{name}: {e}") from None
+
     def check(self, model):
         adapter = adapter_for(model)  # a family squeeze has no adapter for fails here, before calibration
         if not any(adapter.smoothing_pairs(layer) for _, layer in adapter.layers(model)):

@@ -11,7 +11,8 @@ import re
 import shlex
 from typing import Any
 
-from squeeze.config import check_compressor_setting, lenient_compressor_settings
+from squeeze.config import (check_compressor_setting, check_compressor_values, compressor_options,
+                            lenient_compressor_settings)
 from squeeze.errors import SqueezeError
 
 # What only steers this invocation (resuming, rerunning failed cells, trusting a file, a search's budget, how often
@@ -114,6 +115,8 @@ def check_settings(jobs: list[list[str]], default: list[str]) -> tuple[list[list
             if found and found.group(1) not in defined:  # a compressor defined on the command line has no YAML
                 check_compressor_setting(found.group(1), _key(override).split(".")[2:])
     cells = prune_cells(jobs, default)
+    for cell in cells:  # the values too, where a compressor checks them: before the first cell, not at its own
+        _check_cell_values(cell, default)
     dropped = {_key(o): found.group(1) for job in jobs for o in job
                if (found := _SETTING.match(o)) and found.group(1) not in chosen(job, default)}
     notes = []
@@ -167,6 +170,27 @@ def with_rows(jobs: list[list[str]], rows: list[str], setups: list[str] | None =
     for group in parsed:
         cells = [[*cell, *entry] for cell in cells for entry in group]
     return cells
+
+
+def _check_cell_values(cell: list[str], default: list[str]) -> None:
+    """A cell's compressor settings (its YAML's, with the cell's own `compress.<name>.<key>=value` over them) through
+    the compressor's `check_values` (squeeze.config.check_compressor_values), for the compressors its chain uses."""
+    import yaml
+
+    options = compressor_options()
+    for name in chosen(cell, default):
+        node = dict(options.get(name) or {})
+        if "_target_" not in node:
+            continue
+        for override in cell:
+            found = _SETTING.match(override)
+            path = _key(override).split(".")[2:]
+            if found and found.group(1) == name and len(path) == 1:
+                try:
+                    node[path[0]] = yaml.safe_load(override.split("=", 1)[1])
+                except yaml.YAMLError:
+                    return  # Hydra's own parser says what is wrong with it
+        check_compressor_values(name, node)
 
 
 def _key(override: str) -> str:

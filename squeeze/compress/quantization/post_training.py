@@ -30,6 +30,17 @@ class DynamicQuantization(_Quantization):
         self.backend = backend
         self.activations = activations
 
+    @classmethod
+    def check_values(cls, name: str, settings: dict) -> None:
+        """The settings' values, before anything loads (squeeze.config): a throwaway instance checks them."""
+        known = {k: v for k, v in settings.items() if k != "label"}
+        try:
+            probe = cls(**known)
+        except TypeError:
+            return  # an unknown key: the key checks name it
+        probe.name = name
+        probe.check()
+
     @property
     def kernel(self) -> str:
         return "dynamic_fbgemm_token" if self.backend == "fbgemm" and self.activations == "token" else \
