@@ -30,7 +30,7 @@ from torch import nn
 from squeeze.arch import adapter_for
 from squeeze.arch.linear import as_out_in, features, replace_module
 from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, sequential
-from squeeze.compress.gptq import GPTQResult, as_quantized_linear, rtn_quantize
+from squeeze.compress.gptq import GPTQResult, as_quantized_linear, check_scheme, rtn_quantize
 from squeeze.compress.smoothquant import apply_smoothing
 from squeeze.errors import SqueezeError
 
@@ -39,15 +39,7 @@ _FLOOR = 1e-4  # smallest activation magnitude a scale is raised from: a dead ch
 
 def check_settings(bits: int, group_size: int | None, grid: int, clip_grid: int, max_shrink: float,
                    in_features: int | None = None) -> None:
-    if bits not in (4, 8):
-        raise SqueezeError(f"awq bits={bits}: only 4 or 8 bits are supported (4 is AWQ's)")
-    if group_size is not None:
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-            raise SqueezeError(f"awq group_size={group_size!r} must be a positive integer, or null for one scale per "
-                               "output channel")
-        if in_features is not None and in_features % group_size:
-            raise SqueezeError(f"awq group_size={group_size} does not divide in_features={in_features}; pick a "
-                               "divisor of every layer's input size (SmolLM2: 32 or 64)")
+    check_scheme("awq", bits, group_size, in_features)
     for key, value in (("grid", grid), ("clip_grid", clip_grid)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SqueezeError(f"awq {key}={value!r} must be a positive integer (20 is the reference's)")

@@ -43,17 +43,22 @@ class GPTQResult:
     dequantized: torch.Tensor  # float32 [out, in]: what the layer now computes with
 
 
-def check_settings(bits: int, group_size: int | None, in_features: int | None = None,
-                   percdamp: float = 0.01, block_size: int = 128) -> None:
+def check_scheme(method: str, bits: int, group_size: int | None, in_features: int | None = None) -> None:
+    """The integer scheme a calibrated quantizer (gptq, awq) writes: 4 or 8 bits, groups that divide the layer."""
     if bits not in (4, 8):
-        raise SqueezeError(f"gptq bits={bits}: only 4 or 8 bits are supported (set bits=4 or bits=8)")
+        raise SqueezeError(f"{method} bits={bits}: only 4 or 8 bits are supported (set bits=4 or bits=8)")
     if group_size is not None:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-            raise SqueezeError(f"gptq group_size={group_size!r} must be a positive integer, or null for one scale "
+            raise SqueezeError(f"{method} group_size={group_size!r} must be a positive integer, or null for one scale "
                                "per output channel")
         if in_features is not None and in_features % group_size:
-            raise SqueezeError(f"gptq group_size={group_size} does not divide in_features={in_features}; pick a "
+            raise SqueezeError(f"{method} group_size={group_size} does not divide in_features={in_features}; pick a "
                                "divisor of every layer's input size (e.g. 32 or 64)")
+
+
+def check_settings(bits: int, group_size: int | None, in_features: int | None = None,
+                   percdamp: float = 0.01, block_size: int = 128) -> None:
+    check_scheme("gptq", bits, group_size, in_features)
     if not 0 < percdamp < 1:
         raise SqueezeError(f"gptq percdamp={percdamp} must be in (0, 1) (0.01 is the paper's)")
     if block_size < 1:
