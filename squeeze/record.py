@@ -22,6 +22,9 @@ Keys (schema 1; later features add keys, never change these):
                there instead: multiple_choice: {examples, endings, max_length, score, ...}
   params, nonzero_params          parameter counts (tied tensors once)
   checkpoint_bytes                size on disk of the saved model directory
+  model_loads_in_transformers     whether plain transformers (no squeeze) loads model/: "yes", "yes, with the
+               compressed-tensors package installed", "with trust_remote_code=True ..." or "no: ..." (squeeze's own
+               sparse or packed format; `python -m squeeze.export <run> <dir>` writes a copy that loads)
   train_seconds, eval_seconds     wall time of fit and of test
   train_tokens, train_tokens_per_s  non-padding input tokens of the fit's training steps (all ranks), and
                that over train_seconds (validation and checkpointing included); null without training
@@ -103,6 +106,7 @@ def new_record(run_dir: str | Path, choices: dict[str, str], config: dict, seed:
         "params": None,
         "nonzero_params": None,
         "checkpoint_bytes": None,
+        "model_loads_in_transformers": None,
         "train_seconds": None,
         "eval_seconds": None,
         "train_tokens": None,

@@ -155,7 +155,7 @@ def test_task_yaml_targets_follow_the_task_contract(path):
 
 
 # -- the parts ---------------------------------------------------------------------------------------------
-PARTS = {"arch", "assets", "compress", "formats", "hardware", "measure", "report", "run", "tasks"}
+PARTS = {"arch", "assets", "compress", "export", "formats", "hardware", "measure", "report", "run", "tasks"}
 # Beside the parts, only what every part uses: a model reference's meaning and loader, settings and resolvers,
 # errors, model specs (their _target_ squeeze.models.* is in every record), the result record (written by the
 # run, read by the report, the measurements and the loader), and the `python -m squeeze.recommend` and

@@ -3,19 +3,22 @@ finishes, its saved model reloads and re-evaluates to the run's own test metrics
 holds what the compressor promises (sparsity, fewer heads, a narrower MLP, integer layers in a smaller
 directory, fewer layers) and runs the kernels it names. The quantizers' kernel options (dq's torchao
 backend, int8wo/int4wo's cpu_kernel=dequantize) are cells too. Every family does every cell; what a 2-layer
-model cannot do (PKD's 1-layer student) is refused with one line that says why."""
+model cannot do (PKD's 1-layer student) is refused with one line that says why. Every cell's run is also
+exported (squeeze.export) and the last test loads all the exports in a Python without squeeze."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, FAST, compose_cfg, layers_override
+from conftest import FAMILIES, FAST, compose_cfg, layers_override, random_ids
+from plain_transformers import logits_without_squeeze
 
 from squeeze import formats, run
 from squeeze.arch import adapter_for
 from squeeze.compress.pruning import select_weights
 from squeeze.errors import SqueezeError
-from squeeze.formats.quantized_layers import QuantizedLinear
+from squeeze.export import export
+from squeeze.formats.quantized_layers import QuantizedLinear, use_cpu_kernel
 
 CHAINS = [
     "none", "imp", "heads", "rows", "qat", "dq", "int8wo", "int4wo", "kd", "pkd",
@@ -143,6 +146,44 @@ def test_cell(family, chain, baseline, tmp_path):
         assert not integer and record["kernels"] is None
     if not parts <= {"none"} | DISTILLERS:  # smaller than the dense run's (a kd student: than its teacher)
         assert record["checkpoint_bytes"] < base_record["checkpoint_bytes"]
+    # result.json says whether model/ itself loads in plain transformers: "no" only for squeeze's own formats, and
+    # a "yes" is checked by the last test, which loads model/ too.
+    plain = record["model_loads_in_transformers"]
+    saved = formats.saved_format(run_dir / "model")
+    assert plain.startswith("no: ") == (saved in ("squeeze-sparse", "squeeze-packed"))
+    assert plain.startswith("with trust_remote_code") == (saved == "dense" and "heads" in parts
+                                                         and family != "tiny_llama")
+    _export(f"{family}-{cell}", run_dir, model, tmp_path, also=run_dir / "model" if plain.startswith("yes") else None)
+
+
+# (cell, export directory, input ids, squeeze's logits, tolerance): every cell's export, for the last test.
+EXPORTED: list[tuple[str, object, torch.Tensor, torch.Tensor, float]] = []
+
+
+def _export(cell: str, run_dir, model, tmp_path, also=None) -> None:
+    summary = export(run_dir, tmp_path / "export")
+    assert summary["format"] in ("dense", "compressed-tensors") and summary["head"] == "sequence_classification"
+    inputs_rounded = any(isinstance(m, QuantizedLinear) and (m.kernel.startswith("dynamic") or m.input_scale is not None)
+                         for m in model.modules())
+    use_cpu_kernel(model, "dequantize")  # weight-only layers in fp32, as transformers' dequantized weights run
+    ids = random_ids(model, batch=2, length=12, low=1)["input_ids"]
+    with torch.no_grad():
+        own = model.eval()(input_ids=ids).logits
+    # The same arithmetic: float rounding; inputs quantized (dq, qat): the two libraries' int8 activation paths
+    # differ by a rounding step (≤ 2 % of the largest logit measured in tests/test_formats.py).
+    tol = 0.05 if inputs_rounded else 1e-5
+    for directory, what in ((tmp_path / "export", "export"), (also, "model/")):
+        if directory is not None:
+            EXPORTED.append((f"{cell} {what}", directory, ids, own, tol))
+
+
+def test_every_cell_exports_a_model_plain_transformers_loads_with_the_same_logits(tmp_path):
+    if not EXPORTED:
+        pytest.skip("needs test_cell's exports: run the whole file (pytest tests/test_matrix.py)")
+    got = logits_without_squeeze([(d, "sequence_classification", ids) for _, d, ids, _, _ in EXPORTED], tmp_path)
+    errors = {cell: float((plain - own).abs().max() / own.abs().max().clamp_min(1e-6))
+              for (cell, _, _, own, _), plain in zip(EXPORTED, got)}
+    assert all(errors[cell] <= tol for cell, _, _, _, tol in EXPORTED), errors
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -52,6 +52,17 @@ def conv1d_to_linear(conv: Conv1D) -> nn.Linear:
     return linear
 
 
+def linear_to_conv1d(linear: nn.Linear) -> Conv1D:
+    """The Conv1D computing exactly what `linear` computes (GPT-2's layer again, e.g. for a stock checkpoint)."""
+    w = linear.weight
+    conv = Conv1D(linear.out_features, linear.in_features).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w.detach().t())
+        conv.bias.copy_(linear.bias.detach() if linear.bias is not None else torch.zeros_like(conv.bias))
+    conv.train(linear.training)
+    return conv
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

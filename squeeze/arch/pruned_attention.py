@@ -17,6 +17,7 @@ classes when squeeze itself loads such a directory.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import (
     BertForMaskedLM,
@@ -82,6 +83,68 @@ def resize(model) -> None:
             attention.c_attn = Conv1D(3 * width, hidden)
             attention.c_proj = Conv1D(hidden, width)
         set_sizes(attention, heads, head_dim)
+
+
+def restore_stock(model) -> list[list[int]] | None:
+    """Give every layer its stock head count and head size back, in place: the removed heads and head dims return
+    as zeros (a zero query/key dim adds nothing to a score, a zero value dim feeds only zero output columns, and
+    the score scaling was always the stock head size's), so the outputs are unchanged and a stock class, without
+    this file, loads the model (squeeze.export). The layout it had, or None for a model with stock attention."""
+    config = model.config
+    layout = getattr(config, LAYOUT, None)
+    if not layout:
+        return None
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    stock_dim = hidden // heads
+    for attention, (kept, head_dim) in zip(attention_blocks(model), layout):
+        # where each of the pruned layer's q/k/v features goes among the stock ones: head h, dim j → h·d + j
+        index = torch.tensor([h * stock_dim + j for h in range(kept) for j in range(head_dim)], dtype=torch.long)
+        if hasattr(attention, "self"):  # BERT
+            for name in ("query", "key", "value"):
+                setattr(attention.self, name, _widened(getattr(attention.self, name), index, hidden, out=True))
+            attention.output.dense = _widened(attention.output.dense, index, hidden, out=False)
+        elif hasattr(attention, "q_proj"):  # OPT
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attention, name, _widened(getattr(attention, name), index, hidden, out=True))
+            attention.out_proj = _widened(attention.out_proj, index, hidden, out=False)
+        else:  # GPT-2: q | k | v side by side in one Conv1D
+            fused = torch.cat([index + part * hidden for part in range(3)])
+            attention.c_attn = _widened(attention.c_attn, fused, 3 * hidden, out=True)
+            attention.c_proj = _widened(attention.c_proj, index, hidden, out=False)
+        set_sizes(attention, heads, stock_dim)
+    for key in (LAYOUT, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    stock = {twin: cls for cls, (twin, _) in TWINS.items()}
+    model.__class__ = stock.get(type(model), type(model))
+    return [list(x) for x in layout]
+
+
+@torch.no_grad()
+def _widened(layer, index, size: int, out: bool):
+    """A copy of `layer` (Linear or Conv1D) with `size` output (out=True) or input features, its own at `index`
+    and zeros elsewhere."""
+    conv = isinstance(layer, Conv1D)
+    weight = layer.weight.t() if conv else layer.weight  # [out, in]
+    rows, cols = (size, weight.shape[1]) if out else (weight.shape[0], size)
+    new_weight = weight.new_zeros(rows, cols)
+    if out:
+        new_weight[index] = weight
+    else:
+        new_weight[:, index] = weight
+    bias = layer.bias
+    if conv:
+        new = Conv1D(rows, cols)
+        new.weight = nn.Parameter(new_weight.t().contiguous())
+    else:
+        new = nn.Linear(cols, rows, bias=bias is not None)
+        new.weight = nn.Parameter(new_weight)
+    if bias is not None:
+        new_bias = bias.new_zeros(rows) if out else bias.detach().clone()
+        if out:
+            new_bias[index] = bias
+        new.bias = nn.Parameter(new_bias)
+    return new.to(weight.device)
 
 
 class _Resized:

@@ -45,26 +45,46 @@ def has_quantized_weights(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
 
 
+def compressed_tensors_refuses(layer: nn.Module) -> str | None:
+    """Why compressed-tensors cannot hold this integer layer so that stock transformers 5 loads it, or None."""
+    if isinstance(layer, QuantizedLinear) and layer.from_conv1d:
+        return ("it was GPT-2's Conv1D, quantized as nn.Linear: stock GPT-2 builds Conv1D, which compressed-tensors "
+                "does not quantize (it quantizes Linear and Embedding)")
+    if isinstance(layer, QuantizedLinear) and layer.bits <= 4 and layer.zero_point is not None:
+        return ("it has affine int4 weights: transformers 5's compressed-tensors loader expects another shape for "
+                "their packed zero points (a size mismatch on load); symmetric int4 loads")
+    if isinstance(layer, QuantizedEmbedding) and layer.bits <= 4:
+        return ("it is an int4 embedding: compressed-tensors packs it as weight_packed, and transformers 5 needs an "
+                "embedding's weight (to initialise it, and to tie lm_head to it); compress.<name>.embeddings=false "
+                "keeps embeddings in float and the format loadable")
+    return None
+
+
 def why_not_compressed(model: nn.Module) -> str | None:
     """Why compressed-tensors cannot hold this quantized model so that stock transformers loads it, or None."""
     if getattr(model.config, LAYOUT, None):
         return ("its attention heads were removed (BERT/GPT-2): transformers builds that model only from the "
                 "directory's pruned_attention.py, which compressed-tensors' loader does not quantize")
-    conv = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.from_conv1d]
-    if conv:
-        return (f"{conv[0]} (and {len(conv) - 1} more) was GPT-2's Conv1D, quantized as nn.Linear: stock GPT-2 "
-                "builds Conv1D, which compressed-tensors does not quantize (it quantizes Linear and Embedding)")
-    affine4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.bits <= 4
-               and m.zero_point is not None]
-    if affine4:
-        return (f"{affine4[0]} has affine int4 weights: transformers 5's compressed-tensors loader expects another "
-                "shape for their packed zero points (a size mismatch on load); symmetric int4 loads")
-    emb4 = [n for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) and m.bits <= 4]
-    if emb4:
-        return (f"{emb4[0]} is an int4 embedding: compressed-tensors packs it as weight_packed, and transformers 5 "
-                "needs an embedding's weight (to initialise it, and to tie lm_head to it); "
-                "compress.<name>.embeddings=false keeps embeddings in float and the format loadable")
+    refused = [(n, why) for n, m in model.named_modules() if (why := compressed_tensors_refuses(m))]
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        return f"{refused[0][0]}{more}: {refused[0][1]}"
     return None
+
+
+def loads_in_transformers(directory: str | Path) -> str:
+    """How plain transformers (no squeeze) loads a saved model directory, in one line for result.json."""
+    directory = Path(directory)
+    fmt = saved_format(directory)
+    if fmt == DENSE:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        if config.get(LAYOUT):
+            return ("with trust_remote_code=True (pruned_attention.py beside the weights; python -m squeeze.export "
+                    "writes a stock copy)")
+        return "yes"
+    if fmt == COMPRESSED:
+        return "yes, with the compressed-tensors package installed"
+    return f"no: squeeze's {fmt} format; python -m squeeze.export <run> <dir> writes a copy that loads"
 
 
 def save(model, tokenizer, directory: str | Path) -> None:

@@ -238,4 +238,5 @@ def _save(module, tokenizer, run_dir: Path, record: dict[str, Any]) -> None:
                                 instead=f"evaluate the checkpoint in {run_dir / 'checkpoints'}",
                                 extra=getattr(_task_of(module), "save_task_head", None))
     total, nonzero = models.count_params(model)
-    record.update(params=total, nonzero_params=nonzero, checkpoint_bytes=dir_bytes(saved))
+    record.update(params=total, nonzero_params=nonzero, checkpoint_bytes=dir_bytes(saved),
+                  model_loads_in_transformers=formats.loads_in_transformers(saved))
