@@ -108,3 +108,81 @@ def test_model_drivers_prune_every_block_layer(family, method):
                            & (as_out_in(module) != 0))
     with torch.no_grad():
         assert torch.isfinite(model(**batches[0]).logits).all()
+
+
+# -- per-block amounts (OWL) and sequential calibration inside a block -------------------------------
+def test_owl_prunes_blocks_with_more_outliers_less_and_keeps_the_mean():
+    from squeeze.compress.layer_sparsity import owl_sparsities
+
+    ratios = [0.01, 0.05, 0.02, 0.09]
+    got = owl_sparsities(ratios, 0.5, spread=0.08)
+    assert sum(got) / len(got) == pytest.approx(0.5)
+    assert max(got) - min(got) == pytest.approx(0.16)  # the ratios span [−spread, +spread] around the target
+    assert sorted(range(4), key=lambda i: got[i]) == sorted(range(4), key=lambda i: -ratios[i])
+    assert owl_sparsities([0.03, 0.03], 0.6) == [0.6, 0.6]  # nothing to tell apart: uniform
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_gives_each_block_its_measured_amount(method):
+    from squeeze.compress.sparsegpt import SparseGPT
+    from squeeze.compress.wanda import Wanda
+
+    model = tiny("llama")
+    with torch.no_grad():  # outliers in block 1's inputs to its MLP: OWL should spare that block
+        model.model.layers[1].post_attention_layernorm.weight[:3] = 30.0
+    pruner = (Wanda if method == "wanda" else SparseGPT)(0.5, allocation="owl", owl_spread=0.1)
+    pruner.name = method
+    pruner.use_batches(token_batches(n=2, batch=2, length=16)).finalize(model)
+    record = pruner.summary()
+    assert record["allocation"] == "owl" and record["outlier_ratio"][1] > record["outlier_ratio"][0]
+    assert record["block_sparsity"][1] < 0.5 < record["block_sparsity"][0]
+    for i, block in enumerate(layer_stack(model)):
+        for module in linear_layers(block).values():
+            zeros = float((as_out_in(module) == 0).float().mean())
+            assert zeros == pytest.approx(record["block_sparsity"][i], abs=0.02)
+    assert record["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("family, groups", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+    ("bert", [["attention.self.query", "attention.self.key", "attention.self.value"], ["attention.output.dense"],
+              ["intermediate.dense"], ["output.dense"]]),
+])
+def test_sequential_layers_calibrates_each_group_on_the_pruned_groups_before_it(family, groups):
+    from squeeze.compress.calibration import sequential
+
+    model = tiny(family)
+    seen: list[list[str]] = []
+    inputs_of_o: list[torch.Tensor] = []
+
+    def zero_all(index, block, stats):  # prune the group completely: later groups must see it
+        if index == 0:
+            seen.append(sorted(stats))
+        for name in stats:
+            if index == 0 and name == groups[1][0]:
+                inputs_of_o.append(stats[name].sq_sum.clone())
+            with torch.no_grad():
+                as_out_in(block.get_submodule(name)).zero_()
+
+    sequential(model, token_batches(n=2, batch=2, length=16), zero_all, hessian=False, within_block=True)
+    assert seen == [sorted(g) for g in groups]
+    # the value projection was zeroed before o's statistics were taken: its inputs are (biases aside) zero
+    assert float(inputs_of_o[0].sum()) < 1e-6 or family in ("bert", "gpt2")  # BERT/GPT-2's v bias survives
+
+
+def test_bad_owl_and_sequential_values_stop_before_loading():
+    from squeeze.compress.sparsegpt import SparseGPT
+    from squeeze.compress.wanda import Wanda
+
+    for settings, message in (({"allocation": "owls"}, "allocation='owls' is not one of uniform | owl"),
+                              ({"owl_spread": 0.6}, "owl_spread=0.6 must be in"),
+                              ({"owl_threshold": 0.5}, "owl_threshold=0.5 must be a number above 1"),
+                              ({"sequential": "rows"}, "sequential='rows' is not one of blocks | layers"),
+                              ({"allocation": "owl", "pattern": "2:4", "sparsity": None}, "an N:M pattern")):
+        for cls, name in ((Wanda, "wanda"), (SparseGPT, "sparsegpt")):
+            with pytest.raises(SqueezeError, match=f"compress.{name}.*" if "N:M" in message else message):
+                cls.check_values(name, settings)
+            with pytest.raises(SqueezeError, match=message):
+                cls(**settings)

@@ -223,13 +223,19 @@ def _block_output(out):
 @torch.no_grad()
 def sequential(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
                compress_block: Callable[[int, nn.Module, dict[str, LayerStats]], None],
-               hessian: bool = True, stack: nn.ModuleList | None = None) -> None:
+               hessian: bool = True, stack: nn.ModuleList | None = None, within_block: bool = False) -> None:
     """Calibrate and compress the layer stack block by block.
 
     Block 0's inputs (hidden states and the keyword arguments the model passes every block: masks,
     rotary embeddings) are captured for every batch; then for each block i: its Linear layers' input
     statistics are recorded on those inputs, `compress_block(i, block, stats)` rewrites the block in
-    place, and the block is run again so its compressed outputs become block i+1's inputs."""
+    place, and the block is run again so its compressed outputs become block i+1's inputs.
+
+    `within_block`: the same inside each block ("true sequential"): its layers are taken in groups that
+    read one input (Llama: q/k/v, then o, then gate/up, then down), in the order the block calls them,
+    and each group's statistics are recorded after the groups before it were compressed, so o_proj is
+    calibrated on the compressed attention's output; `compress_block` is then called once per group,
+    with that group's stats only. One more pass over the block's inputs per group."""
     stack = layer_stack(model) if stack is None else stack
     device = _device(model)
     inputs: list[tuple[torch.Tensor, dict, torch.Tensor | None]] = []
@@ -255,12 +261,14 @@ def sequential(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
                 model(**batch)
         handle.remove()
         for i, block in enumerate(stack):
-            with recording(linear_layers(block), hessian) as stats:
-                for hidden, kwargs, mask in inputs:
-                    _Mask.current = mask
-                    _run(block, hidden, kwargs)
-            compress_block(i, block, stats)
-            del stats  # the Hessians of this block are no longer needed
+            groups = _input_groups(block, inputs[0]) if within_block else [linear_layers(block)]
+            for group in groups:
+                with recording(group, hessian) as stats:
+                    for hidden, kwargs, mask in inputs:
+                        _Mask.current = mask
+                        _run(block, hidden, kwargs)
+                compress_block(i, block, stats)
+                del stats  # the Hessians of this group are no longer needed
             if i == len(stack) - 1:
                 break  # nothing consumes the last block's outputs here
             outputs = []
@@ -274,6 +282,34 @@ def sequential(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
         if use_cache is not None:
             config.use_cache = use_cache
         model.train(was_training)
+
+
+def _input_groups(block: nn.Module, sample: tuple) -> list[dict[str, nn.Module]]:
+    """The block's Linear/Conv1D layers grouped by the input tensor they read, in call order (one run of `sample`)."""
+    layers = linear_layers(block)
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.append((n, args[0])))
+               for name, m in layers.items()]
+    hidden, kwargs, mask = sample
+    try:
+        _Mask.current = mask
+        _run(block, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[dict[str, nn.Module]] = []
+    seen: dict[str, int] = {}
+    last_input = None
+    for name, x in calls:
+        if name in seen:
+            continue  # a layer called twice keeps the group of its first call
+        if last_input is None or x is not last_input:
+            groups.append({})
+        groups[-1][name] = layers[name]
+        seen[name] = len(groups) - 1
+        last_input = x
+    missed = {n: m for n, m in layers.items() if n not in seen}  # never called on this input: left to the end
+    return groups + ([missed] if missed else [])
 
 
 def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -421,10 +457,12 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: Lay
 
 
 def prune_layer_stack(model: nn.Module, batches, prune_one, nm: tuple[int, int] | None, hessian: bool,
-                      errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+                      errors: dict[str, float] | None = None, block_sparsity: Sequence[float] | None = None,
+                      within_block: bool = False) -> dict[str, torch.Tensor]:
     """One-shot pruning (Wanda, SparseGPT) of every Linear/Conv1D of the layer stack, block by block on the
-    pruned model's own inputs: `prune_one(module, stats)` prunes a layer in place and returns its keep-mask
-    (stored orientation). Keep-masks by layer name; `errors` (if given) gets each layer's relative output error."""
+    pruned model's own inputs: `prune_one(module, stats, sparsity)` prunes a layer in place and returns its
+    keep-mask (stored orientation); `sparsity` is block i's entry of `block_sparsity` (None: the pruner's own).
+    Keep-masks by layer name; `errors` (if given) gets each layer's relative output error."""
     from squeeze.compress.sparsity_pattern import check_width
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -433,11 +471,14 @@ def prune_layer_stack(model: nn.Module, batches, prune_one, nm: tuple[int, int] 
     masks: dict[str, torch.Tensor] = {}
 
     def prune_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
+        sparsity = None if block_sparsity is None else block_sparsity[index]
         for short, module in linear_layers(block).items():
+            if short not in stats:
+                continue  # another group of this block (within_block)
             original = as_out_in(module).detach().clone() if errors is not None else None
-            masks[names[id(module)]] = prune_one(module, stats[short])
+            masks[names[id(module)]] = prune_one(module, stats[short], sparsity)
             if errors is not None:
                 errors[names[id(module)]] = relative_output_error(original, as_out_in(module), stats[short])
 
-    sequential(model, batches, prune_block, hessian=hessian)
+    sequential(model, batches, prune_block, hessian=hessian, within_block=within_block)
     return masks

@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, prune_layer_stack
-from squeeze.compress.sparsity_pattern import check_width, lowest_mask, masks_summary, nm_mask, resolve_sparsity
+from squeeze.arch.linear import as_out_in, is_transposed
+from squeeze.compress.calibration import LayerStats, prune_layer_stack
+from squeeze.compress.oneshot import OneShotPruner
+from squeeze.compress.sparsity_pattern import check_width, lowest_mask, nm_mask, resolve_sparsity
 from squeeze.errors import SqueezeError
 
 
@@ -91,41 +92,47 @@ def prune_layer(module: nn.Module, stats: LayerStats, sparsity: float | None = 0
 
 def sparsegpt_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], sparsity: float | None = 0.5,
                     pattern: str = "unstructured", percdamp: float = 0.01,
-                    block_size: int = 128, errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+                    block_size: int = 128, errors: dict[str, float] | None = None,
+                    block_sparsity: Sequence[float] | None = None, within_block: bool = False) -> dict[str, torch.Tensor]:
     """SparseGPT on every Linear/Conv1D of the layer stack, block by block on the pruned model's own
-    inputs; keep-masks by layer name, in each weight's stored orientation."""
+    inputs; keep-masks by layer name, in each weight's stored orientation. `block_sparsity`: one sparsity
+    per block (layer_sparsity's OWL) instead of `sparsity` everywhere."""
     _, nm = resolve_sparsity(sparsity, pattern)
-    prune_one = lambda module, stats: prune_layer(module, stats, sparsity, pattern, percdamp, block_size)  # noqa: E731
-    return prune_layer_stack(model, batches, prune_one, nm, hessian=True, errors=errors)
+    prune_one = lambda module, stats, s: prune_layer(module, stats, s or sparsity, pattern, percdamp,  # noqa: E731
+                                                     block_size)
+    return prune_layer_stack(model, batches, prune_one, nm, hessian=True, errors=errors,
+                             block_sparsity=block_sparsity, within_block=within_block)
 
 
-class SparseGPT(Calibrated):
+class SparseGPT(OneShotPruner):
     """One-shot SparseGPT pruning (`compress=sparsegpt`): `sparsity` of every layer-stack Linear/Conv1D
-    (or `pattern=2:4|4:8`), the surviving weights updated to keep each layer's output."""
+    (or `pattern=2:4|4:8`), the surviving weights updated to keep each layer's output; per-block amounts and
+    sequential calibration: squeeze/compress/oneshot.py."""
 
-    float_weights = True
+    method = "sparsegpt"
 
     def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", damping: float = 0.01,
-                 block_size: int = 128):
-        super().__init__()
-        self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
-        self.pattern, self.damping, self.block_size = pattern, damping, block_size
-        if not 0 < damping < 1:
-            raise SqueezeError(f"compress.sparsegpt.damping={damping} must be in (0, 1) (0.01 is the paper's)")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise SqueezeError(f"compress.sparsegpt.block_size={block_size!r} must be a positive integer (128)")
-        self._figures: dict = {}
+                 block_size: int = 128, **oneshot):
+        super().__init__(sparsity, pattern, **oneshot)
+        self.damping, self.block_size = damping, block_size
+        check_sparsegpt(damping, block_size)
 
-    def check(self, model):
-        for name, module in linear_layers(layer_stack(model)).items():
-            check_width(features(module)[1], self.nm, name)
+    @classmethod
+    def check_values(cls, name: str, settings: dict) -> None:
+        super().check_values(name, settings)
+        check_sparsegpt(settings.get("damping", 0.01), settings.get("block_size", 128))
 
-    def apply(self, model, batches):
-        masks = sparsegpt_model(model, batches, self.sparsity, self.pattern, self.damping, self.block_size,
-                                errors=self.layer_error)
-        self._figures = masks_summary(masks, self.sparsity, self.pattern)
-        return model
+    def prune(self, model, batches, block_sparsity, within_block):
+        return sparsegpt_model(model, batches, self.sparsity, self.pattern, self.damping, self.block_size,
+                               errors=self.layer_error, block_sparsity=block_sparsity, within_block=within_block)
 
     def summary(self):
-        return {**self._figures, "method": "sparsegpt", "damping": self.damping,
-                "layer_error_kind": "relative output error on the calibration inputs", **super().summary()}
+        return {**super().summary(), "damping": self.damping,
+                "layer_error_kind": "relative output error on the calibration inputs"}
+
+
+def check_sparsegpt(damping, block_size) -> None:
+    if not isinstance(damping, (int, float)) or not 0 < damping < 1:
+        raise SqueezeError(f"compress.sparsegpt.damping={damping} must be in (0, 1) (0.01 is the paper's)")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise SqueezeError(f"compress.sparsegpt.block_size={block_size!r} must be a positive integer (128)")

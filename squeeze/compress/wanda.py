@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from squeeze.arch.linear import as_out_in, features, is_transposed
-from squeeze.compress.calibration import Calibrated, LayerStats, layer_stack, linear_layers, prune_layer_stack
-from squeeze.compress.sparsity_pattern import check_width, masks_summary, nm_mask, resolve_sparsity, row_mask
+from squeeze.arch.linear import as_out_in, is_transposed
+from squeeze.compress.calibration import LayerStats, prune_layer_stack
+from squeeze.compress.oneshot import OneShotPruner
+from squeeze.compress.sparsity_pattern import check_width, nm_mask, resolve_sparsity, row_mask
 from squeeze.errors import SqueezeError
 
 
@@ -46,35 +47,27 @@ def prune_layer(module: nn.Module, stats: LayerStats, sparsity: float | None = 0
 
 
 def wanda_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], sparsity: float | None = 0.5,
-                pattern: str = "unstructured", errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+                pattern: str = "unstructured", errors: dict[str, float] | None = None,
+                block_sparsity: Sequence[float] | None = None, within_block: bool = False) -> dict[str, torch.Tensor]:
     """Wanda on every Linear/Conv1D of the layer stack, block by block on the pruned model's own inputs
-    (as the paper's code does); keep-masks by layer name, in each weight's stored orientation."""
+    (as the paper's code does); keep-masks by layer name, in each weight's stored orientation.
+    `block_sparsity`: one sparsity per block (layer_sparsity's OWL) instead of `sparsity` everywhere."""
     _, nm = resolve_sparsity(sparsity, pattern)
-    prune_one = lambda module, stats: prune_layer(module, stats, sparsity, pattern)  # noqa: E731
-    return prune_layer_stack(model, batches, prune_one, nm, hessian=False, errors=errors)
+    prune_one = lambda module, stats, s: prune_layer(module, stats, s or sparsity, pattern)  # noqa: E731
+    return prune_layer_stack(model, batches, prune_one, nm, hessian=False, errors=errors,
+                             block_sparsity=block_sparsity, within_block=within_block)
 
 
-class Wanda(Calibrated):
+class Wanda(OneShotPruner):
     """One-shot Wanda pruning (`compress=wanda`): `sparsity` of every layer-stack Linear/Conv1D, per output
-    row, or `pattern=2:4|4:8`; no weight updates. Calibration: the run's `calibration:` settings."""
+    row, or `pattern=2:4|4:8`; no weight updates. Calibration: the run's `calibration:` settings; per-block
+    amounts and sequential calibration: squeeze/compress/oneshot.py."""
 
-    float_weights = True
+    method = "wanda"
 
-    def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured"):
-        super().__init__()
-        self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
-        self.pattern = pattern
-        self._figures: dict = {}
-
-    def check(self, model):
-        for name, module in linear_layers(layer_stack(model)).items():
-            check_width(features(module)[1], self.nm, name)
-
-    def apply(self, model, batches):
-        masks = wanda_model(model, batches, self.sparsity, self.pattern, errors=self.layer_error)
-        self._figures = masks_summary(masks, self.sparsity, self.pattern)
-        return model
+    def prune(self, model, batches, block_sparsity, within_block):
+        return wanda_model(model, batches, self.sparsity, self.pattern, errors=self.layer_error,
+                           block_sparsity=block_sparsity, within_block=within_block)
 
     def summary(self):
-        return {**self._figures, "method": "wanda", "layer_error_kind": "relative output error, diagonal estimate",
-                **super().summary()}
+        return {**super().summary(), "layer_error_kind": "relative output error, diagonal estimate"}
