@@ -292,10 +292,12 @@ def test_a_killed_search_resumes_with_the_same_command_and_the_baseline_fine_tun
 
 def test_a_failing_trial_is_failed_in_the_study_and_a_preset_with_a_search_section_searches(tmp_path):
     # A preset of the user's own (found through hydra.searchpath): its `search:` section makes the sweep a search.
+    # The failing trial asks for more calibration tokens than the data has: found when it calibrates (a value a
+    # compressor checks before loading, e.g. compress.wanda.sparsity=1.5, stops the whole search instead).
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "my_search.yaml").write_text(
         "# @package _global_\nsearch:\n  trials: 3\n  seed: 1\n  objectives: [test/perplexity:min, size:min]\n"
-        "hydra:\n  sweeper:\n    params:\n      compress.wanda.sparsity: choice(0.5,1.5)\n")
+        "hydra:\n  sweeper:\n    params:\n      calibration.seq_len: choice(16,100000)\n")
     sweep = tmp_path / "sweep"
     done = run_cli("train.py", ["-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=my_search", *TINY,
                                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
@@ -303,13 +305,13 @@ def test_a_failing_trial_is_failed_in_the_study_and_a_preset_with_a_search_secti
     trials = [t for t in _study(sweep).trials if "same_cell_as" not in t.user_attrs]
     assert len(trials) == 2  # the space holds two cells: the third trial repeats one, free, and the search stops
     assert "stopping with 2 of 3 cells" in done.stdout + done.stderr
-    states = {t.params["compress.wanda.sparsity"]: t.state for t in trials}
-    assert states == {"1.5": TrialState.FAIL, "0.5": TrialState.COMPLETE}  # seed 1 draws both; the search went on
+    states = {t.params["calibration.seq_len"]: t.state for t in trials}
+    assert states == {"100000": TrialState.FAIL, "16": TrialState.COMPLETE}  # seed 1 draws both; the search went on
     failed = read_result(sweep / next(t.user_attrs["cell"] for t in trials if t.state == TrialState.FAIL))
-    assert failed["status"] == "failed" and "sparsity=1.5" in failed["error"]
+    assert failed["status"] == "failed" and "seq_len=100000" in failed["error"]
     doc = json.loads((sweep / "pareto.json").read_text())
-    assert [p["settings"] for p in doc["front"]] == [{"compress.wanda.sparsity": "0.5"}]
-    assert "sparsity=1.5" in doc["failed"][0]["error"]
+    assert [p["settings"] for p in doc["front"]] == [{"calibration.seq_len": "16"}]
+    assert "seq_len=100000" in doc["failed"][0]["error"]
 
 
 @pytest.mark.parametrize("args, says", [
