@@ -182,6 +182,8 @@ def methods(quick: bool, only: str | None = None):
         "awq 4-bit g64 (affine)": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
         "awq 4-bit g64, no clipping": chain(lambda: named(AWQ(bits=4, group_size=64, clip=False), "awq")),
         "awq 4-bit g32": chain(lambda: named(AWQ(bits=4, group_size=32), "awq")),
+        "[awq scales, gptq] 4-bit g64 affine": chain(lambda: named(AWQ(bits=4, group_size=64, quantize=False), "awq"),
+                                                     lambda: named(GPTQ(bits=4, group_size=64, symmetric=False), "gptq")),
         "magnitude 50%": magnitude("unstructured"),
         "wanda 50%": chain(lambda: named(Wanda(0.5), "wanda")),
         "sparsegpt 50%": chain(lambda: named(SparseGPT(0.5), "sparsegpt")),

@@ -125,6 +125,28 @@ def test_evaluate_runs_awq_and_reloads(tmp_path):
     assert again["metrics"]["test/perplexity"] == pytest.approx(evaluated["metrics"]["test/perplexity"], rel=1e-6)
 
 
+def test_awq_scales_alone_keep_the_function_and_let_gptq_quantize(tmp_path):
+    model = _with_outliers("llama")
+    batches = token_batches(n=4, batch=2, length=16)
+    with torch.no_grad():
+        reference = torch.cat([model(**b).logits for b in batches])
+    cfg = compose_cfg("train", [*RUN, "model=tiny_llama", "task=austen", "compress=[awq,gptq]",
+                                "compress.awq.quantize=false", "compress.awq.group_size=16",
+                                "compress.gptq.group_size=16", "compress.gptq.symmetric=false"], tmp_path)
+    awq, gptq = build_chain(cfg.compress)
+    awq.use_batches(batches).finalize(model)
+    with torch.no_grad():  # the scales are folded exactly: the float model computes the same function
+        scaled = torch.cat([model(**b).logits for b in batches])
+    torch.testing.assert_close(scaled, reference, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert awq.summary()["quantize"] is False and awq.summary()["scaled_groups"] > 0
+    gptq.use_batches(batches).finalize(model)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+    with pytest.raises(SqueezeError, match="gptq works on float weights but comes after awq"):
+        build_chain(compose_cfg("train", [*RUN, "model=tiny_llama", "task=austen", "compress=[awq,gptq]"],
+                                tmp_path / "b").compress)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["compress=awq", "compress.awq.bits=3"], "awq bits=3: only 4 or 8 bits"),
     (["compress=awq", "compress.awq.group_size=48"], "group_size=48 does not divide in_features=64"),

@@ -119,9 +119,11 @@ def _scores_projections(adapter, block: nn.Module) -> set[int]:
 
 def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], bits: int = 4,
               group_size: int | None = 64, symmetric: bool = True, grid: int = 20, clip: bool = True,
-              clip_grid: int = 20, max_shrink: float = 0.5) -> tuple[dict[str, GPTQResult], dict]:
+              clip_grid: int = 20, max_shrink: float = 0.5,
+              quantize: bool = True) -> tuple[dict[str, GPTQResult], dict]:
     """AWQ every Linear/Conv1D of the layer stack, block by block; the weights become their dequantized values and
-    the integers are returned by layer name for packing, with what the searches chose."""
+    the integers are returned by layer name for packing, with what the searches chose. `quantize=False`: the
+    scales are searched and folded, and the weights stay float (for another quantizer: [awq,gptq])."""
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     results: dict[str, GPTQResult] = {}
@@ -141,6 +143,8 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
                 hessians[n] = hessians[n] / torch.outer(scales, scales).to(hessians[n])
             chosen["alpha"][names[id(consumers[0])]] = found["alpha"]
             chosen["error_vs_rtn"][names[id(consumers[0])]] = found["error"] / max(found["rtn_error"], 1e-30)
+        if not quantize:
+            return
         unclipped = _scores_projections(adapter, block)
         for n, module in linear_layers(block).items():
             weight = as_out_in(module)
@@ -163,15 +167,20 @@ class AWQ(Calibrated):
     calibrated on the run's train split. Saved packed like int4wo; nothing that trains or rescales may follow."""
 
     integer_weights = True
+    float_weights = True  # it reads float weights: after another quantizer there are none to read
     folds_scales = True  # into the norms: a second method doing so ([smoothquant,awq]) is refused (check_order)
     unsharded = "it leaves integer weights, and FSDP shards only floating-point parameters"
 
     def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False, grid: int = 20,
-                 clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5):
+                 clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True):
         super().__init__()
         check_settings(bits, group_size, grid, clip_grid, max_shrink)
         self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
         self.grid, self.clip, self.clip_grid, self.max_shrink = grid, bool(clip), clip_grid, max_shrink
+        # quantize=false: scales only, float weights left for a quantizer after it ([awq,gptq]); the scales are
+        # still chosen for this scheme's rounding (bits, group_size, symmetric: set them as the quantizer's)
+        self.quantize = bool(quantize)
+        self.integer_weights = self.quantize
         self.quantized = 0
         self._chosen: dict = {}
 
@@ -196,7 +205,7 @@ class AWQ(Calibrated):
 
     def apply(self, model, batches):
         results, self._chosen = awq_model(model, batches, self.bits, self.group_size, self.symmetric, self.grid,
-                                          self.clip, self.clip_grid, self.max_shrink)
+                                          self.clip, self.clip_grid, self.max_shrink, self.quantize)
         for name, r in results.items():
             replace_module(model, name, as_quantized_linear(model.get_submodule(name), r, self.bits))
         self.quantized = len(results)
@@ -206,7 +215,7 @@ class AWQ(Calibrated):
         alphas = list(self._chosen.get("alpha", {}).values())
         ratios = list(self._chosen.get("error_vs_rtn", {}).values())
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "grid": self.grid,
-                "clip": self.clip, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink,
+                "quantize": self.quantize, "clip": self.clip and self.quantize, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink,
                 "quantized_modules": self.quantized, "kernel": "weight_only",
                 "scaled_groups": len(alphas), "clipped_layers": self._chosen.get("clipped_layers", 0),
                 "alpha": {k: round(v, 3) for k, v in self._chosen.get("alpha", {}).items()},

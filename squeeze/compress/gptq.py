@@ -222,6 +222,7 @@ class GPTQ(Calibrated):
     int4wo; nothing that trains may follow it."""
 
     integer_weights = True
+    float_weights = True  # it reads float weights: after another quantizer there are none to read
     unsharded = "it leaves integer weights, and FSDP shards only floating-point parameters"
 
     def __init__(self, bits: int = 4, group_size: int | None = 64, act_order: bool = True, symmetric: bool = True,
