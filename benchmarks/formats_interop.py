@@ -1,6 +1,8 @@
-"""Saved formats on the real SmolLM2 (issue 11): file size in the new format (compressed-tensors where it can
-express the model) against squeeze's own packed format, and the max |logit| difference between plain
-transformers (`AutoModelForCausalLM.from_pretrained`, in a Python that never imports squeeze) and squeeze's loader.
+"""Saved formats on the real SmolLM2 (issues 11, 28 §4): the size of a run's model/ as squeeze saves it, whether
+plain transformers loads it (result.json's model_loads_in_transformers), and the size of its `squeeze.export` copy
+with the max |logit| difference between plain transformers (`AutoModelForCausalLM.from_pretrained`, in a Python
+that never imports squeeze) on the export and squeeze's loader on model/ (weight-only layers on squeeze's fp32
+dequantize path).
 
     python benchmarks/formats_interop.py [--out DIR]
 
@@ -16,6 +18,7 @@ Measured (session 4, 3 real sentences; bytes new / old; max Δlogit of max |logi
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,7 +60,8 @@ def main() -> None:
     from squeeze.arch import adapter_for
     from squeeze.compress.pruning import magnitude_masks, select_weights
     from squeeze.compress.quantization.post_training import DynamicQuantization, WeightOnlyQuantization
-    from squeeze.formats.packed import save_packed
+    from squeeze.export import export
+    from squeeze.formats.quantized_layers import use_cpu_kernel
 
     out = Path(args.out or tempfile.mkdtemp(prefix="formats-"))
     source = assets.locate("smollm2")
@@ -71,40 +75,50 @@ def main() -> None:
 
     formats.save(fp32(), tokenizer, out / "dense")
     print(f"{'fp32 dense':34s} {size(out / 'dense'):>13,}")
+
+    def compressed(make):
+        def build():
+            compressor = make()
+            return compressor.finalize(compressor.prepare_model(fp32(), tokenizer))
+        return build
+
+    def pruned50():
+        model = fp32()
+        adapter = adapter_for(model)
+        weights, transposed = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
+        masks = magnitude_masks(weights, 0.5, "global", None, transposed)
+        with torch.no_grad():
+            for n, p in weights.items():
+                p.masked_fill_(~masks[n], 0)
+        return model
+
     variants = {
-        "int8wo": lambda: WeightOnlyQuantization(bits=8),
-        "int4wo g64": lambda: WeightOnlyQuantization(bits=4, group_size=64),
-        "int4wo g64 embeddings=false": lambda: WeightOnlyQuantization(bits=4, group_size=64, embeddings=False),
-        "dq": lambda: DynamicQuantization(),
+        "int8wo": compressed(lambda: WeightOnlyQuantization(bits=8)),
+        "int4wo g64": compressed(lambda: WeightOnlyQuantization(bits=4, group_size=64)),
+        "int4wo g64 embeddings=false": compressed(lambda: WeightOnlyQuantization(bits=4, group_size=64,
+                                                                                 embeddings=False)),
+        "dq": compressed(lambda: DynamicQuantization()),
+        "imp 50% (global magnitude)": pruned50,
     }
-    for name, make in variants.items():
-        compressor = make()
-        model = compressor.finalize(compressor.prepare_model(fp32(), tokenizer))
-        new, old = out / (name.replace(" ", "_") + "-new"), out / (name.replace(" ", "_") + "-old")
-        formats.save(model, tokenizer, new)
-        save_packed(model, tokenizer, old)
-        line = f"{name:34s} {size(new):>13,} / {size(old):>13,}"
-        if formats.compressed.is_compressed(new):
-            reloaded = formats.load(new, "causal_lm").eval()
-            with torch.no_grad():
-                logits = [reloaded(**tokenizer(s, return_tensors="pt")).logits for s in SENTENCES]
-            torch.save(logits, out / f"{new.name}.pt")
-            done = subprocess.run([sys.executable, "-c", PLAIN, str(new), str(out / f"{new.name}.pt"), *SENTENCES],
-                                  capture_output=True, text=True, check=True)
-            diff, scale = done.stdout.split()
-            line += f"   max Δlogit {diff} of {scale}"
-        else:
-            line += "   squeeze's packed format (fallback): not loadable by transformers"
-        print(line)
-    model = fp32()
-    adapter = adapter_for(model)
-    weights, transposed = select_weights(model, [adapter.prune_include], [adapter.prune_exclude])
-    masks = magnitude_masks(weights, 0.5, "global", None, transposed)
-    with torch.no_grad():
-        for n, p in weights.items():
-            p.masked_fill_(~masks[n], 0)
-    formats.save(model, tokenizer, out / "pruned50")
-    print(f"{'imp 50% (squeeze sparse)':34s} {size(out / 'pruned50'):>13,}")
+    print(f"{'':34s} {'model/ bytes':>13} {'loads in plain transformers':28s} {'export bytes':>13}  "
+          "export in plain transformers: max Δlogit of max |logit|")
+    for name, build in variants.items():
+        model = build()
+        saved, exported = out / (name.split(" (")[0].replace(" ", "_")), out / (name.split(" (")[0].replace(" ", "_")
+                                                                                + "-export")
+        formats.save(model, tokenizer, saved)
+        summary = export(saved, exported)
+        reloaded = formats.load(saved, "causal_lm").eval()
+        use_cpu_kernel(reloaded, "dequantize")  # weight-only in fp32, as the dequantized export computes
+        with torch.no_grad():
+            logits = [reloaded(**tokenizer(s, return_tensors="pt")).logits for s in SENTENCES]
+        torch.save(logits, out / f"{saved.name}.pt")
+        done = subprocess.run([sys.executable, "-c", PLAIN, str(exported), str(out / f"{saved.name}.pt"), *SENTENCES],
+                              capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+        diff, scale = done.stdout.split()
+        print(f"{name:34s} {size(saved):>13,} {formats.loads_in_transformers(saved)[:28]:28s} "
+              f"{summary['bytes']:>13,}  {diff} of {scale} ({summary['format']}; gave up: "
+              f"{'; '.join(g.split(':')[0] for g in summary['given_up']) or 'nothing'})", flush=True)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,28 @@ def test_a_pruned_int8_model_is_a_fraction_of_its_float_checkpoint(tmp_path):
     fp32 = (tmp_path / "fp32" / "model.safetensors").stat().st_size
     both = (tmp_path / "both" / formats.packed.PACKED_FILE).stat().st_size
     assert both <= 0.12 * fp32, both / fp32
+
+
+def test_a_few_zero_heavy_integer_layers_keep_the_loadable_format(tmp_path):
+    """Rounding alone can leave a layer a quarter zeros; survivors-only storage is chosen only where it saves at
+    least packed.MIN_SAVING of the integer bytes, so an unpruned int8 model stays compressed-tensors (plain
+    transformers loads it) even with one such layer, and the pruned one goes packed."""
+    from squeeze.compress import quantization as q
+    from squeeze.formats import packed
+
+    model, tokenizer = build_tiny("tiny_llama", "causal_lm")
+    quantizer = q.WeightOnlyQuantization(embeddings=False, cpu_kernel="dequantize")
+    quantizer.name = "q"
+    model = quantizer.finalize(quantizer.prepare_model(model, tokenizer))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.weight[:, : layer.weight.shape[1] // 2] = 0  # half of one of 14 layers: a few % of the bytes
+    assert packed.sparse_pays(layer.weight, 8) and not packed.has_sparse_integers(model)
+    formats.save(model, tokenizer, tmp_path / "few")
+    assert formats.saved_format(tmp_path / "few") == formats.COMPRESSED
+    assert formats.loads_in_transformers(tmp_path / "few").startswith("yes")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, q.QuantizedLinear):
+                m.weight[:, : m.weight.shape[1] // 2] = 0
+    assert packed.has_sparse_integers(model)
