@@ -6,7 +6,18 @@ dequantize path).
 
     python benchmarks/formats_interop.py [--out DIR]
 
-Measured (session 4, 3 real sentences; bytes new / old; max Δlogit of max |logit|):
+Measured 2026-12-06 (session 13, 3 real sentences, `python benchmarks/formats_interop.py`):
+                                    model/ bytes  model/ loads in plain transformers    export bytes  max Δlogit
+  int8wo                             139,286,335  yes (compressed-tensors installed)    139,286,302   0 of 29.34
+  int4wo g64 (int4 embeddings)        79,431,430  no: squeeze-packed                    176,784,047   0 of 32.73
+                                                  (export: embeddings and tied lm_head dequantized, the rest int4)
+  int4wo g64 embeddings=false        176,784,080  yes (compressed-tensors installed)    176,784,047   0 of 31.53
+  dq                                 139,288,777  yes (compressed-tensors installed)    139,288,744   6.2 of 29.29
+                                                  (transformers quantizes activations its own way, see README)
+  imp 50% (global magnitude)         342,586,655  no: squeeze-sparse                    541,614,890   0 of 31.11
+                                                  (export: dense, the zeros stored)
+
+Earlier (session 4; bytes new / old = squeeze's packed format; max Δlogit of max |logit|):
   fp32 dense                        541,614,890
   int8wo                            139,280,822 / 139,069,834   0.0 of 29.3
   int4wo g64 (int4 embeddings)       79,429,066 / 79,429,066    squeeze packed (fallback): not loadable by transformers
