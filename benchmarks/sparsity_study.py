@@ -6,8 +6,9 @@ calibration (each group of layers calibrated on the already-pruned layers' outpu
 
   OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/sparsity_study.py [VARIANT ...]
 
-A VARIANT is `method[:SAMPLESxLEN][:owl[=THRESHOLD/SPREAD]][:within]`, e.g. `sparsegpt:128x512:owl=5/0.08:within`;
-method is wanda or sparsegpt (50 % unstructured), calibration 128x128 unless given, OWL 5/0.08 when named alone.
+A VARIANT is `method[:SAMPLESxLEN][:owl[=THRESHOLD/SPREAD]][:within][:layer]`, e.g.
+`sparsegpt:128x512:owl=5/0.08:within`; method is wanda or sparsegpt (50 % unstructured), calibration 128x128 unless
+given, OWL 5/0.08 when named alone; `layer` (Wanda only): one comparison group per layer instead of per output row.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from squeeze.assets import cache_dir
 from squeeze.compress.calibration import calibration_from_data
 from squeeze.compress.layer_sparsity import block_sparsities
 from squeeze.compress.sparsegpt import sparsegpt_model
+from squeeze.compress import wanda
+from squeeze.compress.sparsity_pattern import lowest_mask, row_mask
 from squeeze.compress.wanda import wanda_model
 
 DEFAULT = ["wanda", "sparsegpt", "wanda:128x512", "sparsegpt:128x512", "wanda:512x128", "sparsegpt:512x128",
@@ -33,7 +36,7 @@ DEFAULT = ["wanda", "sparsegpt", "wanda:128x512", "sparsegpt:128x512", "wanda:51
 
 def parse(variant: str) -> dict:
     method, *parts = variant.split(":")
-    out = {"method": method, "samples": 128, "seq_len": 128, "owl": None, "within": False}
+    out = {"method": method, "samples": 128, "seq_len": 128, "owl": None, "within": False, "layer": False}
     for part in parts:
         if "x" in part and part.replace("x", "").isdigit():
             out["samples"], out["seq_len"] = map(int, part.split("x"))
@@ -42,6 +45,8 @@ def parse(variant: str) -> dict:
             out["owl"] = (float(threshold), float(spread))
         elif part == "within":
             out["within"] = True
+        elif part == "layer" and method == "wanda":
+            out["layer"] = True
         else:
             raise SystemExit(f"unknown part {part!r} of {variant!r}")
     if method not in ("wanda", "sparsegpt"):
@@ -78,7 +83,12 @@ def main() -> None:
         if v["owl"] is not None:
             per_block, _ = block_sparsities(model, batches, args.sparsity, "owl", *v["owl"])
         prune = wanda_model if v["method"] == "wanda" else sparsegpt_model
-        prune(model, batches, args.sparsity, block_sparsity=per_block, within_block=v["within"])
+        if v["layer"]:  # the whole matrix one comparison group (the paper's per-layer ablation)
+            wanda.row_mask = lambda scores, s: lowest_mask(scores, round(s * scores.numel()))
+        try:
+            prune(model, batches, args.sparsity, block_sparsity=per_block, within_block=v["within"])
+        finally:
+            wanda.row_mask = row_mask
         spent = time.perf_counter() - start
         value = perplexity(model.eval(), data.test_dataloader())
         print(f"| {text} | {value:.2f} | {value / reference:.3f}× | {spent:.0f} |", flush=True)

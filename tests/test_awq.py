@@ -142,7 +142,9 @@ def test_awq_scales_alone_keep_the_function_and_let_gptq_quantize(tmp_path):
     assert awq.summary()["quantize"] is False and awq.summary()["scaled_groups"] > 0
     gptq.use_batches(batches).finalize(model)
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
-    with pytest.raises(SqueezeError, match="gptq works on float weights but comes after awq"):
+    with pytest.raises(SqueezeError, match="gptq works on float weights but comes after awq, which has already turned "
+                                           "them into integers; keep one of them, or leave awq's weights float with "
+                                           "compress.awq.quantize=false"):
         build_chain(compose_cfg("train", [*RUN, "model=tiny_llama", "task=austen", "compress=[awq,gptq]"],
                                 tmp_path / "b").compress)
 

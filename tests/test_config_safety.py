@@ -42,6 +42,9 @@ def _one_line_exit_2(done) -> str:
     ("kd", ["student", "layer"], "compress.kd.student.layer: kd has no setting 'student.layer'; did you mean "
                                  "'student.layers'?"),
     ("qat", ["zzz"], "compress.qat.zzz: qat has no setting 'zzz' (settings: label, bits, "),
+    # a subclass's constructor with **kwargs would take any name: sparsegpt names each of its base's settings
+    ("sparsegpt", ["alocation"], "compress.sparsegpt.alocation: sparsegpt has no setting 'alocation'; did you mean "
+                                 "'allocation'?"),
 ])
 def test_a_misspelt_compressor_or_setting_names_the_closest_one(name, path, message):
     with pytest.raises(SqueezeError) as refused:

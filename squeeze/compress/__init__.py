@@ -184,11 +184,15 @@ def check_order(chain: Iterable[Compressor]) -> None:
                                    "norms, each chosen for the unscaled model; choose one of them")
             folded = c
         if c.float_weights and converted is not None:
+            keep_float = getattr(converted, "keeps_float_with", None)
+            # two quantizers that each read float weights ([awq,gptq]): swapping them is refused too
+            fix = ("keep one of them" if c.integer_weights and converted.float_weights else
+                   f"put {c.name} before {converted.name}, e.g. [{c.name},{converted.name}]")
             raise SqueezeError(
                 f"compress order: {c.name} works on float weights but comes after {converted.name}, which has "
-                f"already turned them into integers; put {c.name} before {converted.name}, e.g. "
-                f"[{c.name},{converted.name}]"
-            )
+                f"already turned them into integers; {fix}" + (
+                    f", or leave {converted.name}'s weights float with {keep_float.format(name=converted.name)}"
+                    if keep_float else ""))
         if c.trains and converted is not None:
             raise SqueezeError(
                 f"compress order: {c.name} trains the model but comes after {converted.name}, which has already "

@@ -168,6 +168,7 @@ class AWQ(Calibrated):
 
     integer_weights = True
     float_weights = True  # it reads float weights: after another quantizer there are none to read
+    keeps_float_with = "compress.{name}.quantize=false"  # said when a quantizer follows it: [awq,gptq]
     folds_scales = True  # into the norms: a second method doing so ([smoothquant,awq]) is refused (check_order)
     unsharded = "it leaves integer weights, and FSDP shards only floating-point parameters"
 

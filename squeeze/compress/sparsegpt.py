@@ -112,8 +112,10 @@ class SparseGPT(OneShotPruner):
     method = "sparsegpt"
 
     def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", damping: float = 0.01,
-                 block_size: int = 128, **oneshot):
-        super().__init__(sparsity, pattern, **oneshot)
+                 block_size: int = 128, allocation: str = "uniform", owl_threshold: float = 5.0,
+                 owl_spread: float = 0.08, sequential: str = "blocks"):
+        # every setting named (no **kwargs): squeeze.config tells a misspelt one from the signature
+        super().__init__(sparsity, pattern, allocation, owl_threshold, owl_spread, sequential)
         self.damping, self.block_size = damping, block_size
         check_sparsegpt(damping, block_size)
 
