@@ -82,6 +82,8 @@ for family in FAMILIES:
 CASES.update({
     "llama-int4 affine with int4 embeddings": ("llama", lambda m: _quantized(m, bits=4, group_size=32, weights="affine"),
                                                "compressed-tensors", "dense", ["int4 embedding", "affine int4"]),
+    "llama-[wanda,int8wo]": ("llama", lambda m: _quantized(_calibrated(Wanda)(m)), "compressed-tensors",
+                             "compressed-tensors", ["stored densely"]),
     "gpt2-int8wo --format transformers": ("gpt2", _quantized, "transformers", "dense", ["--format transformers"]),
     "llama-dq --format transformers": ("llama", _calibrated(DynamicQuantization), "transformers", "dense",
                                        ["--format transformers", "input quantization"]),

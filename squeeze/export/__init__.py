@@ -83,22 +83,29 @@ def export(source: str | Path, out: str | Path, fmt: str = "compressed-tensors")
     }
     zeros = _zero_fraction(model)
     if source_format == "squeeze-sparse" or zeros >= 0.25:
-        summary["given_up"].append(f"sparse storage: {zeros:.1%} of the weight matrices are zeros, stored densely "
-                                   "(transformers 5 reads no sparse format)")
-    tmp = out.parent / f".{out.name}.partial"
+        summary["given_up"].append(f"sparse storage: {zeros:.1%} of the weight matrices' entries are zeros, stored "
+                                   "densely (transformers 5 and compressed-tensors 0.20 read no sparse format)")
+    tmp, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    written = False
     try:
         _write(model, tokenizer, tmp, artifact.model_dir)
         summary["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["source_bytes"] = sum(f.stat().st_size for f in artifact.model_dir.rglob("*") if f.is_file())
         (tmp / EXPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if out.exists():  # an earlier export (checked above), kept until the new one is in place
+            out.rename(old)
+        tmp.rename(out)
+        written = True
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SqueezeError(f"could not write the export to {out} ({e.strerror or e}); free disk space or give another "
                            "OUT_DIR") from e
-    if out.exists():
-        shutil.rmtree(out)  # an earlier export (checked above)
-    tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if written:
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists() and not out.exists():
+            old.rename(out)
     return summary
 
 
@@ -142,7 +149,8 @@ def _quantized_inputs(model) -> int:
 
 
 def _zero_fraction(model) -> float:
-    mats = [p for p in model.parameters() if p.dim() == 2 and p.is_floating_point()]
+    """Zeros among the weight matrices' entries, float or integer (a pruned then quantized layer keeps them)."""
+    mats = [p for p in model.parameters() if p.dim() == 2]
     total = sum(p.numel() for p in mats)
     return sum(int((p == 0).sum()) for p in mats) / total if total else 0.0
 
