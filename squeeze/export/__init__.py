@@ -81,10 +81,12 @@ def export(source: str | Path, out: str | Path, fmt: str = "compressed-tensors")
         "needs": ["transformers", "compressed-tensors"] if formats.has_quantized_weights(model) else ["transformers"],
         "given_up": given_up,
     }
-    zeros = _zero_fraction(model)
-    if source_format == "squeeze-sparse" or zeros >= 0.25:
-        summary["given_up"].append(f"sparse storage: {zeros:.1%} of the weight matrices' entries are zeros, stored "
-                                   "densely (transformers 5 and compressed-tensors 0.20 read no sparse format)")
+    pruned = _pruned_matrices(model)
+    if pruned:
+        entries = sum(n for n, _ in pruned)
+        summary["given_up"].append(
+            f"sparse storage: {len(pruned)} weight matrices are {sum(z for _, z in pruned) / entries:.1%} zeros, "
+            "stored densely (transformers 5 and compressed-tensors 0.20 read no sparse format)")
     tmp, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     written = False
@@ -148,11 +150,16 @@ def _quantized_inputs(model) -> int:
                and (m.kernel.startswith("dynamic") or m.input_scale is not None))
 
 
-def _zero_fraction(model) -> float:
-    """Zeros among the weight matrices' entries, float or integer (a pruned then quantized layer keeps them)."""
-    mats = [p for p in model.parameters() if p.dim() == 2]
-    total = sum(p.numel() for p in mats)
-    return sum(int((p == 0).sum()) for p in mats) / total if total else 0.0
+def _pruned_matrices(model) -> list[tuple[int, int]]:
+    """(entries, zeros) of each weight matrix, float or integer, at least a quarter zeros (pruned: a pruned then
+    quantized layer keeps its zeros)."""
+    out = []
+    for p in model.parameters():
+        if p.dim() == 2 and p.numel():
+            zeros = int((p == 0).sum())
+            if zeros >= 0.25 * p.numel():
+                out.append((p.numel(), zeros))
+    return out
 
 
 def _write(model, tokenizer, directory: Path, source: Path) -> None:
