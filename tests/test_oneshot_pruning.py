@@ -186,3 +186,15 @@ def test_bad_owl_and_sequential_values_stop_before_loading():
                 cls.check_values(name, settings)
             with pytest.raises(SqueezeError, match=message):
                 cls(**settings)
+
+
+def test_wandas_default_allocation_is_owl_unstructured_and_uniform_with_a_pattern():
+    from squeeze.compress.wanda import Wanda
+
+    batches = token_batches(n=2, batch=2, length=16)
+    for pruner, expected in ((Wanda(), "owl"), (Wanda(None, "2:4"), "uniform")):
+        pruner.name = "wanda"
+        pruner.use_batches(batches).finalize(tiny("llama"))
+        record = pruner.summary()
+        assert (record["allocation_asked"], record["allocation"]) == ("auto", expected)
+        assert ("block_sparsity" in record) == (expected == "owl")

@@ -20,7 +20,7 @@ from squeeze.arch.linear import as_out_in
 from squeeze.compress.calibration import collect_stats, layer_stack, linear_layers
 from squeeze.errors import SqueezeError
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("auto", "uniform", "owl")  # auto: owl where sparsity is unstructured, uniform with an N:M pattern
 
 
 def check_allocation(allocation: str, threshold: float, spread: float, sparsity: float, where: str) -> None:
