@@ -25,12 +25,15 @@ uniform, blocks: the defaults before this study):
   OWL 3/0.08 | 7/0.08 | 5/0.12                                 1.419× | 1.427× | 1.433×
   OWL 10/0.04 (seed 0 / 1)                 1.683× / 1.686×
   OWL 10/0.08 | 20/0.04                    1.686× | 1.689×
+  OWL 20/0.08 (seed 0 / 1)                 1.660× / 1.675×
+  OWL 20/0.12 | 40/0.08 | 40/0.12          1.672× | 1.701× | 1.711×
   one comparison group per layer           2.089×
   (quick look, 8 x 128 on 40 lines: RIA's score 1.790× vs Wanda's 1.784×)
 SparseGPT's gap is the calibration's size (16 windows: 1.58×; 128: 1.41×; 512: 1.38×); the window length, OWL and
 within-block sequential calibration move it by less than the calibration seed does (±0.01). Wanda barely depends on
-the calibration; OWL with a high threshold (10) gains 0.03 on both seeds and is Wanda's default since (allocation=auto:
-owl unstructured, uniform with N:M), OWL's own 5/0.08 loses 0.09. Wanda stays above 1.6× on this 135M model.
+the calibration; OWL with a high threshold (20, spread 0.08) gains 0.05 on both seeds and is Wanda's default since
+(allocation=auto: owl unstructured, uniform with N:M), OWL's own 5/0.08 loses 0.09. Wanda stays above 1.6× on this
+135M model.
 """
 
 from __future__ import annotations
