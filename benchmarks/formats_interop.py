@@ -16,6 +16,7 @@ Measured 2026-12-06 (session 13, 3 real sentences, `python benchmarks/formats_in
                                                   (transformers quantizes activations its own way, see README)
   imp 50% (global magnitude)         342,586,655  no: squeeze-sparse                    541,614,890   0 of 31.11
                                                   (export: dense, the zeros stored)
+  dq perplexity, 64 blocks of 128 tokens of Persuasion: squeeze on model/ 57.99, plain transformers on the export 57.70
 
 Earlier (session 4; bytes new / old = squeeze's packed format; max Δlogit of max |logit|):
   fp32 dense                        541,614,890
@@ -29,6 +30,7 @@ Earlier (session 4; bytes new / old = squeeze's packed format; max Δlogit of ma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -130,6 +132,41 @@ def main() -> None:
         print(f"{name:34s} {size(saved):>13,} {formats.loads_in_transformers(saved)[:28]:28s} "
               f"{summary['bytes']:>13,}  {diff} of {scale} ({summary['format']}; gave up: "
               f"{'; '.join(g.split(':')[0] for g in summary['given_up']) or 'nothing'})", flush=True)
+    dq_perplexity(out, tokenizer)
+
+
+# The dq export's perplexity in plain transformers (its logits differ where activations have outliers: how much does
+# that move the figure users compare?). Blocks saved by squeeze's austen task, scored in a Python without squeeze.
+PLAIN_PPL = """
+import math, sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+total = 0.0
+with torch.no_grad():
+    for b in ids.split(8):
+        total += float(model(input_ids=b, labels=b).loss) * b.numel()
+assert "squeeze" not in sys.modules
+print(f"{math.exp(total / ids.numel()):.2f}")
+"""
+
+
+def dq_perplexity(out: Path, tokenizer) -> None:
+    from benchmarks.ptq_quality import task_data
+    from squeeze import formats
+
+    data = task_data("austen", tokenizer, block_size=128, **{"max_examples.test": 600, "max_examples.validation": 10})
+    rows = [r["input_ids"] for r in data.datasets["test"] if len(r["input_ids"]) >= 128]
+    ids = torch.tensor([r[:128] for r in rows])
+    torch.save(ids, out / "blocks.pt")
+    model, total = formats.load(out / "dq", "causal_lm").eval(), 0.0
+    with torch.no_grad():
+        for b in ids.split(8):
+            total += float(model(input_ids=b, labels=b).loss) * b.numel()
+    done = subprocess.run([sys.executable, "-c", PLAIN_PPL, str(out / "dq-export"), str(out / "blocks.pt")],
+                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+    print(f"dq perplexity, {len(ids)} blocks of 128 tokens of Persuasion: squeeze on model/ "
+          f"{math.exp(total / ids.numel()):.2f}, plain transformers on the export {done.stdout.strip()}")
 
 
 if __name__ == "__main__":
