@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_ids, tiny_family, token_batches
+from conftest import build_tiny, random_ids, tiny_family, token_batches
 from plain_transformers import logits_without_squeeze
 
 from squeeze import formats
@@ -108,7 +108,7 @@ def exported(tmp_path_factory):
     for name, (family, build, fmt, _, _) in CASES.items():
         head = HEAD.get(family, "causal_lm")
         model = build(tiny_family(family))
-        tokenizer = __import__("conftest").build_tiny(f"tiny_{family}", head)[1]
+        tokenizer = build_tiny(f"tiny_{family}", head)[1]
         run_dir = root / name.replace(" ", "_").replace(",", "")
         formats.save(model, tokenizer, run_dir / "model")
         summary = export(run_dir, run_dir / "export", fmt)
@@ -143,7 +143,7 @@ def test_the_export_loads_without_squeeze_with_squeezes_logits(name, exported):
 
 def test_a_quantized_export_is_smaller_than_a_float_one(tmp_path):
     model = _quantized(tiny_family("llama"))
-    tokenizer = __import__("conftest").build_tiny("tiny_llama", "causal_lm")[1]
+    tokenizer = build_tiny("tiny_llama", "causal_lm")[1]
     formats.save(model, tokenizer, tmp_path / "run" / "model")
     kept = export(tmp_path / "run", tmp_path / "ct")
     floated = export(tmp_path / "run", tmp_path / "float", "transformers")
@@ -153,7 +153,7 @@ def test_a_quantized_export_is_smaller_than_a_float_one(tmp_path):
 
 def test_the_command_line_says_what_it_wrote_and_refuses_bad_input_in_one_line(tmp_path, capsys):
     model = tiny_family("gpt2")
-    tokenizer = __import__("conftest").build_tiny("tiny_gpt2", "causal_lm")[1]
+    tokenizer = build_tiny("tiny_gpt2", "causal_lm")[1]
     formats.save(_quantized(model), tokenizer, tmp_path / "run" / "model")
     assert main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

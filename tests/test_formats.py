@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
+from plain_transformers import logits_without_squeeze
 
 from squeeze import formats
 from squeeze.compress import quantization as q
@@ -20,27 +21,12 @@ from squeeze.errors import SqueezeError
 from squeeze.formats.compressed import is_compressed
 from squeeze.formats.packed import PACKED_FILE, is_packed
 
-AUTO = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
-
 
 def _quantized(name, head, compressor):
     model, tokenizer = build_tiny(name, head)
     compressor.name = "q"
     compressor.prepare_model(model, tokenizer)
     return compressor.finalize(model), tokenizer
-
-
-def _transformers_logits(directory: Path, head: str, ids: torch.Tensor) -> torch.Tensor:
-    torch.save(ids, directory.parent / "ids.pt")
-    code = (f"import sys, torch, transformers\n"
-            f"m = transformers.{AUTO[head]}.from_pretrained({str(directory)!r}).eval()\n"
-            f"with torch.no_grad(): out = m(input_ids=torch.load({str(directory.parent / 'ids.pt')!r})).logits\n"
-            f"assert 'squeeze' not in sys.modules\n"
-            f"torch.save(out, {str(directory.parent / 'hf.pt')!r})\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300,
-                          env={**os.environ, "PYTHONPATH": ""})
-    assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(directory.parent / "hf.pt")
 
 
 # Weight-only: both loaders dequantize the same integers with the same scales in fp32 (squeeze with
@@ -71,7 +57,7 @@ def test_transformers_alone_loads_the_quantized_model(name, head, make, tol, tmp
     for (n, m), (_, b) in zip(model.named_modules(), back.named_modules()):
         if isinstance(m, q.QuantizedLinear):
             assert type(b) is q.QuantizedLinear and b.kernel == m.kernel and torch.equal(b.weight, m.weight)
-    plain = _transformers_logits(directory, head, ids)
+    plain = logits_without_squeeze([(directory, head, ids)], tmp_path / "plain")[0]
     assert (plain - own).abs().max() <= tol * own.abs().max()
 
 

@@ -164,16 +164,13 @@ def _pruned_matrices(model) -> list[tuple[int, int]]:
 
 def _write(model, tokenizer, directory: Path, source: Path) -> None:
     from squeeze.formats import compressed
-    from squeeze.formats.common import normal_mode
 
     if formats.has_quantized_weights(model):
         compressed.save_compressed(model, tokenizer, directory)
     else:
         if hasattr(model.config, "quantization_config"):  # read from a compressed-tensors model/: no longer true
             del model.config.quantization_config
-        model.save_pretrained(str(directory))
-        for weights in directory.glob("*.safetensors"):
-            normal_mode(weights)
+        formats.save_dense(model, directory)
         tokenizer.save_pretrained(str(directory))
     for extra in source.glob("task_head.safetensors"):  # dialog's MC head: not part of the transformers model
         shutil.copy2(extra, directory / extra.name)

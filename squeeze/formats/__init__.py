@@ -87,6 +87,13 @@ def loads_in_transformers(directory: str | Path) -> str:
     return f"no: squeeze's {fmt} format; python -m squeeze.export <run> <dir> writes a copy that loads"
 
 
+def save_dense(model, directory: Path) -> None:
+    """save_pretrained's plain safetensors, with the umask's file mode (safetensors writes 0600)."""
+    model.save_pretrained(str(directory))
+    for weights in directory.glob("*.safetensors"):
+        normal_mode(weights)
+
+
 def save(model, tokenizer, directory: str | Path) -> None:
     """Write `model` and `tokenizer` to `directory` in the format that fits the model (module docstring)."""
     directory = Path(directory)
@@ -103,9 +110,7 @@ def save(model, tokenizer, directory: str | Path) -> None:
             sparse.save_sparse(model, directory)
             fmt = sparse.FORMAT
         else:
-            model.save_pretrained(str(directory))
-            for weights in directory.glob("*.safetensors"):
-                normal_mode(weights)
+            save_dense(model, directory)
             fmt = DENSE
         tokenizer.save_pretrained(str(directory))
     (directory / TAG_FILE).write_text(json.dumps({"format": fmt}) + "\n", encoding="utf-8")
