@@ -154,6 +154,7 @@ def test_awq_scales_alone_keep_the_function_and_let_gptq_quantize(tmp_path):
     (["compress=awq", "compress.awq.group_size=48"], "group_size=48 does not divide in_features=64"),
     (["compress=awq", "compress.awq.grid=0"], "awq grid=0 must be a positive integer"),
     (["compress=awq", "compress.awq.max_shrink=1.0"], r"max_shrink=1.0 must be in \[0, 1\)"),
+    (["compress=awq", "compress.awq.quantize=maybe"], "awq quantize='maybe' must be true or false"),
     (["compress=[smoothquant,awq]"], "smoothquant and awq both fold per-channel scales"),
     (["compress=[awq,smoothquant]"], "awq and smoothquant both fold per-channel scales"),
     (["compress=[awq,imp]"], "imp trains the model but comes after awq"),

@@ -38,8 +38,11 @@ _FLOOR = 1e-4  # smallest activation magnitude a scale is raised from: a dead ch
 
 
 def check_settings(bits: int, group_size: int | None, grid: int, clip_grid: int, max_shrink: float,
-                   in_features: int | None = None) -> None:
+                   in_features: int | None = None, switches: dict | None = None) -> None:
     check_scheme("awq", bits, group_size, in_features)
+    for key, value in (switches or {}).items():  # bool("no") is True: a typo must not switch anything on
+        if not isinstance(value, bool):
+            raise SqueezeError(f"awq {key}={value!r} must be true or false")
     for key, value in (("grid", grid), ("clip_grid", clip_grid)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SqueezeError(f"awq {key}={value!r} must be a positive integer (20 is the reference's)")
@@ -175,7 +178,8 @@ class AWQ(Calibrated):
     def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False, grid: int = 20,
                  clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True):
         super().__init__()
-        check_settings(bits, group_size, grid, clip_grid, max_shrink)
+        check_settings(bits, group_size, grid, clip_grid, max_shrink,
+                       switches={"symmetric": symmetric, "clip": clip, "quantize": quantize})
         self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
         self.grid, self.clip, self.clip_grid, self.max_shrink = grid, bool(clip), clip_grid, max_shrink
         # quantize=false: scales only, float weights left for a quantizer after it ([awq,gptq]); the scales are
@@ -191,7 +195,8 @@ class AWQ(Calibrated):
         merged = {"bits": 4, "group_size": 64, "grid": 20, "clip_grid": 20, "max_shrink": 0.5, **settings}
         try:
             check_settings(merged["bits"], merged["group_size"], merged["grid"], merged["clip_grid"],
-                           merged["max_shrink"])
+                           merged["max_shrink"], switches={k: settings[k] for k in ("symmetric", "clip", "quantize")
+                                                           if k in settings})
         except SqueezeError as e:
             raise SqueezeError(f"compress.{name}: {e}") from None
 
