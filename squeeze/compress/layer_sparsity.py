@@ -28,7 +28,7 @@ def check_allocation(allocation: str, threshold: float, spread: float, sparsity:
         raise SqueezeError(f"{where}.allocation={allocation!r} is not one of {' | '.join(ALLOCATIONS)}")
     if not (isinstance(threshold, (int, float)) and threshold > 1):
         raise SqueezeError(f"{where}.owl_threshold={threshold!r} must be a number above 1 (an outlier scores that "
-                           "many times the block's mean; OWL uses 3 to 10, 5 by default)")
+                           "many times the block's mean; the OWL paper uses 5, squeeze's wanda 20)")
     if not (isinstance(spread, (int, float)) and 0 <= spread < min(sparsity, 1 - sparsity) + 1e-12):
         raise SqueezeError(f"{where}.owl_spread={spread!r} must be in [0, {min(sparsity, 1 - sparsity):g}): how far a "
                            f"block's sparsity may move from {sparsity:g} (OWL uses 0.08)")
