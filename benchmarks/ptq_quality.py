@@ -186,9 +186,11 @@ def methods(quick: bool, only: str | None = None):
                                                      lambda: named(GPTQ(bits=4, group_size=64, symmetric=False), "gptq")),
         "magnitude 50%": magnitude("unstructured"),
         "wanda 50%": chain(lambda: named(Wanda(0.5), "wanda")),
+        "wanda 50%, no swaps (the paper's mask, OWL)": chain(lambda: named(Wanda(0.5, swaps=0), "wanda")),
         "sparsegpt 50%": chain(lambda: named(SparseGPT(0.5), "sparsegpt")),
         "magnitude 2:4": magnitude("2:4"),
         "wanda 2:4": chain(lambda: named(Wanda(None, "2:4"), "wanda")),
+        "wanda 2:4, no swaps (the paper's)": chain(lambda: named(Wanda(None, "2:4", swaps=0), "wanda")),
         "sparsegpt 2:4": chain(lambda: named(SparseGPT(None, "2:4"), "sparsegpt")),
     }
     if quick:
