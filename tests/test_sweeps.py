@@ -177,6 +177,7 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
 
 
 # -- 4. W&B without a key: offline, inside the run directory ------------------------------------------
+@pytest.mark.slow  # the suite's time budget: test_wandb's sweep cell covers offline runs in the cell's directory
 def test_wandb_offline_leaves_a_run_directory_with_the_logged_metric(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # run_cli passes os.environ on
     wandb_home = tmp_path / "wandb_home"  # W&B's own config/cache, away from the user's

@@ -126,6 +126,7 @@ def test_a_sweep_cell_is_its_report_row_with_its_config_and_figures(tmp_path, wa
     [model] = logged["artifacts"]  # logger.wandb.log_model=true: the saved model directory
     assert model.type == "model" and "config.json" in {c.path for c in model.manifest.contents}
     assert logged["exit"] == 0
+    assert not (tmp_path / "wandb").exists()  # W&B's directory is inside each run's, not in the cwd
 
     # The baseline cell is on the stored baseline: its run is the `none` row; the store entry's training is logged
     # once, in the entry, as itself, not as the cell that triggered it.
