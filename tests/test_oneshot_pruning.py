@@ -217,9 +217,9 @@ def test_mask_swaps_lower_the_output_error_and_keep_each_rows_count_and_the_patt
         errors.append(_error(x, w, w * refined))
     assert errors[0] == _error(x, w, w * keep)  # no swaps: Wanda's own mask
     assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(errors, errors[1:]))
-    # Measured over seeds 0-3: 256 swaps leave 0.28-0.29 (unstructured) / 0.85-0.91 (2:4) of Wanda's output error
-    # (its norm), one swap 0.86 / 0.94-0.96.
-    assert errors[-1] < (0.4 if sparsity else 0.95) * errors[0] and errors[1] < errors[0]
+    # Measured over seeds 0-3: 256 swaps leave 0.28-0.29 (unstructured) / 0.27-0.29 (2:4) of Wanda's output error
+    # (its norm), one swap 0.86 / 0.89-0.90.
+    assert errors[-1] < 0.4 * errors[0] and errors[1] < errors[0]
 
 
 def test_wanda_with_swaps_prunes_as_much_with_less_output_error_and_says_so():

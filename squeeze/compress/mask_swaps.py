@@ -8,8 +8,9 @@ same row changes it by
     Δ = −2 w_j g_j + w_j² H_jj + 2 w_k g_k + w_k² H_kk − 2 w_j w_k H_jk,   g = dᵢ H,
 
 so each step takes, in every row at once, the revival that lowers the error most and the pruning that raises it
-least, and keeps the pair where Δ < 0. Every row keeps its count of pruned weights (and an N:M pattern stays N:M:
-the pair is taken inside one group of M), so the sparsity the mask was chosen for is unchanged. The idea is DSnoT's
+least, and keeps the pair where Δ < 0. Every row keeps its count of pruned weights, so the sparsity the mask was
+chosen for is unchanged; an N:M pattern stays N:M: the pair is taken inside one group of M (each group's best pair,
+then the group whose pair gains most). The idea is DSnoT's
 (Zhang et al. 2024, which uses only the inputs' mean and variance); here the layer's exact squared output error on
 the calibration inputs is the objective, as the Hessian is at hand.
 """
@@ -41,12 +42,19 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
     for _ in range(max_swaps):
         wa, ga, ka = w[active], g[active], keep[active]
         revive = torch.where(ka, inf, diag_term[active] - 2 * wa * ga)
-        j = revive.argmin(1)
         prune = torch.where(ka, diag_term[active] + 2 * wa * ga, inf)
-        if nm is not None:  # only a weight of j's group of M may take its place
-            group = torch.arange(cols, device=w.device).unsqueeze(0) // nm[1]
-            prune = torch.where(group == (j // nm[1]).unsqueeze(1), prune, inf)
-        k = prune.argmin(1)
+        if nm is None:
+            j, k = revive.argmin(1), prune.argmin(1)
+        else:  # the best pair inside each group of M, then the group whose pair gains most
+            m = nm[1]
+            j = revive.view(len(active), -1, m).argmin(2)
+            k = prune.view(len(active), -1, m).argmin(2)
+            base = torch.arange(0, cols, m, device=w.device).unsqueeze(0)
+            j, k = j + base, k + base
+            gain = (revive.gather(1, j) + prune.gather(1, k)
+                    - 2 * wa.gather(1, j) * wa.gather(1, k) * h[j, k])
+            best = gain.argmin(1, keepdim=True)
+            j, k = j.gather(1, best)[:, 0], k.gather(1, best)[:, 0]
         wj, wk = wa.gather(1, j[:, None])[:, 0], wa.gather(1, k[:, None])[:, 0]
         delta = revive.gather(1, j[:, None])[:, 0] + prune.gather(1, k[:, None])[:, 0] - 2 * wj * wk * h[j, k]
         error = (ga * wa * ~ka).sum(1)
