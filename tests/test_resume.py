@@ -113,7 +113,8 @@ def test_kill_9_and_resume_from_a_step_checkpoint_matches_the_uninterrupted_run(
     assert uninterrupted["checkpoint_seconds"]["mid_epoch_saves"] == 8  # every 5 of 40 steps
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGTERM is what Slurm and `kill` send; SIGINT (Ctrl-C) takes the same path and runs with -m slow (the suite's time)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_saves_last_ckpt_records_interrupted_and_the_run_resumes(tmp_path, sig):
     run_dir = tmp_path / "run"
     args = [*CELL, f"hydra.run.dir={run_dir}", "trainer.max_steps=100000", "checkpoint.every_n_steps=3",

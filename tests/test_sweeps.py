@@ -83,6 +83,7 @@ def test_sweep_records_every_cell_and_survives_a_failing_one(tmp_path):
 
 
 # -- 2. the same through hydra-submitit-launcher's local executor ------------------------------------
+@pytest.mark.slow  # the suite's time budget: test_scale's cluster launcher goes through the same submitit plugin
 def test_sweep_through_submitit_local_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep_dir = tmp_path / "multirun" / "submitit"
