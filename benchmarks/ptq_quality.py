@@ -44,6 +44,13 @@ its seconds are inflated; `--only "awq|gptq|int4"`, the affine rows run on their
   awq g64 (scales + clipping)           63.88  1.153×  265 s    62.52  1.128×  264 s
 AWQ halves most of RTN's loss but stays behind GPTQ on this 135M model.
 
+Wanda with mask swaps (issue 28 §2; squeeze/compress/mask_swaps.py), measured 2026-12-06, one thread, nothing else
+running: `--only wanda` (the 2:4 default row again with `--only "wanda 2:4$"` after the N:M swaps were fixed):
+  wanda 50% (OWL 20/0.08 + 64 swaps, the default)      75.14  1.356×  272 s
+  wanda 50%, no swaps (OWL; the default before)        91.99  1.660×  150 s
+  wanda 2:4 (64 swaps, the default)                   126.96  2.292×  280 s
+  wanda 2:4, no swaps (the paper's)                   223.60  4.036×   90 s
+
 Earlier, before per-token dq (shared 2-core AVX512-VNNI CPU under load ~7-10 from other jobs, so seconds are inflated;
 `--lines 100 --samples 16 --train-lines 4000`: 10 test blocks of Persuasion, 16 calibration windows from the
 first 4000 lines of the train split; perplexity, ratio to fp32, compress seconds):

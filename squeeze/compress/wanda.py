@@ -84,7 +84,8 @@ class Wanda(OneShotPruner):
 
     # OWL with a high outlier threshold is Wanda's default: on SmolLM2 at 50 % it measured 1.660× / 1.675× fp32
     # perplexity (two calibration seeds) against uniform's 1.716× / 1.719× (benchmarks/sparsity_study.py); mask
-    # swaps on top of it (swaps=64): 1.356× / 1.368×, uniform with swaps 1.368×, swaps=16 1.396×, 1000 1.363×
+    # swaps on top of it (swaps=64): 1.356× / 1.368×, uniform with swaps 1.368×, swaps=16 1.396×, 1000 1.363×; 2:4
+    # 2.292× with swaps, 4.036× without (benchmarks/ptq_quality.py --only wanda)
     def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", allocation: str = "auto",
                  owl_threshold: float = 20.0, owl_spread: float = 0.08, sequential: str = "blocks", swaps: int = 64):
         super().__init__(sparsity, pattern, allocation, owl_threshold, owl_spread, sequential)
