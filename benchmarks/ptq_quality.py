@@ -43,6 +43,18 @@ its seconds are inflated; `--only "awq|gptq|int4"`, the affine rows run on their
   gptq g64 act_order                    60.64  1.095×  235 s    58.04  1.048×  254 s
   awq g64 (scales + clipping)           63.88  1.153×  265 s    62.52  1.128×  264 s
 AWQ halves most of RTN's loss but stays behind GPTQ on this 135M model.
+With scales for the layers whose scales cannot fold (compress.awq.scale_unfoldable, the default since; SmolLM2:
+o_proj, under grouped-query attention), measured 2026-12-06, one thread, `--only "awq 4-bit g64 \(affine\)|folded
+scales only|gptq 4-bit g64 affine"` (my tests ran beside part of it: seconds inflated):
+  gptq g64 act_order affine                              58.04  1.048×  196 s
+  awq g64 affine (the default: o_proj divides its input)  61.33  1.107×  244 s
+  awq g64 affine, folded scales only (as before)          62.52  1.128×  206 s
+MiniLM on rotten_tomatoes (`python train.py`'s run, fp32 75.96 %; `--skip-smollm2 --minilm-run <run> --only
+"awq|int4 RTN g64 affine|gptq 4-bit g64 affine"`, nothing else running; points vs fp32): RTN g64 affine −0.70,
+GPTQ affine −0.16, AWQ affine (default; BERT's q/k/v and FFN divide their inputs) +0.23, AWQ folded scales only
+(value → output alone) −0.55, AWQ symmetric 0.00, AWQ without clipping 0.00, AWQ g32 0.00, [awq scales, gptq]
+−0.39. The same models' agreement with fp32's predictions / mean KL(fp32 ‖ method) × 1e3: RTN 96.80 % / 3.72,
+GPTQ 97.81 % / 0.92, AWQ default 97.58 % / 1.75, AWQ folded only 97.11 % / 2.86.
 
 Wanda with mask swaps (issue 28 §2; squeeze/compress/mask_swaps.py), measured 2026-12-06, one thread, nothing else
 running: `--only wanda` (the 2:4 default row again with `--only "wanda 2:4$"` after the N:M swaps were fixed):
@@ -187,6 +199,8 @@ def methods(quick: bool, only: str | None = None):
         "gptq 4-bit g64 affine": chain(lambda: named(GPTQ(bits=4, group_size=64, symmetric=False), "gptq")),
         "awq 4-bit g64 symmetric": chain(lambda: named(AWQ(bits=4, group_size=64, symmetric=True), "awq")),
         "awq 4-bit g64 (affine)": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
+        "awq 4-bit g64, folded scales only": chain(lambda: named(AWQ(bits=4, group_size=64, scale_unfoldable=False),
+                                                               "awq")),
         "awq 4-bit g64, no clipping": chain(lambda: named(AWQ(bits=4, group_size=64, clip=False), "awq")),
         "awq 4-bit g32": chain(lambda: named(AWQ(bits=4, group_size=32), "awq")),
         "[awq scales, gptq] 4-bit g64 affine": chain(lambda: named(AWQ(bits=4, group_size=64, quantize=False), "awq"),

@@ -13,6 +13,8 @@ What it measures
       int8wo       compress=int8wo: per-channel int8 weights, torch's int8 weight-only CPU kernel (bf16
                    activations; above KERNEL_MAX_ROWS rows a bf16 GEMM where the CPU has native bf16)
       int4wo       compress=int4wo: int4 weights, group 64, torch's int4 weight-only CPU kernel (likewise)
+      int4wo-divided  int4wo with a per-channel input divisor on every Linear (compress.awq.scale_unfoldable's
+                   cost at inference, an upper bound: AWQ divides only the layers whose scales cannot fold)
       int8wo-deq   int8wo with cpu_kernel=dequantize: the whole weight dequantized per call (the path
       int4wo-deq   before the kernels)
       torch.ao     the reference: torch.ao.quantization.quantize_dynamic (Linear only; GPT-2's Conv1D
@@ -62,6 +64,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from squeeze.compress import quantization as q
 from squeeze.formats import quantized_layers
+from squeeze.formats.quantized_layers import QuantizedLinear
 from squeeze.formats.packed import PACKED_FILE, save_packed
 
 SEQ = 128
@@ -97,11 +100,22 @@ def variants(include_torchao: bool, names: str | None = None):
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in torch 2.13
             return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
+    def divided(model):
+        """int4wo with a per-channel input divisor on every integer Linear: what compress.awq.scale_unfoldable
+        adds to a layer at inference (AWQ gives one to fewer layers: an upper bound of its cost)."""
+        model = squeeze(q.WeightOnlyQuantization, "int4wo", bits=4, group_size=64)(model)
+        g = torch.Generator().manual_seed(0)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.set_input_divisor(torch.rand(m.in_features, generator=g) + 0.5)
+        return model
+
     out = {
         "fp32": lambda m: m,
         "dq": squeeze(q.DynamicQuantization, "dq"),
         "int8wo": squeeze(q.WeightOnlyQuantization, "int8wo"),
         "int4wo": squeeze(q.WeightOnlyQuantization, "int4wo", bits=4, group_size=64),
+        "int4wo-divided": divided,
         "int8wo-deq": squeeze(q.WeightOnlyQuantization, "int8wo", cpu_kernel="dequantize"),
         "int4wo-deq": squeeze(q.WeightOnlyQuantization, "int4wo", bits=4, group_size=64, cpu_kernel="dequantize"),
         "torch.ao": torch_ao,

@@ -9,6 +9,13 @@ has o's input width, which grouped-query attention rules out), s = mean|X|^α, n
 α searched on a grid in [0, 1) for the smallest output error of the group's layers after quantizing W·diag(s)
 (α = 0 is plain round-to-nearest, so the search never does worse than RTN on its objective).
 
+Layers no norm or layer before them can absorb scales for (`scale_unfoldable`, on by default): BERT's post-norm
+q/k/v and FFN (a post-norm LayerNorm's output is also the next residual), the projections after GELU, o_proj
+under grouped-query attention. Each gets its own α search; where it beats round-to-nearest (α > 0) the layer
+keeps s as a per-channel divisor of its input (QuantizedLinear.input_divisor): one elementwise division per
+layer at inference, and a format compressed-tensors cannot write (saved packed; export dequantizes them).
+AutoAWQ does the same for activations it cannot fold into (its ScaledActivation), for GELU models.
+
 Then, per layer except the attention scores' q and k (as the reference does), a clipping search: each
 (row, group)'s range shrunk to r × its max, r from 1 down to 1 − max_shrink, keeping the r with the smallest
 output error of that group's slice of the row. The rounded weights are group-wise int4 (int4wo's storage and
@@ -22,6 +29,7 @@ before it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,6 +42,7 @@ from squeeze.compress.gptq import GPTQResult, as_quantized_linear, check_scheme,
 from squeeze.compress.smoothquant import apply_smoothing
 from squeeze.errors import SqueezeError
 
+SWITCHES = ("symmetric", "clip", "quantize", "scale_unfoldable")  # true/false settings
 _FLOOR = 1e-4  # smallest activation magnitude a scale is raised from: a dead channel keeps a finite scale
 
 
@@ -122,20 +131,25 @@ def _scores_projections(adapter, block: nn.Module) -> set[int]:
 
 def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], bits: int = 4,
               group_size: int | None = 64, symmetric: bool = True, grid: int = 20, clip: bool = True,
-              clip_grid: int = 20, max_shrink: float = 0.5,
-              quantize: bool = True) -> tuple[dict[str, GPTQResult], dict]:
+              clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True,
+              scale_unfoldable: bool = True) -> tuple[dict[str, GPTQResult], dict]:
     """AWQ every Linear/Conv1D of the layer stack, block by block; the weights become their dequantized values and
-    the integers are returned by layer name for packing, with what the searches chose. `quantize=False`: the
-    scales are searched and folded, and the weights stay float (for another quantizer: [awq,gptq])."""
+    the integers are returned by layer name for packing (with the input divisor of layers whose scales could not
+    be folded), with what the searches chose. `quantize=False`: the scales are searched and folded, and the
+    weights stay float (for another quantizer: [awq,gptq]); no unfoldable layer is scaled then."""
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     results: dict[str, GPTQResult] = {}
-    chosen = {"alpha": {}, "error_vs_rtn": {}, "clipped_layers": 0}
+    chosen = {"alpha": {}, "error_vs_rtn": {}, "clipped_layers": 0, "divided_layers": 0}
+    divisors: dict[str, torch.Tensor] = {}
+    hooks = []  # until the end: the float model between blocks computes as the integer layers will
 
     def compress_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
         short = {id(m): n for n, m in block.named_modules()}
         hessians = {n: st.hessian for n, st in stats.items()}
+        folded = set()
         for producer, consumers in adapter.smoothing_pairs(block):
+            folded |= {id(c) for c in consumers}
             first = short[id(consumers[0])]
             found = search_scales([as_out_in(c) for c in consumers], stats[first].mean_abs, hessians[first], bits,
                                   group_size, symmetric, grid)
@@ -148,6 +162,21 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
             chosen["error_vs_rtn"][names[id(consumers[0])]] = found["error"] / max(found["rtn_error"], 1e-30)
         if not quantize:
             return
+        for n, module in linear_layers(block).items() if scale_unfoldable else ():
+            if id(module) in folded:
+                continue
+            weight = as_out_in(module)
+            found = search_scales([weight], stats[n].mean_abs, hessians[n], bits, group_size, symmetric, grid)
+            chosen["alpha"][names[id(module)]] = found["alpha"]
+            chosen["error_vs_rtn"][names[id(module)]] = found["error"] / max(found["rtn_error"], 1e-30)
+            if found["alpha"] == 0:  # round-to-nearest was best: no divisor, no cost at inference
+                continue
+            scales = found["scales"]
+            with torch.no_grad():
+                weight.mul_(scales.to(weight).unsqueeze(0))
+            hessians[n] = hessians[n] / torch.outer(scales, scales).to(hessians[n])
+            divisors[names[id(module)]] = scales
+            hooks.append(module.register_forward_pre_hook(_divide_input(scales)))
         unclipped = _scores_projections(adapter, block)
         for n, module in linear_layers(block).items():
             weight = as_out_in(module)
@@ -160,8 +189,21 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
                 weight.copy_(result.dequantized.to(weight.dtype))
             results[names[id(module)]] = result
 
-    sequential(model, batches, compress_block)
+    try:
+        sequential(model, batches, compress_block)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, scales in divisors.items():
+        results[name] = dataclasses.replace(results[name], input_divisor=scales)
+    chosen["divided_layers"] = len(divisors)
     return results, chosen
+
+
+def _divide_input(scales: torch.Tensor):
+    def hook(module, args):
+        return (args[0] / scales.to(args[0]),) + tuple(args[1:])
+    return hook
 
 
 class AWQ(Calibrated):
@@ -176,15 +218,18 @@ class AWQ(Calibrated):
     unsharded = "it leaves integer weights, and FSDP shards only floating-point parameters"
 
     def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False, grid: int = 20,
-                 clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True):
+                 clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True,
+                 scale_unfoldable: bool = True):
         super().__init__()
         check_settings(bits, group_size, grid, clip_grid, max_shrink,
-                       switches={"symmetric": symmetric, "clip": clip, "quantize": quantize})
+                       switches={"symmetric": symmetric, "clip": clip, "quantize": quantize,
+                                 "scale_unfoldable": scale_unfoldable})
         self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
         self.grid, self.clip, self.clip_grid, self.max_shrink = grid, bool(clip), clip_grid, max_shrink
         # quantize=false: scales only, float weights left for a quantizer after it ([awq,gptq]); the scales are
         # still chosen for this scheme's rounding (bits, group_size, symmetric: set them as the quantizer's)
         self.quantize = bool(quantize)
+        self.scale_unfoldable = bool(scale_unfoldable)
         self.integer_weights = self.quantize
         self.quantized = 0
         self._chosen: dict = {}
@@ -195,23 +240,23 @@ class AWQ(Calibrated):
         merged = {"bits": 4, "group_size": 64, "grid": 20, "clip_grid": 20, "max_shrink": 0.5, **settings}
         try:
             check_settings(merged["bits"], merged["group_size"], merged["grid"], merged["clip_grid"],
-                           merged["max_shrink"], switches={k: settings[k] for k in ("symmetric", "clip", "quantize")
-                                                           if k in settings})
+                           merged["max_shrink"], switches={k: settings[k] for k in SWITCHES if k in settings})
         except SqueezeError as e:
             raise SqueezeError(f"compress.{name}: {e}") from None
 
     def check(self, model):
         adapter = adapter_for(model)  # a family squeeze has no adapter for fails here, before calibration
-        if not any(adapter.smoothing_pairs(layer) for _, layer in adapter.layers(model)):
-            raise SqueezeError(f"{self.where}: this model's family has no layers whose scales fold exactly; use "
-                               "compress=gptq or int4wo")
+        if not self.scale_unfoldable and not any(adapter.smoothing_pairs(layer) for _, layer in adapter.layers(model)):
+            raise SqueezeError(f"{self.where}: this model's family has no layers whose scales fold exactly; leave "
+                               f"compress.{self.name}.scale_unfoldable=true, or use compress=gptq or int4wo")
         for module in linear_layers(layer_stack(model)).values():
             check_settings(self.bits, self.group_size, self.grid, self.clip_grid, self.max_shrink,
                            features(module)[1])
 
     def apply(self, model, batches):
         results, self._chosen = awq_model(model, batches, self.bits, self.group_size, self.symmetric, self.grid,
-                                          self.clip, self.clip_grid, self.max_shrink, self.quantize)
+                                          self.clip, self.clip_grid, self.max_shrink, self.quantize,
+                                          self.scale_unfoldable)
         for name, r in results.items():
             replace_module(model, name, as_quantized_linear(model.get_submodule(name), r, self.bits))
         self.quantized = len(results)
@@ -223,7 +268,9 @@ class AWQ(Calibrated):
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "grid": self.grid,
                 "quantize": self.quantize, "clip": self.clip and self.quantize, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink,
                 "quantized_modules": self.quantized, "kernel": "weight_only",
+                "scale_unfoldable": self.scale_unfoldable and self.quantize,
                 "scaled_groups": len(alphas), "clipped_layers": self._chosen.get("clipped_layers", 0),
+                "divided_layers": self._chosen.get("divided_layers", 0),
                 "alpha": {k: round(v, 3) for k, v in self._chosen.get("alpha", {}).items()},
                 "mean_alpha": round(sum(alphas) / len(alphas), 4) if alphas else None,
                 "mean_error_vs_rtn": round(sum(ratios) / len(ratios), 4) if ratios else None,

@@ -41,6 +41,7 @@ class GPTQResult:
     scale: torch.Tensor  # float32 [out, groups]
     zero_point: torch.Tensor | None  # int8 [out, groups], asymmetric only
     dequantized: torch.Tensor  # float32 [out, in]: what the layer now computes with
+    input_divisor: torch.Tensor | None = None  # [in]: the input is divided by it first (AWQ's unfoldable scales)
 
 
 def check_scheme(method: str, bits: int, group_size: int | None, in_features: int | None = None) -> None:
@@ -259,6 +260,7 @@ def as_quantized_linear(module: nn.Module, result: GPTQResult, bits: int) -> Qua
     new = QuantizedLinear(in_features, out_features, bits, tuple(result.scale.shape), result.zero_point is not None,
                           bias=module.bias is not None, kernel="weight_only", from_conv1d=is_transposed(module))
     new.set_weight(result.codes.cpu(), result.scale.cpu(), None if result.zero_point is None else result.zero_point.cpu())
+    new.set_input_divisor(result.input_divisor)
     if module.bias is not None:
         new.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
     return new.to(module.weight.device)

@@ -50,6 +50,9 @@ def compressed_tensors_refuses(layer: nn.Module) -> str | None:
     if isinstance(layer, QuantizedLinear) and layer.from_conv1d:
         return ("it was GPT-2's Conv1D, quantized as nn.Linear: stock GPT-2 builds Conv1D, which compressed-tensors "
                 "does not quantize (it quantizes Linear and Embedding)")
+    if isinstance(layer, QuantizedLinear) and layer.input_divisor is not None:
+        return ("its input is divided per channel by AWQ's scales (no layer before it can absorb them), which "
+                "compressed-tensors has no field for; compress.awq.scale_unfoldable=false leaves such layers without")
     if isinstance(layer, QuantizedLinear) and layer.bits <= 4 and layer.zero_point is not None:
         return ("it has affine int4 weights: transformers 5's compressed-tensors loader expects another shape for "
                 "their packed zero points (a size mismatch on load); symmetric int4 loads")

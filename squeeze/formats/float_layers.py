@@ -1,7 +1,8 @@
 """squeeze's integer layers back to the float layers they replaced, for a model that must load where squeeze's
 classes do not exist (squeeze.export): QuantizedLinear → nn.Linear (GPT-2's Conv1D where it was one),
 QuantizedEmbedding → nn.Embedding, each holding its dequantized weight (integers × scales, less zero points:
-the very values the integer layer computes with). What is lost is the storage (4 bytes a weight again) and, for
+the very values the integer layer computes with; an AWQ input divisor is divided into the weight's columns,
+which computes the same function). What is lost is the storage (4 bytes a weight again) and, for
 layers that quantized their inputs (dq, qat), the input rounding.
 """
 
@@ -22,7 +23,7 @@ INTEGER_LAYERS = (QuantizedLinear, QuantizedEmbedding)
 @torch.no_grad()
 def float_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The float twin of one integer layer, with its dequantized weight (and bias) in `dtype`."""
-    weight = layer.dequantized().to(dtype)
+    weight = (layer.float_weight() if isinstance(layer, QuantizedLinear) else layer.dequantized()).to(dtype)
     if isinstance(layer, QuantizedEmbedding):
         out = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
                            dtype=getattr(torch, layer.out_dtype))

@@ -6,7 +6,8 @@ still writes where compressed-tensors cannot express the model (squeeze/formats/
         <name>         as it is: float tensors (norms, biases, layers left in float), int8 weights
                        (<layer>.weight), their float32 scales (<layer>.scale: [rows or 1, groups]) and,
                        affine, int8 zero points (<layer>.zero_point); QAT's input ranges
-                       (<layer>.input_scale, <layer>.input_zero_point)
+                       (<layer>.input_scale, <layer>.input_zero_point); AWQ's per-channel input divisors
+                       (<layer>.input_divisor, float32 [in])
         <name>:int4    a 4-bit weight, two values a byte: the low nibble holds the even entry (row-major),
                        each nibble two's complement; so int4 weights take 1/8 of fp32 and int8 1/4
         <name>:bitmask, <name>:values (int8) or <name>:values:int4 (nibbles as above)
@@ -185,7 +186,8 @@ def empty_layer(meta: dict) -> nn.Module:
                                   meta["dtype"])
     return QuantizedLinear(cols, rows, meta["bits"], meta["scale_shape"], meta["affine"], meta["bias"], meta["kernel"],
                            meta["input_bits"], meta["input_affine"], meta["from_conv1d"],
-                           meta.get("cpu_kernel", "auto"))  # saved before cpu_kernel existed: auto
+                           meta.get("cpu_kernel", "auto"),  # saved before cpu_kernel existed: auto
+                           meta.get("input_divisor", False))
 
 
 def load_packed(directory: str | Path, head: str):

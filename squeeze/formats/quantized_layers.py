@@ -94,7 +94,9 @@ class _QuantizedWeight(nn.Module):
 
 class QuantizedLinear(_QuantizedWeight):
     """A Linear layer with an integer weight, run by one of KERNELS; optionally its input is quantized
-    with a fixed range learned during QAT (`input_scale`, `input_zero_point`).
+    with a fixed range learned during QAT (`input_scale`, `input_zero_point`), or divided per channel by
+    `input_divisor` [in] first (AWQ's scales where no layer before can absorb them: the integers hold W·diag(s),
+    so the layer computes as the float weight W ≈ dequantized · diag(1/s), `float_weight()`).
 
     `cpu_kernel` (weight_only on CPU): "auto" runs torch's int8 / int4 weight-only kernels where the layer's
     scheme and shape allow, "dequantize" always dequantizes the whole weight (the path before the kernels,
@@ -102,7 +104,8 @@ class QuantizedLinear(_QuantizedWeight):
 
     def __init__(self, in_features: int, out_features: int, bits: int, scale_shape: Sequence[int], affine: bool,
                  bias: bool, kernel: str = "weight_only", input_bits: int | None = None,
-                 input_affine: bool = False, from_conv1d: bool = False, cpu_kernel: str = "auto"):
+                 input_affine: bool = False, from_conv1d: bool = False, cpu_kernel: str = "auto",
+                 input_divisor: bool = False):
         super().__init__((out_features, in_features), bits, scale_shape, affine)
         self.in_features, self.out_features = in_features, out_features
         self.kernel = kernel
@@ -113,12 +116,21 @@ class QuantizedLinear(_QuantizedWeight):
         self.register_buffer("input_scale", torch.ones(()) if input_bits else None)
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8)
                              if input_bits and input_affine else None)
+        self.register_buffer("input_divisor", torch.ones(in_features) if input_divisor else None)
         self._cache: _Kernel | None = None  # the path chosen at first use, and what it built (never registered)
         self.kernels_ran: set[str] = set()
 
     def set_input_range(self, scale: torch.Tensor | None, zero_point: torch.Tensor | None, bits: int | None) -> None:
         self.input_bits = bits
         self.input_scale, self.input_zero_point = scale, zero_point
+
+    def set_input_divisor(self, divisor: torch.Tensor | None) -> None:
+        self.input_divisor = None if divisor is None else divisor.detach().float().to(self.scale.device)
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight [out, in] this layer computes as: the dequantized integers, less any input divisor."""
+        weight = self.dequantized()
+        return weight if self.input_divisor is None else weight / self.input_divisor.unsqueeze(0)
 
     def set_kernel(self, kernel: str, cpu_kernel: str | None = None) -> None:
         self.kernel, self._cache, self.kernels_ran = kernel, None, set()
@@ -137,12 +149,14 @@ class QuantizedLinear(_QuantizedWeight):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.scheme().describe()}, kernel={self.kernel}, cpu_kernel={self.cpu_kernel}")
+                f"{self.scheme().describe()}, kernel={self.kernel}, cpu_kernel={self.cpu_kernel}"
+                + (", input_divisor" if self.input_divisor is not None else ""))
 
     def meta(self) -> dict[str, Any]:
         return {"type": "linear", **self.quant_meta(), "bias": self.bias is not None, "kernel": self.kernel,
                 "cpu_kernel": self.cpu_kernel, "input_bits": self.input_bits,
-                "input_affine": self.input_zero_point is not None, "from_conv1d": self.from_conv1d}
+                "input_affine": self.input_zero_point is not None, "from_conv1d": self.from_conv1d,
+                "input_divisor": self.input_divisor is not None}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None  # new integers: repack
@@ -153,6 +167,8 @@ class QuantizedLinear(_QuantizedWeight):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_divisor is not None:
+            x = x / self.input_divisor.to(x.dtype)
         if self.input_scale is not None:
             x = fake_quant_with(x, self.input_scale, self.input_zero_point,
                                 Scheme(self.input_bits, self.input_zero_point is None, "tensor"))

@@ -109,7 +109,7 @@ def quantize_layers(model: nn.Module, layers: dict[str, nn.Module], scheme: Sche
             continue
         if isinstance(module, _QuantizedWeight):
             counts["requantized"] += 1
-            weight = module.dequantized()
+            weight = module.float_weight() if isinstance(module, QuantizedLinear) else module.dequantized()
         else:
             weight = as_out_in(module).detach()
         if kind == "embedding":
