@@ -35,6 +35,11 @@ FAST = [
     "task.data.eval_batch_size=16",
     "perf.warmup=1",
     "perf.repeats=3",
+    # Measured, with every path taken, but small: decode timing was half of a short LM run's time
+    "perf.batch_sizes=[1,4]",
+    "perf.decode_batch_sizes=[1,2]",
+    "perf.decode_new_tokens=4",
+    "perf.decode_repeats=1",
 ]
 LM_FAST = ["task.data.block_size=32", "task.data.max_examples.train=300",
            "task.data.max_examples.validation=100", "task.data.max_examples.test=100"]

@@ -400,7 +400,7 @@ def _model_and_test_batches(model_name: str, tmp_path: Path, examples: int = 6, 
 def test_packed_context_scores_equal_the_full_rows(model_name, attention, tmp_path):
     from squeeze.tasks.dialog.scoring import score_candidates, scores_from_logits
 
-    model, _, batches = _model_and_test_batches(model_name, tmp_path)
+    model, _, batches = _model_and_test_batches(model_name, tmp_path, examples=4, rows=40)
     model.set_attn_implementation(attention)
     module = DialogModule(model, generate_on=[], bertscore=None)
     contexts = set()

@@ -85,7 +85,7 @@ def test_bad_perf_settings_are_named():
 def test_a_decoder_run_measures_decoding_and_training_throughput(tmp_path):
     overrides = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.max_steps=2", "callbacks.energy=null",
                  "perf.batch_sizes=[1,4]", "perf.decode_batch_sizes=[1,3]", "perf.decode_new_tokens=5",
-                 "perf.decode_prompt_tokens=7", "perf.devices=[cpu,'cpu:0']"]
+                 "perf.decode_prompt_tokens=7", "perf.decode_repeats=3", "perf.devices=[cpu,'cpu:0']"]
     run.train(compose_cfg("train", overrides, tmp_path))
     record = read_result(tmp_path)
     assert record["status"] == "ok", record["error"]

@@ -1,5 +1,5 @@
-"""Scale-out without a cluster: pipeline stages on 2 CPU processes (same loss as one process), the
-FSDP strategy as hardware=fsdp builds it and the compressors it (and hardware=deepspeed) refuses, and the Slurm job scripts a
+"""Scale-out without a cluster: pipeline stages on 2 CPU processes (same loss as one process), DDP and FSDP on
+2 CPU processes (what one process trains; only rank 0 writes), the FSDP strategy as hardware=fsdp builds it and the compressors it (and hardware=deepspeed) refuses, and the Slurm job scripts a
 sweep submits (a stand-in sbatch on PATH captures them)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_pipeline_on_two_processes_trains_like_one():
     # A learning rate that moves the weights: stages that trained their copies of GPT-2's tied embedding apart
     # would end with another model.
     one, whole = pipeline.run(build, batches, stages=1, lr=1e-2)
-    two, stitched = pipeline.run(build, batches, stages=2, microbatches=4, schedule="1f1b", lr=1e-2)
+    two, stitched = pipeline.run(build, batches, stages=2, microbatches=4, schedule="1f1b", lr=1e-2, window=[2, 3])
     # Same weights, same batches: the same loss at every step (micro-batch means of equal-sized pieces,
     # gradients summed and scaled by the schedule), to float tolerance.
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-3)
@@ -74,6 +74,10 @@ def test_pipeline_on_two_processes_trains_like_one():
     assert stitched.lm_head.weight is stitched.transformer.wte.weight
     assert [s["layers"] for s in two["per_stage"]] == [[0, 1], [1, 2]]
     assert all(s["peak_memory_bytes"] > 0 for s in two["per_stage"]) and two["tokens_per_s"] > 0
+    # The leaderboard's window figure, measured across the stage processes (the slowest stage's time).
+    window = two["window"]
+    assert window["iterations"] == [2, 3] and window["tokens"] == 2 * 8 * 32
+    assert 0 < window["seconds"] <= two["train_seconds"] and window["tokens_per_s"] > 0
 
 
 def test_hardware_pipeline_writes_an_ok_record(tmp_path):
@@ -118,25 +122,89 @@ REFUSED = {"imp": "masks", "qat": "fake quantization", "dq": "integer weights", 
            "int4wo": "integer weights", "gptq": "integer weights"}
 
 
-def test_fsdp_on_two_cpu_processes_trains_and_saves_what_ddp_does(tmp_path):
-    """hardware=fsdp end to end (gloo, fp32): FULL_SHARD with activation checkpointing over 2 processes gives
-    DDP's model exactly (GPT-2's tied embedding included); checkpoints are sharded directories (the best one
-    is restored while sharded), the saved model is the gathered whole one."""
-    common = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.devices=2", "trainer.accelerator=cpu",
+_WRITE_SPY = """
+import os
+_log, _replace, _rename = os.environ["SQUEEZE_TEST_WRITES"], os.replace, os.rename
+def _note(dst):
+    name = os.path.basename(os.fspath(dst))
+    if name in ("result.json", "model", "started"):
+        with open(_log, "a") as f:
+            f.write(f"{os.environ.get('LOCAL_RANK', '0')} {os.getpid()} {name}\\n")
+def replace(src, dst, *a, **k):
+    _note(dst)
+    return _replace(src, dst, *a, **k)
+def rename(src, dst, *a, **k):
+    _note(dst)
+    return _rename(src, dst, *a, **k)
+os.replace, os.rename = replace, rename
+_note("started")
+"""
+
+
+
+def test_ddp_and_fsdp_on_two_cpu_processes_train_what_one_process_does_and_only_rank_0_writes(tmp_path):
+    """hardware=ddp and hardware=fsdp end to end (gloo, fp32), beside the one-process run: DDP records the same
+    metrics with the training tokens of both ranks, and only rank 0 writes the record and the model; FSDP
+    (FULL_SHARD with activation checkpointing) gives DDP's model exactly (GPT-2's tied embedding included), its
+    checkpoints are sharded directories (the best one is restored while sharded), the saved model is the gathered
+    whole one."""
+    common = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.accelerator=cpu",
               "trainer.precision=32-true", "trainer.max_steps=4", "task.data.block_size=64", "perf=null",
               "callbacks.energy=null", "checkpoint.keep_after_success=best"]
-    for hardware in ("fsdp", "ddp"):
-        done = run_cli("train.py", [*common, f"hardware={hardware}", f"hydra.run.dir={tmp_path / hardware}"], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-    fsdp, ddp = read_result(tmp_path / "fsdp"), read_result(tmp_path / "ddp")
-    assert fsdp["status"] == ddp["status"] == "ok"
+    one = run_cli("train.py", [*common, "hardware=cpu", f"hydra.run.dir={tmp_path / 'cpu'}"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # No hydra.run.dir for DDP on purpose: Lightning re-runs train.py for rank 1 with hydra.run.dir=<rank 0's
+    # dir>, and that has to hold with conf/hydra/default.yaml's timestamped run dir and job.chdir=false. A fresh
+    # cwd makes the directory unique.
+    ddp_cwd, spy, writes = tmp_path / "ddp_cwd", tmp_path / "spy", tmp_path / "writes.txt"
+    ddp_cwd.mkdir()
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(_WRITE_SPY)
+    pythonpath = os.pathsep.join(p for p in (str(spy), os.environ.get("PYTHONPATH")) if p)
+    ddp = run_cli("train.py", [*common, "hardware=ddp", "trainer.devices=2"], cwd=ddp_cwd,
+                  env={"PYTHONPATH": pythonpath, "SQUEEZE_TEST_WRITES": str(writes)})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
+    run_dirs = list((ddp_cwd / "outputs" / "tiny_gpt2" / "austen").iterdir())
+    assert len(run_dirs) == 1, f"ranks wrote to different run dirs: {run_dirs}"
+    ddp_dir = run_dirs[0]
+    assert (ddp_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran under Hydra in rank 0's directory ...
+    # ... and only rank 0 wrote the record and the model: one of each, no leftovers of a second writer.
+    assert [p.relative_to(ddp_cwd) for p in ddp_cwd.rglob("result.json")] == [ddp_dir.relative_to(ddp_cwd) / "result.json"]
+    assert [p.parent for p in ddp_cwd.rglob("model.safetensors")] == [ddp_dir / "model"]
+    assert not list(ddp_cwd.rglob(".result.json.*")) and not (ddp_dir / ".model.partial").exists()
+    noted = [line.split() for line in writes.read_text().splitlines()]
+    # First start per rank: rank 0's own helper subprocesses (py-cpuinfo re-runs Python, for one) load the
+    # spy too, later and without LOCAL_RANK, so they must not replace rank 0's pid.
+    started = {}
+    for rank, pid, name in noted:
+        if name == "started":
+            started.setdefault(rank, pid)
+    assert {"0", "1"} <= set(started), noted  # the spy ran in both ranks
+    written = [(rank, pid, name) for rank, pid, name in noted if name != "started"]
+    # (result.json twice: status "running" when the run starts, its outcome at the end.)
+    assert sorted(set(written)) == [("0", started["0"], "model"), ("0", started["0"], "result.json")], noted
+    fsdp_run = run_cli("train.py", [*common, "hardware=fsdp", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'fsdp'}"],
+                       cwd=tmp_path)
+    assert fsdp_run.returncode == 0, fsdp_run.stderr[-3000:]
+
+    cpu, ddp, fsdp = read_result(tmp_path / "cpu"), read_result(ddp_dir), read_result(tmp_path / "fsdp")
+    assert cpu["status"] == ddp["status"] == fsdp["status"] == "ok"
+    trainer_cfg = ddp["config"]["trainer"]
+    assert (trainer_cfg["strategy"], trainer_cfg["devices"], trainer_cfg["accelerator"]) == ("ddp", 2, "cpu")
+    assert set(ddp["metrics"]) == set(cpu["metrics"]) == set(fsdp["metrics"]) >= {"test/perplexity", "test/loss"}
+    # Sizes come from saving the model, which only rank 0 does: a record from rank 1 would lack them.
+    assert ddp["params"] == cpu["params"] > 0 and ddp["checkpoint_bytes"] > 0
+    # Training tokens are summed over the ranks: two ranks of 4 steps see more than one (each rank's last batch
+    # of a split epoch can be short).
+    assert ddp["train_tokens"] > 1.5 * cpu["train_tokens"] > 0
     assert fsdp["metrics"]["test/loss"] == pytest.approx(ddp["metrics"]["test/loss"], rel=1e-5)
     assert fsdp["validation"]["best"] == pytest.approx(ddp["validation"]["best"], rel=1e-5)
     assert (tmp_path / "fsdp" / "checkpoints" / "best.ckpt" / "meta.pt").is_file()  # sharded, per rank
     # The saved model is the whole gathered one: the same weights as DDP's, loadable without squeeze's sharding.
     from squeeze import formats
     sharded = formats.load(tmp_path / "fsdp" / "model", "causal_lm").state_dict()
-    replicated = formats.load(tmp_path / "ddp" / "model", "causal_lm").state_dict()
+    replicated = formats.load(ddp_dir / "model", "causal_lm").state_dict()
     assert sharded.keys() == replicated.keys()
     assert all(torch.allclose(sharded[k], replicated[k], atol=1e-6) for k in sharded)
 

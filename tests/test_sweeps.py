@@ -1,10 +1,9 @@
-"""The CLI as a user runs it: sweeps (a failing cell included), the submitit launcher, DDP on two CPU
-processes, and W&B offline. Every test starts `train.py` as a subprocess in its own tmp directory."""
+"""The CLI as a user runs it: sweeps (a failing cell included), the submitit launcher and W&B offline (DDP on
+two CPU processes: test_scale.py). Every test starts `train.py` as a subprocess in its own tmp directory."""
 
 from __future__ import annotations
 
 import netrc
-import os
 from pathlib import Path
 
 import pytest
@@ -102,81 +101,6 @@ def test_sweep_through_submitit_local_launcher(tmp_path):
 # -- 3. DDP over two CPU processes (gloo) -------------------------------------------------------------
 # Loaded by every Python process of the run (PYTHONPATH, inherited by Lightning's rank processes):
 # notes which rank renames result.json or the model directory into place, the last step of each write.
-WRITE_SPY = """
-import os
-_log, _replace, _rename = os.environ["SQUEEZE_TEST_WRITES"], os.replace, os.rename
-def _note(dst):
-    name = os.path.basename(os.fspath(dst))
-    if name in ("result.json", "model", "started"):
-        with open(_log, "a") as f:
-            f.write(f"{os.environ.get('LOCAL_RANK', '0')} {os.getpid()} {name}\\n")
-def replace(src, dst, *a, **k):
-    _note(dst)
-    return _replace(src, dst, *a, **k)
-def rename(src, dst, *a, **k):
-    _note(dst)
-    return _rename(src, dst, *a, **k)
-os.replace, os.rename = replace, rename
-_note("started")
-"""
-
-
-def test_ddp_on_two_cpu_processes_gives_the_same_metric_keys(tmp_path):
-    common = ["model=tiny_bert", "task=rotten_tomatoes", *fast("rotten_tomatoes"), "trainer.max_steps=2"]
-
-    cpu_dir = tmp_path / "cpu" / "run"
-    cpu = run_cli("train.py", [*common, "hardware=cpu", f"hydra.run.dir={cpu_dir}"], cwd=tmp_path, timeout=300)
-    _ok(cpu)
-
-    # No hydra.run.dir here on purpose: Lightning re-runs train.py for rank 1 with
-    # hydra.run.dir=<rank 0's dir>, and that has to hold with conf/hydra/default.yaml's
-    # timestamped run dir and job.chdir=false. A fresh cwd makes the directory unique.
-    ddp_cwd = tmp_path / "ddp"
-    ddp_cwd.mkdir()
-    spy = tmp_path / "spy"
-    spy.mkdir()
-    (spy / "sitecustomize.py").write_text(WRITE_SPY)
-    writes = tmp_path / "writes.txt"
-    pythonpath = os.pathsep.join(p for p in (str(spy), os.environ.get("PYTHONPATH")) if p)
-    ddp = run_cli("train.py", [*common, "hardware=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
-                  cwd=ddp_cwd, timeout=300, env={"PYTHONPATH": pythonpath, "SQUEEZE_TEST_WRITES": str(writes)})
-    _ok(ddp)
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
-
-    run_dirs = list((ddp_cwd / "outputs" / "tiny_bert" / "rotten_tomatoes").iterdir())
-    assert len(run_dirs) == 1, f"ranks wrote to different run dirs: {run_dirs}"
-    run_dir = run_dirs[0]
-    # Rank 1 ran under Hydra in rank 0's directory ...
-    assert (run_dir / "train_ddp_process_1.log").is_file()
-    # ... and only rank 0 wrote the record and the model: one of each, no leftovers of a second writer.
-    assert [p.relative_to(ddp_cwd) for p in ddp_cwd.rglob("result.json")] == [run_dir.relative_to(ddp_cwd)
-                                                                             / "result.json"]
-    assert [p.parent for p in ddp_cwd.rglob("model.safetensors")] == [run_dir / "model"]
-    assert not list(ddp_cwd.rglob(".result.json.*")) and not (run_dir / ".model.partial").exists()
-    noted = [line.split() for line in writes.read_text().splitlines()]
-    # First start per rank: rank 0's own helper subprocesses (py-cpuinfo re-runs Python, for one) load the
-    # spy too, later and without LOCAL_RANK, so they must not replace rank 0's pid.
-    started = {}
-    for rank, pid, name in noted:
-        if name == "started":
-            started.setdefault(rank, pid)
-    assert {"0", "1"} <= set(started), noted  # the spy ran in both ranks
-    written = [(rank, pid, name) for rank, pid, name in noted if name != "started"]
-    # (result.json twice: status "running" when the run starts, its outcome at the end.)
-    assert sorted(set(written)) == [("0", started["0"], "model"), ("0", started["0"], "result.json")], noted
-
-    ddp_record, cpu_record = read_result(run_dir), read_result(cpu_dir)
-    assert ddp_record["status"] == cpu_record["status"] == "ok"
-    assert ddp_record["choices"]["hardware"] == "ddp"
-    # Sizes come from saving the model, which only rank 0 does: a record from rank 1 would lack them.
-    assert ddp_record["params"] == cpu_record["params"] > 0 and ddp_record["checkpoint_bytes"] > 0
-    trainer_cfg = ddp_record["config"]["trainer"]
-    assert (trainer_cfg["strategy"], trainer_cfg["devices"], trainer_cfg["accelerator"]) == ("ddp", 2, "cpu")
-    assert set(ddp_record["metrics"]) == set(cpu_record["metrics"]) == TEST_METRICS["rotten_tomatoes"]
-    # Training tokens are summed over the ranks: two ranks of 2 steps see twice the examples of one.
-    assert ddp_record["train_tokens"] > cpu_record["train_tokens"] > 0
-
-
 # -- 4. W&B without a key: offline, inside the run directory ------------------------------------------
 @pytest.mark.slow  # the suite's time budget: test_wandb's sweep cell covers offline runs in the cell's directory
 def test_wandb_offline_leaves_a_run_directory_with_the_logged_metric(tmp_path, monkeypatch):
