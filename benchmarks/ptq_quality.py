@@ -55,6 +55,9 @@ GPTQ affine −0.16, AWQ affine (default; BERT's q/k/v and FFN divide their inpu
 (value → output alone) −0.55, AWQ symmetric 0.00, AWQ without clipping 0.00, AWQ g32 0.00, [awq scales, gptq]
 −0.39. The same models' agreement with fp32's predictions / mean KL(fp32 ‖ method) × 1e3: RTN 96.80 % / 3.72,
 GPTQ 97.81 % / 0.92, AWQ default 97.58 % / 1.75, AWQ folded only 97.11 % / 2.86.
+Duo scaling (compress.awq.duo_scaling: s = mean|X|^α / w_mean^(1−α), llmcompressor's default), the same protocol,
+nothing else running, `--only "duo scaling"`: SmolLM2 true 62.43 1.127× (199 s), both (the better per α) 61.51
+1.110× (241 s), against the default's (false) 1.107×; MiniLM −0.31 / −0.31 points against +0.23. Not the default.
 
 Wanda with mask swaps (issue 28 §2; squeeze/compress/mask_swaps.py), measured 2026-12-06, one thread, nothing else
 running: `--only wanda` (the 2:4 default row again with `--only "wanda 2:4$"` after the N:M swaps were fixed):
@@ -201,6 +204,8 @@ def methods(quick: bool, only: str | None = None):
         "awq 4-bit g64 (affine)": chain(lambda: named(AWQ(bits=4, group_size=64), "awq")),
         "awq 4-bit g64, folded scales only": chain(lambda: named(AWQ(bits=4, group_size=64, scale_unfoldable=False),
                                                                "awq")),
+        "awq 4-bit g64, duo scaling": chain(lambda: named(AWQ(bits=4, group_size=64, duo_scaling=True), "awq")),
+        "awq 4-bit g64, duo scaling both": chain(lambda: named(AWQ(bits=4, group_size=64, duo_scaling="both"), "awq")),
         "awq 4-bit g64, no clipping": chain(lambda: named(AWQ(bits=4, group_size=64, clip=False), "awq")),
         "awq 4-bit g32": chain(lambda: named(AWQ(bits=4, group_size=32), "awq")),
         "[awq scales, gptq] 4-bit g64 affine": chain(lambda: named(AWQ(bits=4, group_size=64, quantize=False), "awq"),

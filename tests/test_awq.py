@@ -13,7 +13,7 @@ from conftest import FAST, LM_FAST, compose_cfg, read_result
 from conftest import PTQ_FAMILIES as FAMILIES, tiny_family as tiny, token_batches
 
 from squeeze import formats, run
-from squeeze.compress.awq import AWQ, output_error, search_clip, search_scales
+from squeeze.compress.awq import AWQ, output_error, search_clip, search_scales, weight_mean
 from squeeze.compress.gptq import rtn_quantize
 from squeeze.compress.quantization import WeightOnlyQuantization
 from squeeze.errors import SqueezeError
@@ -51,6 +51,22 @@ def test_scale_search_beats_round_to_nearest_where_channels_are_salient():
     s = found["scales"]
     assert s[:4].min() > s[4:].max()  # the salient channels are scaled up
     assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-4)  # normalised as the reference does
+
+
+def test_duo_scaling_weighs_in_the_weights_and_both_takes_the_better_per_alpha():
+    x, w, h = _outlier_case(seed=2)
+    w = w.clone()
+    w[:, 10] *= 0.05  # a channel whose weights use little of their groups' ranges
+    m = weight_mean([w], 32)
+    assert m.shape == (128,) and 0 < m.min() and m.max() <= 1 and m[10] < 0.2 * m.median()
+    found = {duo: search_scales([w], x.abs().mean(0), h, bits=4, group_size=32, duo_scaling=duo)
+             for duo in (False, True, "both")}
+    assert found[False]["rtn_error"] == found[True]["rtn_error"] == found["both"]["rtn_error"]  # α = 0: rounding
+    assert found[True]["error"] <= found[True]["rtn_error"] and found[False]["duo"] is False
+    assert found["both"]["error"] <= min(found[False]["error"], found[True]["error"])
+    s = found[True]["scales"]
+    if found[True]["duo"]:  # the little-used channel's scale rises with the weight term
+        assert s[10] > s[11:].median()
 
 
 def test_clip_search_never_worse_than_the_full_range_and_stays_within_it():
@@ -200,6 +216,7 @@ def test_awq_scales_alone_keep_the_function_and_let_gptq_quantize(tmp_path):
     (["compress=awq", "compress.awq.max_shrink=1.0"], r"max_shrink=1.0 must be in \[0, 1\)"),
     (["compress=awq", "compress.awq.quantize=maybe"], "awq quantize='maybe' must be true or false"),
     (["compress=awq", "compress.awq.scale_unfoldable=no"], "awq scale_unfoldable='no' must be true or false"),
+    (["compress=awq", "compress.awq.duo_scaling=maybe"], "awq duo_scaling='maybe' must be true, false or both"),
     (["compress=[smoothquant,awq]"], "smoothquant and awq both fold per-channel scales"),
     (["compress=[awq,smoothquant]"], "awq and smoothquant both fold per-channel scales"),
     (["compress=[awq,imp]"], "imp trains the model but comes after awq"),

@@ -47,8 +47,10 @@ _FLOOR = 1e-4  # smallest activation magnitude a scale is raised from: a dead ch
 
 
 def check_settings(bits: int, group_size: int | None, grid: int, clip_grid: int, max_shrink: float,
-                   in_features: int | None = None, switches: dict | None = None) -> None:
+                   in_features: int | None = None, switches: dict | None = None, duo_scaling=False) -> None:
     check_scheme("awq", bits, group_size, in_features)
+    if not isinstance(duo_scaling, bool) and duo_scaling != "both":
+        raise SqueezeError(f"awq duo_scaling={duo_scaling!r} must be true, false or both (both: the better per α)")
     for key, value in (switches or {}).items():  # bool("no") is True: a typo must not switch anything on
         if not isinstance(value, bool):
             raise SqueezeError(f"awq {key}={value!r} must be true or false")
@@ -68,24 +70,43 @@ def _rounded(weight: torch.Tensor, bits: int, group_size: int | None, symmetric:
     return rtn_quantize(weight, bits, group_size, symmetric).dequantized
 
 
+def weight_mean(weights: Sequence[torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """Per input channel, the mean over all rows of |w| relative to the largest |w| of its (row, group): how much
+    of its groups' ranges a channel's weights use (duo scaling's weight term)."""
+    w = torch.cat([w.detach().float() for w in weights]).abs()
+    rows, cols = w.shape
+    g = group_size or cols
+    grouped = w.reshape(rows, cols // g, g)
+    return (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).reshape(rows, cols).mean(0)
+
+
 @torch.no_grad()
 def search_scales(weights: Sequence[torch.Tensor], mean_abs: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
-                  group_size: int | None = 64, symmetric: bool = True, grid: int = 20) -> dict:
-    """The per-input-channel scales s = mean|X|^α (normalised) with the smallest summed output error of `weights`
-    (layers sharing one input) after rounding W·diag(s); {scales, alpha, error, rtn_error}."""
+                  group_size: int | None = 64, symmetric: bool = True, grid: int = 20,
+                  duo_scaling: bool | str = False) -> dict:
+    """The per-input-channel scales with the smallest summed output error of `weights` (layers sharing one input)
+    after rounding W·diag(s), normalised by sqrt(max·min), over α on the grid: s = mean|X|^α, or with duo scaling
+    s = mean|X|^α / w_mean^(1−α) (channels whose weights use little of their groups' ranges are scaled up more),
+    or the better of both per α (`duo_scaling="both"`); {scales, alpha, duo, error, rtn_error}."""
     weights = [w.detach().float() for w in weights]
     activation = mean_abs.float().clamp(min=_FLOOR)
+    forms = {"both": (False, True), True: (True,), False: (False,)}[duo_scaling]
+    w_mean = weight_mean(weights, group_size) if True in forms else None
     best = None
     rtn_error = None
     for step in range(grid):
         alpha = step / grid
-        s = activation.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        error = sum(output_error(_rounded(w * s, bits, group_size, symmetric) / s - w, hessian) for w in weights)
-        if step == 0:
-            rtn_error = error
-        if best is None or error < best["error"]:
-            best = {"scales": s, "alpha": alpha, "error": error}
+        # α = 0 without duo scaling is plain rounding: always a candidate, so the search never loses to it
+        for duo in forms if step else tuple(dict.fromkeys((False, *forms))):
+            s = activation.pow(alpha)
+            if duo:
+                s = s / (w_mean.pow(1 - alpha) + _FLOOR)
+            s = s / (s.max() * s.min()).sqrt()
+            error = sum(output_error(_rounded(w * s, bits, group_size, symmetric) / s - w, hessian) for w in weights)
+            if step == 0 and not duo:
+                rtn_error = error
+            if best is None or error < best["error"]:
+                best = {"scales": s, "alpha": alpha, "duo": duo, "error": error}
     return {**best, "rtn_error": rtn_error}
 
 
@@ -132,7 +153,7 @@ def _scores_projections(adapter, block: nn.Module) -> set[int]:
 def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], bits: int = 4,
               group_size: int | None = 64, symmetric: bool = True, grid: int = 20, clip: bool = True,
               clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True,
-              scale_unfoldable: bool = True) -> tuple[dict[str, GPTQResult], dict]:
+              scale_unfoldable: bool = True, duo_scaling: bool | str = False) -> tuple[dict[str, GPTQResult], dict]:
     """AWQ every Linear/Conv1D of the layer stack, block by block; the weights become their dequantized values and
     the integers are returned by layer name for packing (with the input divisor of layers whose scales could not
     be folded), with what the searches chose. `quantize=False`: the scales are searched and folded, and the
@@ -140,7 +161,7 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     results: dict[str, GPTQResult] = {}
-    chosen = {"alpha": {}, "error_vs_rtn": {}, "clipped_layers": 0, "divided_layers": 0}
+    chosen = {"alpha": {}, "error_vs_rtn": {}, "clipped_layers": 0, "divided_layers": 0, "duo": 0}
     divisors: dict[str, torch.Tensor] = {}
     hooks = []  # until the end: the float model between blocks computes as the integer layers will
 
@@ -152,13 +173,14 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
             folded |= {id(c) for c in consumers}
             first = short[id(consumers[0])]
             found = search_scales([as_out_in(c) for c in consumers], stats[first].mean_abs, hessians[first], bits,
-                                  group_size, symmetric, grid)
+                                  group_size, symmetric, grid, duo_scaling)
             scales = found["scales"]
             apply_smoothing(producer, consumers, scales)
             for c in consumers:  # their inputs are now X / s
                 n = short[id(c)]
                 hessians[n] = hessians[n] / torch.outer(scales, scales).to(hessians[n])
             chosen["alpha"][names[id(consumers[0])]] = found["alpha"]
+            chosen["duo"] += found["duo"]
             chosen["error_vs_rtn"][names[id(consumers[0])]] = found["error"] / max(found["rtn_error"], 1e-30)
         if not quantize:
             return
@@ -166,10 +188,12 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
             if id(module) in folded:
                 continue
             weight = as_out_in(module)
-            found = search_scales([weight], stats[n].mean_abs, hessians[n], bits, group_size, symmetric, grid)
+            found = search_scales([weight], stats[n].mean_abs, hessians[n], bits, group_size, symmetric, grid,
+                                  duo_scaling)
             chosen["alpha"][names[id(module)]] = found["alpha"]
+            chosen["duo"] += found["duo"]
             chosen["error_vs_rtn"][names[id(module)]] = found["error"] / max(found["rtn_error"], 1e-30)
-            if found["alpha"] == 0:  # round-to-nearest was best: no divisor, no cost at inference
+            if found["alpha"] == 0 and not found["duo"]:  # round-to-nearest was best: no divisor, no cost
                 continue
             scales = found["scales"]
             with torch.no_grad():
@@ -219,17 +243,18 @@ class AWQ(Calibrated):
 
     def __init__(self, bits: int = 4, group_size: int | None = 64, symmetric: bool = False, grid: int = 20,
                  clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5, quantize: bool = True,
-                 scale_unfoldable: bool = True):
+                 scale_unfoldable: bool = True, duo_scaling: bool | str = False):
         super().__init__()
         check_settings(bits, group_size, grid, clip_grid, max_shrink,
                        switches={"symmetric": symmetric, "clip": clip, "quantize": quantize,
-                                 "scale_unfoldable": scale_unfoldable})
+                                 "scale_unfoldable": scale_unfoldable}, duo_scaling=duo_scaling)
         self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
         self.grid, self.clip, self.clip_grid, self.max_shrink = grid, bool(clip), clip_grid, max_shrink
         # quantize=false: scales only, float weights left for a quantizer after it ([awq,gptq]); the scales are
         # still chosen for this scheme's rounding (bits, group_size, symmetric: set them as the quantizer's)
         self.quantize = bool(quantize)
         self.scale_unfoldable = bool(scale_unfoldable)
+        self.duo_scaling = duo_scaling
         self.integer_weights = self.quantize
         self.quantized = 0
         self._chosen: dict = {}
@@ -240,7 +265,8 @@ class AWQ(Calibrated):
         merged = {"bits": 4, "group_size": 64, "grid": 20, "clip_grid": 20, "max_shrink": 0.5, **settings}
         try:
             check_settings(merged["bits"], merged["group_size"], merged["grid"], merged["clip_grid"],
-                           merged["max_shrink"], switches={k: settings[k] for k in SWITCHES if k in settings})
+                           merged["max_shrink"], switches={k: settings[k] for k in SWITCHES if k in settings},
+                           duo_scaling=settings.get("duo_scaling", False))
         except SqueezeError as e:
             raise SqueezeError(f"compress.{name}: {e}") from None
 
@@ -256,7 +282,7 @@ class AWQ(Calibrated):
     def apply(self, model, batches):
         results, self._chosen = awq_model(model, batches, self.bits, self.group_size, self.symmetric, self.grid,
                                           self.clip, self.clip_grid, self.max_shrink, self.quantize,
-                                          self.scale_unfoldable)
+                                          self.scale_unfoldable, self.duo_scaling)
         for name, r in results.items():
             replace_module(model, name, as_quantized_linear(model.get_submodule(name), r, self.bits))
         self.quantized = len(results)
@@ -270,7 +296,8 @@ class AWQ(Calibrated):
                 "quantized_modules": self.quantized, "kernel": "weight_only",
                 "scale_unfoldable": self.scale_unfoldable and self.quantize,
                 "scaled_groups": len(alphas), "clipped_layers": self._chosen.get("clipped_layers", 0),
-                "divided_layers": self._chosen.get("divided_layers", 0),
+                "divided_layers": self._chosen.get("divided_layers", 0), "duo_scaling": self.duo_scaling,
+                "duo_scaled": self._chosen.get("duo", 0),
                 "alpha": {k: round(v, 3) for k, v in self._chosen.get("alpha", {}).items()},
                 "mean_alpha": round(sum(alphas) / len(alphas), 4) if alphas else None,
                 "mean_error_vs_rtn": round(sum(ratios) / len(ratios), 4) if ratios else None,
