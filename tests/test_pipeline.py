@@ -129,7 +129,7 @@ def test_zero_shot_lm_reports_perplexity_with_its_protocol(tmp_path):
     for protocol in ("blocks", "sliding"):
         run_dir = tmp_path / protocol
         cfg = compose_cfg("train", ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.max_steps=0",
-                                    f"task.data.protocol={protocol}", "task.data.stride=8"], run_dir)
+                                    f"task.data.protocol={protocol}", "task.data.stride=8", "perf=null"], run_dir)
         record = run.train(cfg)
         assert record["train_seconds"] == 0.0
         vocab = 50257  # an untrained model is close to uniform over the vocabulary
@@ -140,7 +140,7 @@ def test_zero_shot_lm_reports_perplexity_with_its_protocol(tmp_path):
         # evaluate.py ckpt=<this decoder run> without model=: the run's model is checked against the task,
         # not the default model= (an encoder, which cannot do language modelling).
         cfg = compose_cfg("eval", ["task=austen", *fast("austen"), f"ckpt={run_dir}",
-                                   f"task.data.protocol={protocol}", "task.data.stride=8"], run_dir / "eval")
+                                   f"task.data.protocol={protocol}", "task.data.stride=8", "perf=null"], run_dir / "eval")
         evaluated = run.evaluate(cfg)
         assert evaluated["choices"]["model"] == "tiny_gpt2"
         assert evaluated["metrics"]["test/perplexity"] == pytest.approx(record["metrics"]["test/perplexity"], rel=1e-5)

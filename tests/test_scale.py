@@ -81,12 +81,11 @@ def test_pipeline_on_two_processes_trains_like_one():
 
 
 def test_hardware_pipeline_writes_an_ok_record(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli("train.py", ["model=tiny_gpt2", "task=austen", *fast("austen"), "hardware=pipeline",
-                                "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"  # in this process: the stages are processes of their own either way
+    returned = run.train(compose_cfg("train", ["model=tiny_gpt2", "task=austen", *fast("austen"), "hardware=pipeline",
+                                               "trainer.max_steps=2"], run_dir))
     record = read_result(run_dir)
-    assert record["status"] == "ok", record["error"]
+    assert record["status"] == returned["status"] == "ok", record["error"]
     figures = record["pipeline"]
     assert (figures["stages"], figures["steps"], figures["schedule"]) == (2, 2, "gpipe")
     assert len(figures["per_stage"]) == 2 and record["train_tokens"] == 2 * 8 * 32
@@ -151,8 +150,7 @@ def test_ddp_and_fsdp_on_two_cpu_processes_train_what_one_process_does_and_only_
     common = ["model=tiny_gpt2", "task=austen", *fast("austen"), "trainer.accelerator=cpu",
               "trainer.precision=32-true", "trainer.max_steps=4", "task.data.block_size=64", "perf=null",
               "callbacks.energy=null", "checkpoint.keep_after_success=best"]
-    one = run_cli("train.py", [*common, "hardware=cpu", f"hydra.run.dir={tmp_path / 'cpu'}"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run.train(compose_cfg("train", [*common, "hardware=cpu"], tmp_path / "cpu"))  # one process: this one
     # No hydra.run.dir for DDP on purpose: Lightning re-runs train.py for rank 1 with hydra.run.dir=<rank 0's
     # dir>, and that has to hold with conf/hydra/default.yaml's timestamped run dir and job.chdir=false. A fresh
     # cwd makes the directory unique.
