@@ -165,6 +165,11 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
     divisors: dict[str, torch.Tensor] = {}
     hooks = []  # until the end: the float model between blocks computes as the integer layers will
 
+    def note(name: str, found: dict) -> None:  # what a scale search chose, for the record
+        chosen["alpha"][name] = found["alpha"]
+        chosen["duo"] += found["duo"]
+        chosen["error_vs_rtn"][name] = found["error"] / max(found["rtn_error"], 1e-30)
+
     def compress_block(index: int, block: nn.Module, stats: dict[str, LayerStats]) -> None:
         short = {id(m): n for n, m in block.named_modules()}
         hessians = {n: st.hessian for n, st in stats.items()}
@@ -179,9 +184,7 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
             for c in consumers:  # their inputs are now X / s
                 n = short[id(c)]
                 hessians[n] = hessians[n] / torch.outer(scales, scales).to(hessians[n])
-            chosen["alpha"][names[id(consumers[0])]] = found["alpha"]
-            chosen["duo"] += found["duo"]
-            chosen["error_vs_rtn"][names[id(consumers[0])]] = found["error"] / max(found["rtn_error"], 1e-30)
+            note(names[id(consumers[0])], found)
         if not quantize:
             return
         for n, module in linear_layers(block).items() if scale_unfoldable else ():
@@ -190,9 +193,7 @@ def awq_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], b
             weight = as_out_in(module)
             found = search_scales([weight], stats[n].mean_abs, hessians[n], bits, group_size, symmetric, grid,
                                   duo_scaling)
-            chosen["alpha"][names[id(module)]] = found["alpha"]
-            chosen["duo"] += found["duo"]
-            chosen["error_vs_rtn"][names[id(module)]] = found["error"] / max(found["rtn_error"], 1e-30)
+            note(names[id(module)], found)
             if found["alpha"] == 0 and not found["duo"]:  # round-to-nearest was best: no divisor, no cost
                 continue
             scales = found["scales"]
